@@ -1,0 +1,74 @@
+//! Dense `f32` tensors, row-major.
+
+/// A dense row-major `f32` tensor.
+///
+/// The engine computes in `f32` only; integer operands (shapes, bounds) are
+/// attributes of the graph, never tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor with the given shape and data.
+    ///
+    /// Fails with [`crate::Error::ShapeMismatch`] when `data.len()` is not the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, crate::Error> {
+        let expected: usize = shape.iter().product();
+        if expected != data.len() {
+            return Err(crate::Error::ShapeMismatch {
+                context: "tensor".into(),
+                reason: format!(
+                    "shape {shape:?} needs {expected} values but {} were given",
+                    data.len()
+                ),
+            });
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: Vec<usize>) -> Tensor {
+        let n = shape.iter().product();
+        Tensor {
+            shape,
+            data: vec![0.0; n],
+        }
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The values, mutable.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True when the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Splits into shape and data.
+    pub fn into_parts(self) -> (Vec<usize>, Vec<f32>) {
+        (self.shape, self.data)
+    }
+
+    /// The same data under another shape with the same element count.
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Tensor, crate::Error> {
+        Tensor::new(shape, self.data)
+    }
+}

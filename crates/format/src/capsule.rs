@@ -1,0 +1,210 @@
+//! Reading a capsule (capsule-v1 §3 to §6): locate without the key, open with it.
+
+use ring::hmac;
+use zeroize::Zeroizing;
+
+use crate::chunk::{ChunkKey, ChunkPosition, TAG_LEN};
+use crate::header::Header;
+use crate::key::ModelKey;
+use crate::{Error, MAC_LEN, MAX_HEADER_LEN, VERSION_LINE};
+
+/// A parsed capsule: header read and structure checked, nothing decrypted.
+///
+/// Parsing needs no key, so `inspect` and the untrusted host can read the
+/// public header and find each layer's sealed bytes. Nothing in the header is
+/// authenticated until [`Capsule::unseal`] has checked the MAC.
+#[derive(Debug)]
+pub struct Capsule<'a> {
+    bytes: &'a [u8],
+    header: Header,
+    /// End of the MAC'd prefix (version line, length, header).
+    mac_start: usize,
+    /// Start of each layer's sealed stream, plus the end of the last one.
+    layer_bounds: Vec<usize>,
+}
+
+impl<'a> Capsule<'a> {
+    /// Parses capsule bytes and checks the layout rules of capsule-v1 §3 and §4.
+    pub fn parse(bytes: &'a [u8]) -> Result<Capsule<'a>, Error> {
+        let first_line_end = bytes.iter().take(64).position(|&b| b == b'\n');
+        if !bytes.starts_with(VERSION_LINE) {
+            return Err(match first_line_end {
+                Some(end) if bytes.starts_with(b"mlcapsule/") => Error::UnsupportedVersion {
+                    found: String::from_utf8_lossy(&bytes[..end]).into_owned(),
+                },
+                _ => Error::NotACapsule,
+            });
+        }
+        let after_line = &bytes[VERSION_LINE.len()..];
+        let Some((len_bytes, rest)) = after_line.split_first_chunk::<4>() else {
+            return Err(truncated(VERSION_LINE.len() + 4, bytes.len()));
+        };
+        let header_len = u32::from_be_bytes(*len_bytes) as usize;
+        if header_len == 0 || header_len > MAX_HEADER_LEN {
+            return Err(Error::InvalidHeader {
+                reason: format!("header length {header_len} is out of range"),
+            });
+        }
+        let mac_start = VERSION_LINE.len() + 4 + header_len;
+        if rest.len() < header_len + MAC_LEN {
+            return Err(truncated(mac_start + MAC_LEN, bytes.len()));
+        }
+        let header: Header =
+            serde_json::from_slice(&rest[..header_len]).map_err(|e| Error::InvalidHeader {
+                reason: format!("header JSON: {e}"),
+            })?;
+        header.validate()?;
+
+        let mut layer_bounds = Vec::with_capacity(header.layers.len() + 1);
+        let mut end = (mac_start + MAC_LEN) as u64;
+        layer_bounds.push(end as usize);
+        for layer in 0..header.layers.len() {
+            end = end.saturating_add(header.sealed_len(layer));
+            layer_bounds.push(usize::try_from(end).unwrap_or(usize::MAX));
+        }
+        let found = bytes.len() as u64;
+        if found < end {
+            return Err(Error::Truncated {
+                expected: end,
+                found,
+            });
+        }
+        if found > end {
+            return Err(Error::TrailingData {
+                expected: end,
+                found,
+            });
+        }
+        Ok(Capsule {
+            bytes,
+            header,
+            mac_start,
+            layer_bounds,
+        })
+    }
+
+    /// The public header. Unauthenticated until [`Capsule::unseal`] succeeds.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Layer `layer`'s sealed stream, as the host streams it to the enclave.
+    pub fn sealed_layer(&self, layer: usize) -> &'a [u8] {
+        &self.bytes[self.layer_bounds[layer]..self.layer_bounds[layer + 1]]
+    }
+
+    /// Checks the header MAC with `key` and returns an [`Unsealer`] for the payload.
+    pub fn unseal(&self, key: &ModelKey) -> Result<Unsealer, Error> {
+        let keys = key.schedule(&self.header.capsule_id);
+        let mac_key = hmac::Key::new(hmac::HMAC_SHA256, keys.header.as_ref());
+        let tag = &self.bytes[self.mac_start..self.mac_start + MAC_LEN];
+        if hmac::verify(&mac_key, &self.bytes[..self.mac_start], tag).is_err() {
+            // The key id is public; comparing it leaks nothing the MAC does not.
+            return Err(if keys.key_id == self.header.key_id {
+                Error::HeaderModified
+            } else {
+                Error::WrongKey
+            });
+        }
+        Ok(Unsealer {
+            header: self.header.clone(),
+            key: ChunkKey::new(&keys.payload, self.header.capsule_id),
+        })
+    }
+
+    /// Opens every layer and returns each tensor's values, in tensor-table order.
+    pub fn open_all(&self, key: &ModelKey) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, Error> {
+        let unsealer = self.unseal(key)?;
+        let mut out = Vec::with_capacity(self.header.tensors.len());
+        for layer in 0..self.header.layers.len() {
+            let plaintext = unsealer.open_layer(layer, self.sealed_layer(layer))?;
+            out.extend(unsealer.layer_tensors(layer, &plaintext));
+        }
+        Ok(out)
+    }
+}
+
+fn truncated(expected: usize, found: usize) -> Error {
+    Error::Truncated {
+        expected: expected as u64,
+        found: found as u64,
+    }
+}
+
+/// Opens the sealed layers of one capsule whose header MAC has been checked.
+pub struct Unsealer {
+    header: Header,
+    key: ChunkKey,
+}
+
+impl Unsealer {
+    /// The authenticated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Decrypts layer `layer` from its sealed stream (capsule-v1 §6).
+    ///
+    /// The plaintext is zeroized when dropped. Fails, naming the first chunk
+    /// that does not authenticate, if the stream was altered, reordered,
+    /// truncated or spliced.
+    pub fn open_layer(&self, layer: usize, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let entry = self
+            .header
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidHeader {
+                reason: format!("no layer {layer}"),
+            })?;
+        let failed = |chunk| Error::ChunkFailed {
+            layer: entry.name.clone(),
+            chunk,
+        };
+        let n = self.header.chunk_count(layer);
+        if sealed.len() as u64 != self.header.sealed_len(layer) {
+            return Err(failed(0));
+        }
+        let sealed_chunk = self.header.chunk_size as usize + TAG_LEN;
+        let mut plaintext =
+            Zeroizing::new(Vec::with_capacity(entry.plaintext_len as usize + TAG_LEN));
+        // Room for one tag too, so the buffer never reallocates and leaves a plaintext copy behind.
+        for (i, piece) in sealed.chunks(sealed_chunk).enumerate() {
+            let i = i as u64;
+            let start = plaintext.len();
+            plaintext.extend_from_slice(piece);
+            let at = ChunkPosition {
+                layer: layer as u32,
+                index: i,
+                last: i + 1 == n,
+            };
+            if self.key.open_in_place(at, &mut plaintext[start..]).is_err() {
+                return Err(failed(i));
+            }
+            let opened = plaintext.len() - TAG_LEN;
+            plaintext.truncate(opened);
+        }
+        Ok(plaintext)
+    }
+
+    /// Splits a layer's plaintext into its tensors (capsule-v1 §4.3).
+    pub fn layer_tensors(
+        &self,
+        layer: usize,
+        plaintext: &[u8],
+    ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        self.header
+            .tensors
+            .iter()
+            .filter(|t| t.layer == layer)
+            .map(|t| {
+                let start = t.offset as usize;
+                let len = 4 * t.shape.iter().product::<usize>();
+                let values = plaintext[start..start + len]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("chunks of 4")))
+                    .collect();
+                (t.name.clone(), t.shape.clone(), values)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,104 @@
+//! Property test: no mutation of a capsule is accepted, and none panics.
+
+use capsule_format::{Capsule, LayerPlaintext, ModelKey, Policy, SealRequest, seal};
+use proptest::prelude::*;
+
+fn capsule(key: &ModelKey) -> Vec<u8> {
+    let w: Vec<f32> = (0..100).map(|i| i as f32 * 0.25).collect();
+    let request = SealRequest {
+        architecture: serde_json::json!({"nodes": ["a", "b"]}),
+        preprocessing: None,
+        labels: Some(vec!["cat".into(), "dog".into()]),
+        policy: Policy {
+            max_queries: Some(3),
+            expires: None,
+        },
+        chunk_size: 64,
+        layers: vec![
+            LayerPlaintext {
+                name: "l0".into(),
+                tensors: vec![("w".into(), vec![10, 6], &w[..60])],
+            },
+            LayerPlaintext {
+                name: "l1".into(),
+                tensors: vec![("v".into(), vec![40], &w[60..])],
+            },
+        ],
+    };
+    seal(&request, key, [7; 16], &mut |_| {}).unwrap()
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip { at: usize, bit: u8 },
+    Truncate { len: usize },
+    Insert { at: usize, byte: u8 },
+    Remove { at: usize },
+    SwapRanges { a: usize, b: usize, len: usize },
+}
+
+fn mutation(len: usize) -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (0..len, 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+        (0..len).prop_map(|len| Mutation::Truncate { len }),
+        (0..=len, any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+        (0..len).prop_map(|at| Mutation::Remove { at }),
+        (0..len, 0..len, 1usize..80).prop_map(|(a, b, len)| Mutation::SwapRanges { a, b, len }),
+    ]
+}
+
+fn apply(bytes: &[u8], m: &Mutation) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    match *m {
+        Mutation::Flip { at, bit } => out[at] ^= 1 << bit,
+        Mutation::Truncate { len } => out.truncate(len),
+        Mutation::Insert { at, byte } => out.insert(at, byte),
+        Mutation::Remove { at } => {
+            out.remove(at);
+        }
+        Mutation::SwapRanges { a, b, len } => {
+            let (a, b) = (a.min(b), a.max(b));
+            let len = len.min(b - a).min(out.len() - b);
+            for i in 0..len {
+                out.swap(a + i, b + i);
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn any_mutation_is_rejected(m in mutation(capsule(&ModelKey::from_bytes([1; 32])).len())) {
+        let key = ModelKey::from_bytes([1; 32]);
+        let good = capsule(&key);
+        let bad = apply(&good, &m);
+        prop_assume!(bad != good);
+        let opened = Capsule::parse(&bad).and_then(|c| c.open_all(&key));
+        prop_assert!(opened.is_err(), "mutation {m:?} was accepted");
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut with_magic = b"mlcapsule/v1\n".to_vec();
+        with_magic.extend_from_slice(&bytes);
+        for candidate in [&bytes, &with_magic] {
+            if let Ok(c) = Capsule::parse(candidate) {
+                let _ = c.open_all(&ModelKey::from_bytes([0; 32]));
+            }
+        }
+    }
+}
+
+#[test]
+fn unmutated_capsule_opens() {
+    let key = ModelKey::from_bytes([1; 32]);
+    let tensors = Capsule::parse(&capsule(&key))
+        .unwrap()
+        .open_all(&key)
+        .unwrap();
+    assert_eq!(tensors.len(), 2);
+    assert_eq!(tensors[1].2[0], 15.0);
+}

@@ -1,0 +1,121 @@
+//! `mlcapsule inspect`: the public manifest of a capsule. It needs no key and
+//! prints nothing secret: the header is public by design (capsule-v1 §4).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use capsule_engine::Graph;
+use capsule_format::Capsule;
+use clap::Args;
+
+/// Options of `mlcapsule inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The capsule to describe.
+    pub capsule: PathBuf,
+    /// Print the header and derived figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `mlcapsule inspect`.
+pub fn main(args: InspectArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.capsule)
+        .with_context(|| format!("cannot read {}", args.capsule.display()))?;
+    let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", args.capsule.display()))?;
+    let header = capsule.header();
+    let layers: Vec<serde_json::Value> = header
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let tensors: Vec<_> = header.tensors.iter().filter(|t| t.layer == i).collect();
+            serde_json::json!({
+                "name": layer.name,
+                "tensors": tensors.iter().map(|t| serde_json::json!({"name": t.name, "shape": t.shape})).collect::<Vec<_>>(),
+                "parameters": tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum::<usize>(),
+                "plaintext_bytes": layer.plaintext_len,
+                "chunks": header.chunk_count(i),
+                "sealed_bytes": header.sealed_len(i),
+                "sealed_sha256": hex(&layer.sealed_sha256),
+            })
+        })
+        .collect();
+    let graph: Option<Graph> = serde_json::from_value(header.architecture.clone()).ok();
+    if args.json {
+        let summary = serde_json::json!({
+            "file_sha256": sha256_hex(&bytes),
+            "file_bytes": bytes.len(),
+            "format": header.format,
+            "capsule_id": hex(&header.capsule_id),
+            "key_id": hex(&header.key_id),
+            "chunk_size": header.chunk_size,
+            "parameters": header.param_count(),
+            "layers": layers,
+            "preprocessing": header.preprocessing,
+            "labels": header.labels,
+            "policy": header.policy,
+            "architecture": header.architecture,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+
+    println!("capsule      {}", args.capsule.display());
+    println!("format       {} (header not yet authenticated: that needs the key)", header.format);
+    println!("capsule id   {}", hex(&header.capsule_id));
+    println!("key id       {}", hex(&header.key_id));
+    println!("file         {} bytes, sha256 {}", bytes.len(), sha256_hex(&bytes));
+    println!("chunk size   {} bytes", header.chunk_size);
+    if let Some(graph) = &graph {
+        for input in &graph.inputs {
+            println!("input        {} {}", input.name, crate::input::shape_text(&input.shape));
+        }
+        println!("outputs      {}", graph.outputs.join(", "));
+        println!("nodes        {}", graph.nodes.len());
+    }
+    println!("parameters   {}", header.param_count());
+    match &header.preprocessing {
+        Some(p) => println!(
+            "images       {}x{}, {} channel(s), scale {}, mean {:?}, std {:?}{}",
+            p.size[0],
+            p.size[1],
+            p.channels,
+            p.scale,
+            p.mean,
+            p.std,
+            p.resize_shorter
+                .map(|s| format!(", shorter side {s} then center crop"))
+                .unwrap_or_default()
+        ),
+        None => println!("images       none (inputs are .npy tensors)"),
+    }
+    if let Some(labels) = &header.labels {
+        println!("labels       {} classes", labels.len());
+    }
+    println!(
+        "policy       max queries {}, expires {}",
+        header.policy.max_queries.map_or("unlimited".into(), |n| n.to_string()),
+        header.policy.expires.as_deref().unwrap_or("never")
+    );
+    println!("\n{:<28} {:>12} {:>12} {:>7}  sealed sha256", "layer", "parameters", "bytes", "chunks");
+    for layer in &layers {
+        println!(
+            "{:<28} {:>12} {:>12} {:>7}  {}",
+            layer["name"].as_str().unwrap_or_default(),
+            layer["parameters"],
+            layer["plaintext_bytes"],
+            layer["chunks"],
+            &layer["sealed_sha256"].as_str().unwrap_or_default()[..16]
+        );
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}

@@ -1,0 +1,227 @@
+//! `mlcapsule run`: classify inputs with a capsule and its key, or a plain ONNX model.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use capsule_engine::{Graph, Model, Tensor};
+use capsule_enclave::SealedModel;
+use capsule_format::{Capsule, ModelKey, Preprocessing};
+use clap::Args;
+use serde::Serialize;
+
+use crate::input;
+
+/// Options of `mlcapsule run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// A capsule (needs --key) or, for comparison, a plain ONNX model.
+    model: PathBuf,
+    /// Input files: .npy tensors, or PNG/JPEG images preprocessed as the capsule says.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// The capsule's model key file (provider/developer mode).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// How many classes to print per input.
+    #[arg(short = 'k', long, default_value_t = 5)]
+    top_k: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the model's raw output tensor (the whole batch) as a .npy file.
+    #[arg(long, value_name = "OUT.npy")]
+    output: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The arguments `mlcapsule demo` runs with.
+    pub fn for_demo(model: PathBuf, key: PathBuf, inputs: Vec<PathBuf>) -> RunArgs {
+        RunArgs {
+            model,
+            inputs,
+            key: Some(key),
+            top_k: 3,
+            json: false,
+            output: None,
+        }
+    }
+}
+
+/// A model ready to run, from either source.
+enum Loaded {
+    Sealed(SealedModel),
+    Plain(Model),
+}
+
+impl Loaded {
+    fn graph(&self) -> &Graph {
+        match self {
+            Loaded::Sealed(m) => m.graph(),
+            Loaded::Plain(m) => m.graph(),
+        }
+    }
+
+    fn preprocessing(&self) -> Option<&Preprocessing> {
+        match self {
+            Loaded::Sealed(m) => m.header().preprocessing.as_ref(),
+            Loaded::Plain(_) => None,
+        }
+    }
+
+    fn labels(&self) -> Option<&[String]> {
+        match self {
+            Loaded::Sealed(m) => m.header().labels.as_deref(),
+            Loaded::Plain(_) => None,
+        }
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> anyhow::Result<Vec<Tensor>> {
+        Ok(match self {
+            Loaded::Sealed(m) => m.run(inputs)?,
+            Loaded::Plain(m) => m.run(inputs)?,
+        })
+    }
+}
+
+fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
+    let path = &args.model;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.starts_with(b"mlcapsule/") || args.key.is_some() {
+        let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
+        let Some(key_path) = &args.key else {
+            bail!(
+                "{} is sealed; pass its model key with --key FILE",
+                path.display()
+            );
+        };
+        let text = std::fs::read_to_string(key_path)
+            .with_context(|| format!("cannot read key file {}", key_path.display()))?;
+        let key = ModelKey::from_key_file(&text)
+            .with_context(|| format!("{}", key_path.display()))?;
+        let model = SealedModel::open(&capsule, &key).with_context(|| format!("{}", path.display()))?;
+        return Ok(Loaded::Sealed(model));
+    }
+    let imported = capsule_onnx::import(&bytes).with_context(|| {
+        format!("{} is neither a capsule nor a usable ONNX model", path.display())
+    })?;
+    Ok(Loaded::Plain(Model::new(imported.graph, imported.weights)?))
+}
+
+/// One input row's best classes.
+#[derive(Serialize)]
+struct Row {
+    input: String,
+    top: Vec<Class>,
+}
+
+#[derive(Serialize)]
+struct Class {
+    class: usize,
+    label: Option<String>,
+    probability: f32,
+}
+
+/// Runs `mlcapsule run`.
+pub fn main(args: RunArgs) -> anyhow::Result<()> {
+    let model = load_model(&args)?;
+    let graph = model.graph();
+    let [graph_input] = graph.inputs.as_slice() else {
+        bail!(
+            "the model takes {} inputs; `run` supports models with exactly one",
+            graph.inputs.len()
+        );
+    };
+    let mut names = Vec::new();
+    let mut rows: Vec<f32> = Vec::new();
+    let mut row_shape: Option<Vec<usize>> = None;
+    let mut batch = 0;
+    for path in &args.inputs {
+        let t = input::load(path, graph_input, model.preprocessing())?;
+        let n = t.shape()[0];
+        if let Some(shape) = &row_shape {
+            anyhow::ensure!(
+                shape.as_slice() == &t.shape()[1..],
+                "{} has shape {:?}, unlike the inputs before it; run differently shaped inputs separately",
+                path.display(),
+                t.shape()
+            );
+        }
+        row_shape = Some(t.shape()[1..].to_vec());
+        for i in 0..n {
+            names.push(if n == 1 {
+                path.display().to_string()
+            } else {
+                format!("{}[{i}]", path.display())
+            });
+        }
+        batch += n;
+        rows.extend_from_slice(t.data());
+    }
+    let mut shape = vec![batch];
+    shape.extend(row_shape.unwrap_or_default());
+    let outputs = model.run(&[Tensor::new(shape, rows)?])?;
+    let output = &outputs[0];
+
+    if let Some(path) = &args.output {
+        std::fs::write(path, capsule_engine::npy::write_npy(output))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let classes = output.len() / batch.max(1);
+    if output.shape().len() != 2 || output.shape()[0] != batch {
+        eprintln!(
+            "the model's output has shape {:?}, not [batch, classes]; use --output to save it",
+            output.shape()
+        );
+        return Ok(());
+    }
+    let report: Vec<Row> = names
+        .into_iter()
+        .zip(output.data().chunks_exact(classes))
+        .map(|(input, scores)| Row {
+            input,
+            top: top_k(&probabilities(scores), args.top_k, model.labels()),
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for row in &report {
+            let best: Vec<String> = row
+                .top
+                .iter()
+                .map(|c| {
+                    let name = c.label.clone().unwrap_or_else(|| c.class.to_string());
+                    format!("{name} ({:.2}%)", 100.0 * c.probability)
+                })
+                .collect();
+            println!("{}: {}", row.input, best.join("  "));
+        }
+    }
+    Ok(())
+}
+
+/// The scores as they are if they already form a distribution, else their softmax.
+fn probabilities(scores: &[f32]) -> Vec<f32> {
+    let sum: f32 = scores.iter().sum();
+    if scores.iter().all(|p| (0.0..=1.0).contains(p)) && (sum - 1.0).abs() < 1e-3 {
+        return scores.to_vec();
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / total).collect()
+}
+
+fn top_k(p: &[f32], k: usize, labels: Option<&[String]>) -> Vec<Class> {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    order
+        .into_iter()
+        .take(k)
+        .map(|class| Class {
+            class,
+            label: labels.and_then(|l| l.get(class).cloned()),
+            probability: p[class],
+        })
+        .collect()
+}

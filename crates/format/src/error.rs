@@ -45,6 +45,10 @@ pub enum Error {
         /// Chunk index within the layer.
         chunk: u64,
     },
+    /// A sealed grant does not open with this enclave key and context, or does not parse.
+    InvalidGrant,
+    /// A top-up token is malformed or its signature does not verify.
+    InvalidToken,
     /// A key file is malformed (capsule-v1 §2.1).
     InvalidKeyFile {
         /// What is wrong.
@@ -86,6 +90,14 @@ impl fmt::Display for Error {
             Error::ChunkFailed { layer, chunk } => write!(
                 f,
                 "sealed weights failed authentication (layer '{layer}', chunk {chunk}): the capsule is corrupt or was tampered with; get a fresh copy"
+            ),
+            Error::InvalidGrant => write!(
+                f,
+                "the provisioning grant does not open for this enclave; run 'mlcapsule setup' again"
+            ),
+            Error::InvalidToken => write!(
+                f,
+                "the top-up token is malformed or not signed by this licence's server; ask the provider for a new one"
             ),
             Error::InvalidKeyFile { reason } => write!(
                 f,

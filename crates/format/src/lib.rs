@@ -35,6 +35,7 @@
 mod capsule;
 mod chunk;
 mod error;
+mod grant;
 mod header;
 mod key;
 mod seal;
@@ -42,6 +43,10 @@ mod seal;
 pub use capsule::{Capsule, Unsealer};
 pub use chunk::{ChunkKey, ChunkPosition, TAG_LEN};
 pub use error::Error;
+pub use grant::{
+    EnclaveKey, Grant, INSTANCE_ID_LEN, SealedGrant, TOPUP_PREFIX, TopUp, report_data, seal_grant,
+    server_public_key,
+};
 pub use header::{
     DEFAULT_CHUNK_SIZE, FORMAT, Header, LayerEntry, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Policy,
     Preprocessing, TensorEntry,

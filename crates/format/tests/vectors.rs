@@ -335,6 +335,7 @@ fn kind(e: &Error) -> &'static str {
         Error::HeaderModified => "header-modified",
         Error::ChunkFailed { .. } => "chunk-failed",
         Error::InvalidKeyFile { .. } => "invalid-key-file",
+        Error::InvalidGrant | Error::InvalidToken => "other",
     }
 }
 

@@ -22,6 +22,11 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A `.npy` file is malformed or uses a layout the engine does not read.
+    InvalidNpy {
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -32,6 +37,7 @@ impl fmt::Display for Error {
             Error::ShapeMismatch { context, reason } => {
                 write!(f, "shape mismatch in {context}: {reason}")
             }
+            Error::InvalidNpy { reason } => write!(f, "invalid .npy file: {reason}"),
         }
     }
 }

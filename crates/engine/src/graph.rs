@@ -192,6 +192,34 @@ pub struct PoolAttrs {
     pub ceil_mode: bool,
 }
 
+impl Op {
+    /// The ONNX operator name (`"Conv"`, `"MaxPool"`, ...), for messages and layer names.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv(_) => "Conv",
+            Op::Gemm { .. } => "Gemm",
+            Op::MatMul => "MatMul",
+            Op::Relu => "Relu",
+            Op::Clip { .. } => "Clip",
+            Op::Sigmoid => "Sigmoid",
+            Op::Tanh => "Tanh",
+            Op::MaxPool(_) => "MaxPool",
+            Op::AveragePool { .. } => "AveragePool",
+            Op::GlobalAveragePool => "GlobalAveragePool",
+            Op::Add => "Add",
+            Op::Sub => "Sub",
+            Op::Mul => "Mul",
+            Op::Div => "Div",
+            Op::Concat { .. } => "Concat",
+            Op::Flatten { .. } => "Flatten",
+            Op::Reshape { .. } => "Reshape",
+            Op::Softmax { .. } => "Softmax",
+            Op::Identity => "Identity",
+        }
+    }
+}
+
 impl Graph {
     /// The architecture as compact JSON, the form a capsule stores.
     pub fn to_json(&self) -> Vec<u8> {

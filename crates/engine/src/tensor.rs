@@ -15,7 +15,12 @@ impl Tensor {
     ///
     /// Fails with [`crate::Error::ShapeMismatch`] when `data.len()` is not the product of `shape`.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, crate::Error> {
-        let expected: usize = shape.iter().product();
+        let Some(expected) = volume(&shape) else {
+            return Err(crate::Error::ShapeMismatch {
+                context: "tensor".into(),
+                reason: format!("shape {shape:?} has more elements than memory can hold"),
+            });
+        };
         if expected != data.len() {
             return Err(crate::Error::ShapeMismatch {
                 context: "tensor".into(),
@@ -28,9 +33,20 @@ impl Tensor {
         Ok(Tensor { shape, data })
     }
 
+    /// A tensor from parts the caller has already checked: `data.len()` is
+    /// the volume of `shape`.
+    pub(crate) fn from_parts(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        debug_assert_eq!(volume(&shape), Some(data.len()), "shape {shape:?}");
+        Tensor { shape, data }
+    }
+
     /// A tensor of zeros.
+    ///
+    /// # Panics
+    ///
+    /// When `shape` has more elements than memory can hold.
     pub fn zeros(shape: Vec<usize>) -> Tensor {
-        let n = shape.iter().product();
+        let n = volume(&shape).expect("tensor shape too large for memory");
         Tensor {
             shape,
             data: vec![0.0; n],
@@ -38,11 +54,13 @@ impl Tensor {
     }
 
     /// The dimensions.
+    #[must_use]
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
     /// The values, row-major.
+    #[must_use]
     pub fn data(&self) -> &[f32] {
         &self.data
     }
@@ -71,4 +89,21 @@ impl Tensor {
     pub fn reshape(self, shape: Vec<usize>) -> Result<Tensor, crate::Error> {
         Tensor::new(shape, self.data)
     }
+}
+
+/// The number of elements of `shape`, or `None` when it would not fit in
+/// memory (more `f32`s than `isize::MAX` bytes), so that no later product of
+/// its dimensions can overflow.
+///
+/// A shape with a zero dimension has no elements whatever its other
+/// dimensions are.
+pub(crate) fn volume(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    let max = isize::MAX.unsigned_abs() / size_of::<f32>();
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= max)
 }

@@ -1,0 +1,258 @@
+//! Element-wise operators: the activations (Relu, Clip, Sigmoid, Tanh) and
+//! arithmetic with numpy broadcasting (Add, Sub, Mul, Div).
+//!
+//! Both reuse an operand's buffer when the executor hands it over and the
+//! output has its shape, so a chain of activations allocates nothing. Relu
+//! and Clip compile to `max`/`min` instructions: no branch depends on the data.
+
+use std::borrow::Cow;
+
+use super::KernelResult;
+use super::broadcast::Broadcast;
+use crate::graph::Activation;
+use crate::tensor::Tensor;
+
+/// Applies `f` to every element.
+pub(crate) fn map(x: Cow<'_, Tensor>, f: impl Fn(f32) -> f32) -> Tensor {
+    match x {
+        Cow::Owned(mut x) => {
+            x.data_mut().iter_mut().for_each(|v| *v = f(*v));
+            x
+        }
+        Cow::Borrowed(x) => {
+            Tensor::from_parts(x.shape().to_vec(), x.data().iter().map(|&v| f(v)).collect())
+        }
+    }
+}
+
+/// `max(x, 0)`.
+pub(crate) fn relu(x: f32) -> f32 {
+    x.max(0.0)
+}
+
+/// `min(max(x, min), max)`.
+pub(crate) fn clip(x: f32, min: f32, max: f32) -> f32 {
+    x.max(min).min(max)
+}
+
+/// The logistic function. For very negative `x`, `exp(-x)` overflows to
+/// infinity and the result is the correct limit, 0.
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Applies a fused activation in place.
+pub(crate) fn activate(activation: Activation, data: &mut [f32]) {
+    match activation {
+        Activation::None => {}
+        Activation::Relu => data.iter_mut().for_each(|v| *v = relu(*v)),
+        Activation::Clip { min, max } => data.iter_mut().for_each(|v| *v = clip(*v, min, max)),
+    }
+}
+
+/// `f(a, b)` element by element, with numpy broadcasting.
+pub(crate) fn binary(
+    a: Cow<'_, Tensor>,
+    b: Cow<'_, Tensor>,
+    f: impl Fn(f32, f32) -> f32 + Copy,
+) -> KernelResult {
+    let plan = Broadcast::new(a.shape(), b.shape())?;
+    match (a, b) {
+        (Cow::Owned(mut a), b) if a.shape() == plan.shape() => {
+            update(a.data_mut(), b.data(), &plan, f);
+            Ok(a)
+        }
+        (a, Cow::Owned(mut b)) if b.shape() == plan.shape() => {
+            update(b.data_mut(), a.data(), &plan.swapped(), move |y, x| f(x, y));
+            Ok(b)
+        }
+        (a, b) => {
+            let mut out = Vec::with_capacity(plan.len());
+            combine(&mut out, a.data(), b.data(), &plan, f);
+            Ok(Tensor::from_parts(plan.shape().to_vec(), out))
+        }
+    }
+}
+
+/// `acc = f(acc, other)`, where `acc` has the output's shape (`plan`'s `a`).
+fn update(acc: &mut [f32], other: &[f32], plan: &Broadcast, f: impl Fn(f32, f32) -> f32) {
+    let (n, _, stride) = plan.run();
+    plan.for_each_run(|o, _, b| {
+        let acc = &mut acc[o..o + n];
+        if stride == 1 {
+            for (x, &y) in acc.iter_mut().zip(&other[b..b + n]) {
+                *x = f(*x, y);
+            }
+        } else {
+            let y = other[b];
+            acc.iter_mut().for_each(|x| *x = f(*x, y));
+        }
+    });
+}
+
+/// Appends `f(a, b)` to `out`, run by run (runs come in output order).
+fn combine(
+    out: &mut Vec<f32>,
+    a: &[f32],
+    b: &[f32],
+    plan: &Broadcast,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    let (n, sa, sb) = plan.run();
+    plan.for_each_run(|_, ia, ib| match (sa, sb) {
+        (1, 1) => out.extend(
+            a[ia..ia + n]
+                .iter()
+                .zip(&b[ib..ib + n])
+                .map(|(&x, &y)| f(x, y)),
+        ),
+        (1, _) => {
+            let y = b[ib];
+            out.extend(a[ia..ia + n].iter().map(|&x| f(x, y)));
+        }
+        (_, 1) => {
+            let x = a[ia];
+            out.extend(b[ib..ib + n].iter().map(|&y| f(x, y)));
+        }
+        _ => {
+            let v = f(a[ia], b[ib]);
+            out.extend(std::iter::repeat_n(v, n));
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tensor(shape: &[usize], seed: u32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 97)
+            .map(|v| v as f32 / 8.0 - 6.0)
+            .collect();
+        Tensor::new(shape.to_vec(), data).unwrap()
+    }
+
+    /// numpy broadcasting by explicit multi-indices.
+    fn naive(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Tensor {
+        let rank = a.shape().len().max(b.shape().len());
+        let pad = |s: &[usize]| [vec![1; rank - s.len()], s.to_vec()].concat();
+        let (sa, sb) = (pad(a.shape()), pad(b.shape()));
+        let shape: Vec<usize> = sa
+            .iter()
+            .zip(&sb)
+            .map(|(&x, &y)| if x == 1 { y } else { x })
+            .collect();
+        let n: usize = shape.iter().product();
+        let at = |t: &Tensor, s: &[usize], idx: &[usize]| {
+            let off = idx
+                .iter()
+                .zip(s)
+                .fold(0, |o, (&i, &d)| o * d + if d == 1 { 0 } else { i });
+            t.data()[off]
+        };
+        let data = (0..n)
+            .map(|flat| {
+                let mut idx = vec![0; rank];
+                let mut rest = flat;
+                for (i, &d) in shape.iter().enumerate().rev() {
+                    idx[i] = rest % d;
+                    rest /= d;
+                }
+                f(at(a, &sa, &idx), at(b, &sb, &idx))
+            })
+            .collect();
+        Tensor::new(shape, data).unwrap()
+    }
+
+    /// Two shapes that broadcast: a common shape with some dimensions set
+    /// to 1 or dropped from the front on either side.
+    fn broadcastable() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+        prop::collection::vec((1usize..5, 0u8..4), 0..5).prop_flat_map(|dims| {
+            let a: Vec<usize> = dims
+                .iter()
+                .map(|&(d, m)| if m == 1 { 1 } else { d })
+                .collect();
+            let b: Vec<usize> = dims
+                .iter()
+                .map(|&(d, m)| if m == 2 { 1 } else { d })
+                .collect();
+            let rank = dims.len();
+            (Just(a), Just(b), 0..=rank, 0..=rank)
+                .prop_map(|(a, b, da, db)| (a[da..].to_vec(), b[db..].to_vec()))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn binary_matches_numpy_broadcasting((sa, sb) in broadcastable(), owned in 0u8..3) {
+            let (a, b) = (tensor(&sa, 1), tensor(&sb, 2));
+            let want = naive(&a, &b, |x, y| x - y);
+            // Exercise the three buffer strategies: fresh, reuse a, reuse b.
+            let got = match owned {
+                0 => binary(Cow::Borrowed(&a), Cow::Borrowed(&b), |x, y| x - y),
+                1 => binary(Cow::Owned(a.clone()), Cow::Borrowed(&b), |x, y| x - y),
+                _ => binary(Cow::Borrowed(&a), Cow::Owned(b.clone()), |x, y| x - y),
+            }
+            .unwrap();
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn per_channel_bias_with_batch() {
+        let x = tensor(&[2, 3, 4, 5], 7);
+        let bias = tensor(&[3, 1, 1], 9);
+        let got = binary(Cow::Borrowed(&x), Cow::Borrowed(&bias), |a, b| a + b).unwrap();
+        assert_eq!(got, naive(&x, &bias, |a, b| a + b));
+        let got = binary(Cow::Borrowed(&bias), Cow::Owned(x.clone()), |a, b| a / b).unwrap();
+        assert_eq!(got, naive(&bias, &x, |a, b| a / b));
+    }
+
+    #[test]
+    fn reuses_the_owned_operand_when_shapes_allow() {
+        let a = tensor(&[4, 3], 1);
+        let ptr = a.data().as_ptr();
+        let b = tensor(&[3], 2);
+        let y = binary(Cow::Owned(a), Cow::Borrowed(&b), |x, y| x * y).unwrap();
+        assert_eq!(y.data().as_ptr(), ptr);
+    }
+
+    #[test]
+    fn rejects_shapes_that_do_not_broadcast() {
+        let err = binary(
+            Cow::Owned(tensor(&[2, 3], 0)),
+            Cow::Owned(tensor(&[2], 0)),
+            |x, y| x + y,
+        )
+        .unwrap_err();
+        assert!(err.0.contains("do not broadcast"), "{}", err.0);
+    }
+
+    #[test]
+    fn activations() {
+        let x = Tensor::new(vec![5], vec![-3.0, -0.5, 0.0, 2.0, 9.0]).unwrap();
+        assert_eq!(
+            map(Cow::Borrowed(&x), relu).data(),
+            &[0.0, 0.0, 0.0, 2.0, 9.0]
+        );
+        let relu6 = map(Cow::Borrowed(&x), |v| clip(v, 0.0, 6.0));
+        assert_eq!(relu6.data(), &[0.0, 0.0, 0.0, 2.0, 6.0]);
+        let mut data = x.data().to_vec();
+        activate(
+            Activation::Clip {
+                min: -1.0,
+                max: 1.0,
+            },
+            &mut data,
+        );
+        assert_eq!(data, [-1.0, -0.5, 0.0, 1.0, 1.0]);
+
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert_eq!(sigmoid(-200.0), 0.0);
+        assert_eq!(sigmoid(200.0), 1.0);
+        assert!((sigmoid(1.0) - 0.731_058_6).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,169 @@
+//! Operator kernels, one module per family, and the dispatch from [`Op`] to them.
+//!
+//! Kernels receive their operands as [`Cow`]s: the executor passes a value
+//! it will not read again as `Owned`, and a kernel whose output has an
+//! operand's shape (activations, arithmetic, reshapes, softmax) computes in
+//! that buffer instead of allocating. A kernel reports operands it cannot
+//! take as a [`Mismatch`], in words for the user; the executor adds the node.
+
+mod broadcast;
+mod conv;
+mod elementwise;
+mod gemm;
+mod pool;
+mod shape;
+mod softmax;
+mod window;
+
+use std::borrow::Cow;
+use std::ops::RangeInclusive;
+
+use crate::graph::Op;
+use crate::tensor::Tensor;
+
+/// Why a kernel cannot run on its operands: what was expected and what came.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Mismatch(pub(crate) String);
+
+/// What every kernel returns.
+pub(crate) type KernelResult = Result<Tensor, Mismatch>;
+
+/// How many inputs `op` takes.
+pub(crate) fn arity(op: &Op) -> RangeInclusive<usize> {
+    match op {
+        Op::Conv(_) | Op::Gemm { .. } => 2..=3,
+        Op::MatMul | Op::Add | Op::Sub | Op::Mul | Op::Div => 2..=2,
+        Op::Concat { .. } => 1..=usize::MAX,
+        Op::Relu
+        | Op::Clip { .. }
+        | Op::Sigmoid
+        | Op::Tanh
+        | Op::MaxPool(_)
+        | Op::AveragePool { .. }
+        | Op::GlobalAveragePool
+        | Op::Flatten { .. }
+        | Op::Reshape { .. }
+        | Op::Softmax { .. }
+        | Op::Identity => 1..=1,
+    }
+}
+
+/// Runs `op` on `inputs`.
+pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
+    use elementwise::{binary, clip, map, relu, sigmoid};
+    match op {
+        Op::Conv(attrs) => match inputs.as_slice() {
+            [x, w] => conv::conv(attrs, x, w, None),
+            [x, w, b] => conv::conv(attrs, x, w, Some(b)),
+            _ => Err(wrong_arity(op, inputs.len())),
+        },
+        &Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let attrs = gemm::GemmAttrs {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            };
+            match inputs.as_slice() {
+                [a, b] => gemm::gemm(attrs, a, b, None),
+                [a, b, c] => gemm::gemm(attrs, a, b, Some(c)),
+                _ => Err(wrong_arity(op, inputs.len())),
+            }
+        }
+        Op::MatMul => {
+            let [a, b] = operands(op, inputs)?;
+            gemm::matmul(&a, &b)
+        }
+        Op::Relu => Ok(map(single(op, inputs)?, relu)),
+        &Op::Clip { min, max } => Ok(map(single(op, inputs)?, |x| clip(x, min, max))),
+        Op::Sigmoid => Ok(map(single(op, inputs)?, sigmoid)),
+        Op::Tanh => Ok(map(single(op, inputs)?, f32::tanh)),
+        Op::MaxPool(attrs) => {
+            let x = single(op, inputs)?;
+            pool::max_pool(attrs, &x)
+        }
+        Op::AveragePool {
+            pool,
+            count_include_pad,
+        } => {
+            let x = single(op, inputs)?;
+            pool::average_pool(pool, *count_include_pad, &x)
+        }
+        Op::GlobalAveragePool => {
+            let x = single(op, inputs)?;
+            pool::global_average_pool(&x)
+        }
+        Op::Add => {
+            let [a, b] = operands(op, inputs)?;
+            binary(a, b, |x, y| x + y)
+        }
+        Op::Sub => {
+            let [a, b] = operands(op, inputs)?;
+            binary(a, b, |x, y| x - y)
+        }
+        Op::Mul => {
+            let [a, b] = operands(op, inputs)?;
+            binary(a, b, |x, y| x * y)
+        }
+        Op::Div => {
+            let [a, b] = operands(op, inputs)?;
+            binary(a, b, |x, y| x / y)
+        }
+        Op::Concat { axis } => shape::concat(*axis, &inputs),
+        Op::Flatten { axis } => shape::flatten(*axis, single(op, inputs)?),
+        Op::Reshape { shape, allowzero } => shape::reshape(shape, *allowzero, single(op, inputs)?),
+        Op::Softmax { axis } => softmax::softmax(*axis, single(op, inputs)?),
+        Op::Identity => Ok(single(op, inputs)?.into_owned()),
+    }
+}
+
+/// The inputs of an op that takes exactly `N`.
+fn operands<'a, const N: usize>(
+    op: &Op,
+    inputs: Vec<Cow<'a, Tensor>>,
+) -> Result<[Cow<'a, Tensor>; N], Mismatch> {
+    let n = inputs.len();
+    inputs.try_into().map_err(|_| wrong_arity(op, n))
+}
+
+/// The input of an op that takes exactly one.
+fn single<'a>(op: &Op, inputs: Vec<Cow<'a, Tensor>>) -> Result<Cow<'a, Tensor>, Mismatch> {
+    let [x] = operands(op, inputs)?;
+    Ok(x)
+}
+
+/// [`arity`] in words: "1", "2 or 3", "at least 1".
+pub(crate) fn expected_inputs(op: &Op) -> String {
+    let range = arity(op);
+    match (*range.start(), *range.end()) {
+        (lo, usize::MAX) => format!("at least {lo}"),
+        (lo, hi) if lo == hi => format!("{lo}"),
+        (lo, hi) => format!("{lo} or {hi}"),
+    }
+}
+
+fn wrong_arity(op: &Op, got: usize) -> Mismatch {
+    Mismatch(format!(
+        "{} takes {} inputs, got {got}",
+        op.name(),
+        expected_inputs(op)
+    ))
+}
+
+/// Resolves an ONNX axis attribute against a tensor of rank `rank`:
+/// `-rank..rank` maps to `0..rank`, negative values counting from the end.
+pub(crate) fn axis_index(axis: i64, rank: usize) -> Result<usize, Mismatch> {
+    let out_of_range = || Mismatch(format!("axis {axis} is out of range for rank {rank}"));
+    let rank_i = i64::try_from(rank).map_err(|_| out_of_range())?;
+    let index = if axis < 0 { axis + rank_i } else { axis };
+    if (0..rank_i).contains(&index) {
+        usize::try_from(index).map_err(|_| out_of_range())
+    } else {
+        Err(out_of_range())
+    }
+}

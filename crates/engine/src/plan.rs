@@ -1,0 +1,694 @@
+//! The executor: a graph checked once and compiled into steps over numbered
+//! slots, run on weights it reads through a [`WeightSource`].
+//!
+//! [`Plan::new`] resolves every value name to a slot or a weight index,
+//! checks arities and attributes, and precomputes each value's last use.
+//! [`Plan::run`] then looks nothing up by name: it walks the steps, hands a
+//! value to its last reader by move (so that reader may reuse the buffer),
+//! and frees every intermediate after its last use.
+//!
+//! Weights are not part of the plan. A [`WeightSource`] supplies them node
+//! by node, with a hook before and after each node: a [`Model`](crate::Model)
+//! keeps them all in memory, while the enclave can unseal one layer's
+//! weights before the node runs and zeroize them right after.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use crate::error::Error;
+use crate::graph::{Graph, Node, Op, ParamInfo};
+use crate::ops;
+use crate::tensor::Tensor;
+
+/// Supplies weight tensors to [`Plan::run`], node by node.
+///
+/// For each node in order, the executor calls [`prepare`](Self::prepare),
+/// reads the node's weights with [`param`](Self::param), runs the node, and
+/// calls [`release`](Self::release). Every supplied tensor is checked
+/// against the shape the graph declares.
+pub trait WeightSource {
+    /// Makes the weights `node` reads available. A streaming source
+    /// unseals them here; the default does nothing.
+    fn prepare(&mut self, node: &Node) -> Result<(), Error> {
+        let _ = node;
+        Ok(())
+    }
+
+    /// The value of weight `index` in [`Graph::params`] (declared as
+    /// `info`), or `None` when this source does not have it.
+    fn param(&self, index: usize, info: &ParamInfo) -> Option<&Tensor>;
+
+    /// Called once `node` has run, or failed: a streaming source drops (and
+    /// zeroizes) its weights here. The default does nothing.
+    fn release(&mut self, node: &Node) {
+        let _ = node;
+    }
+}
+
+/// Weights by name, all in memory.
+impl WeightSource for HashMap<String, Tensor> {
+    fn param(&self, _index: usize, info: &ParamInfo) -> Option<&Tensor> {
+        self.get(&info.name)
+    }
+}
+
+/// Weights in the order of [`Graph::params`], all in memory.
+impl WeightSource for [Tensor] {
+    fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
+        self.get(index)
+    }
+}
+
+/// A validated graph, ready to run on any weights that match its declarations.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    graph: Graph,
+    steps: Vec<Step>,
+    /// Which graph inputs some node or output reads; others are not kept.
+    inputs_read: Vec<bool>,
+    /// Slot of each graph output, and whether it may be moved out (its last
+    /// mention in the output list) or must be cloned.
+    outputs: Vec<(usize, bool)>,
+    slots: usize,
+}
+
+/// One node, resolved.
+#[derive(Clone, Debug)]
+struct Step {
+    operands: Vec<Operand>,
+    output: usize,
+    /// Slots no later step reads, freed once this step is done.
+    release: Vec<usize>,
+}
+
+/// Where a node input comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operand {
+    /// A graph input or node output, borrowed.
+    Value(usize),
+    /// A value read here for the last time, handed to the kernel by move.
+    Last(usize),
+    /// A weight, by index in [`Graph::params`].
+    Param(usize),
+}
+
+/// A name as resolved while building the plan.
+#[derive(Clone, Copy)]
+enum Name {
+    Slot(usize),
+    Param(usize),
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidGraph { reason }
+}
+
+fn node_error(node: &Node, what: impl std::fmt::Display) -> Error {
+    invalid(format!("{} node '{}': {what}", node.op.name(), node.name))
+}
+
+impl Plan {
+    /// Checks `graph` and compiles it.
+    ///
+    /// Fails with [`Error::InvalidGraph`] when a node reads a value that is
+    /// neither a graph input, a weight, nor an earlier node's output; when a
+    /// name is defined twice; when an op gets the wrong number of inputs or
+    /// outputs or an attribute out of range (zero strides or kernel, groups
+    /// that do not divide the weight's channels, pooling pads as large as
+    /// the kernel, ...); when a weight's declared shape does not fit the op
+    /// reading it; or when the graph returns nothing or a weight.
+    pub fn new(graph: Graph) -> Result<Plan, Error> {
+        let (mut steps, names) = compile_nodes(&graph)?;
+        let outputs = compile_outputs(&graph, &names)?;
+        let slots = graph.inputs.len() + graph.nodes.len();
+        let read = schedule(&mut steps, &outputs, slots);
+        let inputs_read = read[..graph.inputs.len()].to_vec();
+        Ok(Plan {
+            graph,
+            steps,
+            inputs_read,
+            outputs,
+            slots,
+        })
+    }
+
+    /// The graph this plan runs.
+    #[must_use]
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph on `inputs` (in the order of [`Graph::inputs`]) with
+    /// weights from `weights`, and returns the values of [`Graph::outputs`].
+    ///
+    /// Fails with [`Error::ShapeMismatch`] when an input does not have its
+    /// declared shape (the context names the input) or a node cannot take
+    /// its operands (the context names the node), and with
+    /// [`Error::InvalidWeights`] when `weights` lacks a weight or supplies
+    /// one of another shape. Errors from `weights.prepare` pass through.
+    pub fn run<W: WeightSource + ?Sized>(
+        &self,
+        inputs: &[Tensor],
+        weights: &mut W,
+    ) -> Result<Vec<Tensor>, Error> {
+        self.check_inputs(inputs)?;
+        let mut values: Vec<Option<Cow<'_, Tensor>>> = (0..self.slots).map(|_| None).collect();
+        for ((value, input), &read) in values.iter_mut().zip(inputs).zip(&self.inputs_read) {
+            if read {
+                *value = Some(Cow::Borrowed(input));
+            }
+        }
+        for (step, node) in self.steps.iter().zip(&self.graph.nodes) {
+            weights.prepare(node)?;
+            let result = self.run_step(step, node, &mut values, &*weights);
+            weights.release(node);
+            values[step.output] = Some(Cow::Owned(result?));
+            for &slot in &step.release {
+                values[slot] = None;
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&(slot, last)| {
+                let value = if last {
+                    values[slot].take()
+                } else {
+                    values[slot].clone()
+                };
+                value.map(Cow::into_owned).ok_or_else(|| freed_early(slot))
+            })
+            .collect()
+    }
+
+    fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), Error> {
+        let declared = &self.graph.inputs;
+        if inputs.len() != declared.len() {
+            let names: Vec<&str> = declared.iter().map(|i| i.name.as_str()).collect();
+            return Err(Error::ShapeMismatch {
+                context: "model inputs".into(),
+                reason: format!(
+                    "the graph takes {} inputs ({}) but {} were given",
+                    declared.len(),
+                    names.join(", "),
+                    inputs.len()
+                ),
+            });
+        }
+        for (info, x) in declared.iter().zip(inputs) {
+            let fits = info.shape.len() == x.shape().len()
+                && info
+                    .shape
+                    .iter()
+                    .zip(x.shape())
+                    .all(|(want, &got)| want.is_none_or(|w| w == got));
+            if !fits {
+                let dims: Vec<String> = info
+                    .shape
+                    .iter()
+                    .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+                    .collect();
+                return Err(Error::ShapeMismatch {
+                    context: format!("input '{}'", info.name),
+                    reason: format!(
+                        "expected shape [{}] (? is any size), got {:?}",
+                        dims.join(", "),
+                        x.shape()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Gathers a step's operands, runs its kernel, and names the node in
+    /// any shape error.
+    fn run_step<'v, W: WeightSource + ?Sized>(
+        &self,
+        step: &Step,
+        node: &Node,
+        values: &mut [Option<Cow<'v, Tensor>>],
+        weights: &W,
+    ) -> Result<Tensor, Error> {
+        // Take the moved values first: the borrowed ones then borrow
+        // `values` for as long as the kernel runs.
+        let mut moved: Vec<Option<Cow<'v, Tensor>>> = step
+            .operands
+            .iter()
+            .map(|operand| match *operand {
+                Operand::Last(slot) => values[slot].take(),
+                _ => None,
+            })
+            .collect();
+        let values = &*values;
+        let mut args = Vec::with_capacity(step.operands.len());
+        for (operand, moved) in step.operands.iter().zip(&mut moved) {
+            let arg = match *operand {
+                Operand::Last(slot) => moved.take().ok_or_else(|| freed_early(slot))?,
+                Operand::Value(slot) => {
+                    let value = values[slot].as_ref().ok_or_else(|| freed_early(slot))?;
+                    Cow::Borrowed(&**value)
+                }
+                Operand::Param(index) => Cow::Borrowed(self.weight(weights, index, node)?),
+            };
+            args.push(arg);
+        }
+        ops::execute(&node.op, args).map_err(|ops::Mismatch(reason)| Error::ShapeMismatch {
+            context: format!("{} node '{}'", node.op.name(), node.name),
+            reason,
+        })
+    }
+
+    /// Weight `index` from `weights`, checked against its declaration.
+    fn weight<'w, W: WeightSource + ?Sized>(
+        &self,
+        weights: &'w W,
+        index: usize,
+        node: &Node,
+    ) -> Result<&'w Tensor, Error> {
+        let info = &self.graph.params[index];
+        let tensor = weights
+            .param(index, info)
+            .ok_or_else(|| Error::InvalidWeights {
+                reason: format!(
+                    "weight '{}' (read by {} node '{}') was not supplied",
+                    info.name,
+                    node.op.name(),
+                    node.name
+                ),
+            })?;
+        if tensor.shape() != info.shape {
+            return Err(Error::InvalidWeights {
+                reason: format!(
+                    "weight '{}' has shape {:?} but the graph declares {:?}",
+                    info.name,
+                    tensor.shape(),
+                    info.shape
+                ),
+            });
+        }
+        Ok(tensor)
+    }
+}
+
+/// Resolves every node's inputs, in order, to slots and weights, checking
+/// arities and attributes on the way. Returns the steps (without their
+/// schedule) and every name's meaning.
+fn compile_nodes(graph: &Graph) -> Result<(Vec<Step>, HashMap<&str, Name>), Error> {
+    let mut names: HashMap<&str, Name> = HashMap::new();
+    let inputs = (graph.inputs.iter().enumerate()).map(|(i, v)| (v.name.as_str(), Name::Slot(i)));
+    let params = (graph.params.iter().enumerate()).map(|(i, p)| (p.name.as_str(), Name::Param(i)));
+    for (name, what) in inputs.chain(params) {
+        if names.insert(name, what).is_some() {
+            return Err(invalid(format!("the name '{name}' is defined twice")));
+        }
+    }
+
+    let mut steps = Vec::with_capacity(graph.nodes.len());
+    for (j, node) in graph.nodes.iter().enumerate() {
+        if !ops::arity(&node.op).contains(&node.inputs.len()) {
+            let expected = ops::expected_inputs(&node.op);
+            let got = node.inputs.len();
+            return Err(node_error(
+                node,
+                format!("takes {expected} inputs, has {got}"),
+            ));
+        }
+        let [output] = node.outputs.as_slice() else {
+            let got = node.outputs.len();
+            return Err(node_error(
+                node,
+                format!("must have exactly one output, has {got}"),
+            ));
+        };
+        let operands = node
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, input)| match names.get(input.as_str()) {
+                Some(&Name::Slot(s)) => Ok(Operand::Value(s)),
+                Some(&Name::Param(p)) => Ok(Operand::Param(p)),
+                None if input.is_empty() => Err(node_error(
+                    node,
+                    format!("input {k} is an omitted optional input ('')"),
+                )),
+                None => Err(node_error(
+                    node,
+                    format!(
+                        "reads '{input}', which is neither a graph input, a weight, \
+                         nor the output of an earlier node"
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let param = |k: usize| match operands.get(k) {
+            Some(&Operand::Param(p)) => graph.params.get(p),
+            _ => None,
+        };
+        check_attributes(node, param)?;
+        let slot = graph.inputs.len() + j;
+        if names.insert(output, Name::Slot(slot)).is_some() {
+            return Err(invalid(format!("the name '{output}' is defined twice")));
+        }
+        steps.push(Step {
+            operands,
+            output: slot,
+            release: Vec::new(),
+        });
+    }
+    Ok((steps, names))
+}
+
+/// The slot of each graph output, and whether it is that slot's last
+/// mention in the list (moved out) or not (cloned).
+fn compile_outputs(
+    graph: &Graph,
+    names: &HashMap<&str, Name>,
+) -> Result<Vec<(usize, bool)>, Error> {
+    if graph.outputs.is_empty() {
+        return Err(invalid("the graph has no outputs".into()));
+    }
+    let slots = graph
+        .outputs
+        .iter()
+        .map(|name| match names.get(name.as_str()) {
+            Some(&Name::Slot(s)) => Ok(s),
+            Some(Name::Param(_)) => Err(invalid(format!(
+                "the graph returns '{name}', a weight; the engine never returns weights"
+            ))),
+            None => Err(invalid(format!(
+                "the graph returns '{name}', which is never computed"
+            ))),
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    Ok(slots
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (s, !slots[i + 1..].contains(&s)))
+        .collect())
+}
+
+/// Decides, for each step, which values it may take by move and which it
+/// frees afterwards: a value is moved into its last reader when that
+/// reader reads it once, freed after it otherwise, and dropped as soon as
+/// it is computed when nobody reads it. Graph outputs are never moved or
+/// freed. Returns which slots some step or output reads.
+fn schedule(steps: &mut [Step], outputs: &[(usize, bool)], slots: usize) -> Vec<bool> {
+    let mut pinned = vec![false; slots];
+    for &(s, _) in outputs {
+        pinned[s] = true;
+    }
+    let mut last_read: Vec<Option<usize>> = vec![None; slots];
+    for (j, step) in steps.iter().enumerate() {
+        for operand in &step.operands {
+            if let Operand::Value(s) = *operand {
+                last_read[s] = Some(j);
+            }
+        }
+    }
+    for (j, step) in steps.iter_mut().enumerate() {
+        for i in 0..step.operands.len() {
+            let Operand::Value(s) = step.operands[i] else {
+                continue;
+            };
+            if last_read[s] != Some(j) || pinned[s] {
+                continue;
+            }
+            let reads = step.operands.iter().filter(|&&o| o == Operand::Value(s));
+            if reads.count() == 1 {
+                step.operands[i] = Operand::Last(s);
+            } else if !step.release.contains(&s) {
+                step.release.push(s);
+            }
+        }
+        if last_read[step.output].is_none() && !pinned[step.output] {
+            step.release.push(step.output);
+        }
+    }
+    (0..slots)
+        .map(|s| last_read[s].is_some() || pinned[s])
+        .collect()
+}
+
+/// A value missing when a step reads it: `Plan::new`'s schedule is wrong.
+/// Reported rather than panicking, but it cannot happen on any graph.
+fn freed_early(slot: usize) -> Error {
+    invalid(format!(
+        "internal error: value slot {slot} was read after being freed"
+    ))
+}
+
+/// Static checks of a node's attributes, and of the shapes of the weights
+/// it reads where the op constrains them. `param(k)` is the declaration of
+/// input `k` when that input is a weight.
+fn check_attributes<'g>(
+    node: &Node,
+    param: impl Fn(usize) -> Option<&'g ParamInfo>,
+) -> Result<(), Error> {
+    let fail = |what: String| Err(node_error(node, what));
+    let nonzero = |name: &str, values: &[usize]| {
+        if values.contains(&0) {
+            Err(node_error(
+                node,
+                format!("{name} {values:?} contains a zero"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match &node.op {
+        Op::Conv(attrs) => {
+            nonzero("kernel", &attrs.kernel)?;
+            nonzero("strides", &attrs.strides)?;
+            nonzero("dilations", &attrs.dilations)?;
+            if attrs.group == 0 {
+                return fail("group is 0".into());
+            }
+            if let Some(w) = param(1) {
+                let &[m, _, kh, kw] = w.shape.as_slice() else {
+                    return fail(format!(
+                        "weight '{}' must have shape [M, C/group, kH, kW], is declared {:?}",
+                        w.name, w.shape
+                    ));
+                };
+                if !m.is_multiple_of(attrs.group) {
+                    return fail(format!(
+                        "weight '{}' has {m} output channels, which do not split into {} groups",
+                        w.name, attrs.group
+                    ));
+                }
+                if [kh, kw] != attrs.kernel {
+                    return fail(format!(
+                        "weight '{}' has a {kh}x{kw} kernel but kernel_shape is {:?}",
+                        w.name, attrs.kernel
+                    ));
+                }
+                if let Some(b) = param(2)
+                    && b.shape != [m]
+                {
+                    return fail(format!(
+                        "bias '{}' must have shape [{m}], is declared {:?}",
+                        b.name, b.shape
+                    ));
+                }
+            }
+        }
+        Op::MaxPool(pool) | Op::AveragePool { pool, .. } => {
+            nonzero("kernel", &pool.kernel)?;
+            nonzero("strides", &pool.strides)?;
+            nonzero("dilations", &pool.dilations)?;
+            let [top, left, bottom, right] = pool.pads;
+            let [kh, kw] = pool.kernel;
+            if top.max(bottom) >= kh || left.max(right) >= kw {
+                return fail(format!(
+                    "pads {:?} must be smaller than the kernel {:?}",
+                    pool.pads, pool.kernel
+                ));
+            }
+        }
+        Op::Gemm { .. } => {
+            for (k, operand) in ["A", "B"].iter().enumerate() {
+                if let Some(p) = param(k)
+                    && p.shape.len() != 2
+                {
+                    return fail(format!(
+                        "{operand} ('{}') must be a matrix, is declared {:?}",
+                        p.name, p.shape
+                    ));
+                }
+            }
+        }
+        Op::Reshape { shape, allowzero } => {
+            if let Some(d) = shape.iter().find(|&&d| d < -1) {
+                return fail(format!("shape {shape:?} contains {d}"));
+            }
+            if shape.iter().filter(|&&d| d == -1).count() > 1 {
+                return fail(format!("shape {shape:?} has more than one -1"));
+            }
+            if *allowzero && shape.contains(&0) && shape.contains(&-1) {
+                return fail(format!(
+                    "shape {shape:?} has both 0 and -1 with allowzero, which ONNX forbids"
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::ValueInfo;
+
+    fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![name.into()],
+        }
+    }
+
+    fn input(name: &str, dims: usize) -> ValueInfo {
+        ValueInfo {
+            name: name.into(),
+            shape: vec![None; dims],
+        }
+    }
+
+    /// x, y -> a = relu(x); b = add(a, a); c = mul(b, x); d = sigmoid(y) (unused);
+    /// outputs [c, a, c]
+    fn graph() -> Graph {
+        Graph {
+            inputs: vec![input("x", 1), input("y", 1)],
+            params: vec![ParamInfo {
+                name: "k".into(),
+                shape: vec![3],
+            }],
+            nodes: vec![
+                node("a", Op::Relu, &["x"]),
+                node("b", Op::Add, &["a", "a"]),
+                node("c", Op::Mul, &["b", "k"]),
+                node("d", Op::Sigmoid, &["b"]),
+                node("e", Op::Identity, &["x"]),
+            ],
+            outputs: vec!["c".into(), "a".into(), "c".into()],
+        }
+    }
+
+    #[test]
+    fn schedule_moves_last_reads_and_frees_dead_values() {
+        let plan = Plan::new(graph()).unwrap();
+        // slots: x 0, y 1, a 2, b 3, c 4, d 5, e 6
+        let ops: Vec<&[Operand]> = plan.steps.iter().map(|s| s.operands.as_slice()).collect();
+        assert_eq!(ops[0], [Operand::Value(0)]); // x is read again by e
+        assert_eq!(ops[1], [Operand::Value(2), Operand::Value(2)]); // a is an output
+        assert_eq!(ops[2], [Operand::Value(3), Operand::Param(0)]); // b is read by d
+        assert_eq!(ops[3], [Operand::Last(3)]);
+        assert_eq!(ops[4], [Operand::Last(0)]);
+        // d and e are never read: dropped as soon as computed
+        assert_eq!(plan.steps[3].release, [5]);
+        assert_eq!(plan.steps[4].release, [6]);
+        assert!(plan.steps[..3].iter().all(|s| s.release.is_empty()));
+        // y is never read: not kept
+        assert_eq!(plan.inputs_read, [true, false]);
+        // c is returned twice: cloned first, moved last
+        assert_eq!(plan.outputs, [(4, false), (2, true), (4, true)]);
+    }
+
+    #[test]
+    fn a_value_read_twice_by_its_last_reader_is_freed_after_it() {
+        let mut g = graph();
+        g.outputs = vec!["c".into()];
+        let plan = Plan::new(g).unwrap();
+        assert_eq!(
+            plan.steps[1].operands,
+            [Operand::Value(2), Operand::Value(2)]
+        );
+        assert_eq!(plan.steps[1].release, [2]);
+    }
+
+    #[test]
+    fn runs_with_outputs_listed_twice() {
+        let plan = Plan::new(graph()).unwrap();
+        let x = Tensor::new(vec![3], vec![-1.0, 2.0, 3.0]).unwrap();
+        let y = Tensor::new(vec![3], vec![0.0; 3]).unwrap();
+        let mut weights = [Tensor::new(vec![3], vec![1.0, 10.0, 100.0]).unwrap()];
+        let out = plan.run(&[x, y], &mut weights[..]).unwrap();
+        assert_eq!(out[0].data(), &[0.0, 40.0, 600.0]);
+        assert_eq!(out[1].data(), &[0.0, 2.0, 3.0]);
+        assert_eq!(out[0], out[2]);
+    }
+
+    /// A source that holds one node's weights at a time, as the enclave's
+    /// layer-by-layer unsealing does, and records the calls it gets.
+    struct Streaming {
+        store: HashMap<String, Tensor>,
+        loaded: HashMap<String, Tensor>,
+        log: Vec<String>,
+    }
+
+    impl WeightSource for Streaming {
+        fn prepare(&mut self, node: &Node) -> Result<(), Error> {
+            self.log.push(format!("prepare {}", node.name));
+            for name in &node.inputs {
+                if let Some(t) = self.store.get(name) {
+                    self.loaded.insert(name.clone(), t.clone());
+                }
+            }
+            Ok(())
+        }
+
+        fn param(&self, _index: usize, info: &ParamInfo) -> Option<&Tensor> {
+            self.loaded.get(&info.name)
+        }
+
+        fn release(&mut self, node: &Node) {
+            self.log.push(format!("release {}", node.name));
+            self.loaded.clear();
+        }
+    }
+
+    #[test]
+    fn streams_weights_node_by_node() {
+        let mut g = graph();
+        g.outputs = vec!["c".into()];
+        let plan = Plan::new(g).unwrap();
+        let k = Tensor::new(vec![3], vec![1.0, 2.0, 3.0]).unwrap();
+        let mut source = Streaming {
+            store: HashMap::from([("k".to_string(), k)]),
+            loaded: HashMap::new(),
+            log: Vec::new(),
+        };
+        let x = Tensor::new(vec![3], vec![1.0, 1.0, 1.0]).unwrap();
+        let out = plan.run(&[x.clone(), x], &mut source).unwrap();
+        assert_eq!(out[0].data(), &[2.0, 4.0, 6.0]);
+        let expected: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .flat_map(|n| [format!("prepare {n}"), format!("release {n}")])
+            .collect();
+        assert_eq!(source.log, expected);
+        assert!(source.loaded.is_empty());
+    }
+
+    #[test]
+    fn weights_supplied_at_run_time_are_checked() {
+        let plan = Plan::new(graph()).unwrap();
+        let x = Tensor::new(vec![3], vec![1.0; 3]).unwrap();
+        let inputs = [x.clone(), x];
+        match plan.run(&inputs, &mut HashMap::new()) {
+            Err(Error::InvalidWeights { reason }) => {
+                assert!(
+                    reason.contains("'k' (read by Mul node 'c') was not supplied"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut wrong = HashMap::from([("k".to_string(), Tensor::zeros(vec![1, 3]))]);
+        match plan.run(&inputs, &mut wrong) {
+            Err(Error::InvalidWeights { reason }) => assert!(reason.contains("declares [3]")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -9,7 +9,11 @@ use capsule_format::Preprocessing;
 use image::imageops::FilterType;
 
 /// Loads one input file as a batch (leading dimension) for `input`.
-pub fn load(path: &Path, input: &ValueInfo, recipe: Option<&Preprocessing>) -> anyhow::Result<Tensor> {
+pub fn load(
+    path: &Path,
+    input: &ValueInfo,
+    recipe: Option<&Preprocessing>,
+) -> anyhow::Result<Tensor> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

@@ -62,14 +62,25 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     }
 
     println!("capsule      {}", args.capsule.display());
-    println!("format       {} (header not yet authenticated: that needs the key)", header.format);
+    println!(
+        "format       {} (header not yet authenticated: that needs the key)",
+        header.format
+    );
     println!("capsule id   {}", hex(&header.capsule_id));
     println!("key id       {}", hex(&header.key_id));
-    println!("file         {} bytes, sha256 {}", bytes.len(), sha256_hex(&bytes));
+    println!(
+        "file         {} bytes, sha256 {}",
+        bytes.len(),
+        sha256_hex(&bytes)
+    );
     println!("chunk size   {} bytes", header.chunk_size);
     if let Some(graph) = &graph {
         for input in &graph.inputs {
-            println!("input        {} {}", input.name, crate::input::shape_text(&input.shape));
+            println!(
+                "input        {} {}",
+                input.name,
+                crate::input::shape_text(&input.shape)
+            );
         }
         println!("outputs      {}", graph.outputs.join(", "));
         println!("nodes        {}", graph.nodes.len());
@@ -95,17 +106,29 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
     }
     println!(
         "policy       max queries {}, expires {}",
-        header.policy.max_queries.map_or("unlimited".into(), |n| n.to_string()),
+        header
+            .policy
+            .max_queries
+            .map_or("unlimited".into(), |n| n.to_string()),
         header.policy.expires.as_deref().unwrap_or("never")
     );
-    println!("\n{:<28} {:>12} {:>12} {:>7}  sealed sha256", "layer", "parameters", "bytes", "chunks");
+    let width = layers
+        .iter()
+        .map(|l| l["name"].as_str().unwrap_or_default().len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    println!(
+        "\n{:<width$}  {:>10}  {:>11}  {:>6}  sealed sha256",
+        "layer", "parameters", "bytes", "chunks"
+    );
     for layer in &layers {
         println!(
-            "{:<28} {:>12} {:>12} {:>7}  {}",
+            "{:<width$}  {:>10}  {:>11}  {:>6}  {}",
             layer["name"].as_str().unwrap_or_default(),
-            layer["parameters"],
-            layer["plaintext_bytes"],
-            layer["chunks"],
+            layer["parameters"].to_string(),
+            layer["plaintext_bytes"].to_string(),
+            layer["chunks"].to_string(),
             &layer["sealed_sha256"].as_str().unwrap_or_default()[..16]
         );
     }

@@ -20,7 +20,12 @@ use clap::{Args, Parser, Subcommand};
 /// encrypted layer by layer, authenticated policy); the capsule runs only with
 /// its model key.
 #[derive(Parser)]
-#[command(name = "mlcapsule", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "mlcapsule",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,7 +80,8 @@ fn one_line(e: &anyhow::Error) -> String {
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let models = args
         .models
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")));
+    let models = models.canonicalize().unwrap_or(models);
     let onnx = models.join("mnist-cnn.onnx");
     anyhow::ensure!(
         onnx.exists(),
@@ -89,13 +95,19 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("== seal: {} -> {}", onnx.display(), capsule.display());
     seal::main(seal::SealArgs::for_demo(onnx, capsule.clone(), key.clone()))?;
     println!("\n== inspect (public manifest, no key needed)");
-    inspect::main(inspect::InspectArgs { capsule: capsule.clone(), json: false })?;
+    inspect::main(inspect::InspectArgs {
+        capsule: capsule.clone(),
+        json: false,
+    })?;
     let mut samples: Vec<PathBuf> = std::fs::read_dir(models.join("samples"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "png"))
         .collect();
     samples.sort();
-    println!("\n== run: {} sample digits through the capsule", samples.len());
+    println!(
+        "\n== run: {} sample digits through the capsule",
+        samples.len()
+    );
     run::main(run::RunArgs::for_demo(capsule, key, samples))?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())

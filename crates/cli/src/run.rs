@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use capsule_engine::{Graph, Model, Tensor};
 use capsule_enclave::SealedModel;
+use capsule_engine::{Graph, Model, Tensor};
 use capsule_format::{Capsule, ModelKey, Preprocessing};
 use clap::Args;
 use serde::Serialize;
@@ -96,13 +96,17 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
         };
         let text = std::fs::read_to_string(key_path)
             .with_context(|| format!("cannot read key file {}", key_path.display()))?;
-        let key = ModelKey::from_key_file(&text)
-            .with_context(|| format!("{}", key_path.display()))?;
-        let model = SealedModel::open(&capsule, &key).with_context(|| format!("{}", path.display()))?;
+        let key =
+            ModelKey::from_key_file(&text).with_context(|| format!("{}", key_path.display()))?;
+        let model =
+            SealedModel::open(&capsule, &key).with_context(|| format!("{}", path.display()))?;
         return Ok(Loaded::Sealed(model));
     }
     let imported = capsule_onnx::import(&bytes).with_context(|| {
-        format!("{} is neither a capsule nor a usable ONNX model", path.display())
+        format!(
+            "{} is neither a capsule nor a usable ONNX model",
+            path.display()
+        )
     })?;
     Ok(Loaded::Plain(Model::new(imported.graph, imported.weights)?))
 }

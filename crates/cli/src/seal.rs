@@ -78,7 +78,9 @@ enum Preset {
 }
 
 fn parse_size(s: &str) -> Result<[u32; 2], String> {
-    let (h, w) = s.split_once('x').ok_or("expected HEIGHTxWIDTH, e.g. 28x28")?;
+    let (h, w) = s
+        .split_once('x')
+        .ok_or("expected HEIGHTxWIDTH, e.g. 28x28")?;
     let dim = |v: &str| v.parse::<u32>().map_err(|e| format!("'{v}': {e}"));
     Ok([dim(h)?, dim(w)?])
 }
@@ -144,7 +146,10 @@ impl PreprocessingArgs {
             p.std.iter().all(|s| *s != 0.0),
             "--std values must be non-zero"
         );
-        anyhow::ensure!(p.size[0] > 0 && p.size[1] > 0, "--image-size must be positive");
+        anyhow::ensure!(
+            p.size[0] > 0 && p.size[1] > 0,
+            "--image-size must be positive"
+        );
         Ok(Some(p))
     }
 }
@@ -175,7 +180,10 @@ pub fn main(args: SealArgs) -> anyhow::Result<()> {
         .key_out
         .clone()
         .unwrap_or_else(|| args.output.with_extension("key"));
-    anyhow::ensure!(key_out != args.output, "--key-out must differ from --output");
+    anyhow::ensure!(
+        key_out != args.output,
+        "--key-out must differ from --output"
+    );
     for path in [&args.output, &key_out] {
         if path.exists() && !args.force {
             bail!(
@@ -193,7 +201,10 @@ pub fn main(args: SealArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(date) = &args.expires {
-        anyhow::ensure!(is_iso_date(date), "--expires '{date}' is not a date like 2027-01-31");
+        anyhow::ensure!(
+            is_iso_date(date),
+            "--expires '{date}' is not a date like 2027-01-31"
+        );
     }
     let preprocessing = args.preprocessing.build()?;
     let labels = match &args.labels {
@@ -239,7 +250,9 @@ pub fn main(args: SealArgs) -> anyhow::Result<()> {
     }
     let key = ModelKey::generate();
     let capsule_id = capsule_format::new_capsule_id();
-    let sealed = capsule_format::seal(&request, &key, capsule_id, &mut |done| bar.set_position(done))?;
+    let sealed = capsule_format::seal(&request, &key, capsule_id, &mut |done| {
+        bar.set_position(done)
+    })?;
     bar.finish_and_clear();
 
     write_key_file(&key_out, &key.to_key_file(&capsule_id), args.force)?;

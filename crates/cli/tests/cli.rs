@@ -69,7 +69,10 @@ fn seal(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -77,7 +80,15 @@ fn sealed_mnist_matches_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let (capsule, key) = seal(dir.path(), "m");
     let out = dir.path().join("out.npy");
-    ok(&mlcapsule(&[&"run", &capsule, &"--key", &key, &samples().join("batch.npy"), &"--output", &out]));
+    ok(&mlcapsule(&[
+        &"run",
+        &capsule,
+        &"--key",
+        &key,
+        &samples().join("batch.npy"),
+        &"--output",
+        &out,
+    ]));
     let ours = read_npy(&std::fs::read(&out).unwrap()).unwrap();
     let reference = read_npy(&std::fs::read(samples().join("batch.out.npy")).unwrap()).unwrap();
     assert_eq!(ours.shape(), reference.shape());
@@ -92,8 +103,19 @@ fn sealed_and_plain_outputs_are_bit_identical() {
     let (plain, sealed) = (dir.path().join("plain.npy"), dir.path().join("sealed.npy"));
     let batch = samples().join("batch.npy");
     ok(&mlcapsule(&[&"run", &mnist(), &batch, &"--output", &plain]));
-    ok(&mlcapsule(&[&"run", &capsule, &"--key", &key, &batch, &"--output", &sealed]));
-    assert_eq!(std::fs::read(plain).unwrap(), std::fs::read(sealed).unwrap());
+    ok(&mlcapsule(&[
+        &"run",
+        &capsule,
+        &"--key",
+        &key,
+        &batch,
+        &"--output",
+        &sealed,
+    ]));
+    assert_eq!(
+        std::fs::read(plain).unwrap(),
+        std::fs::read(sealed).unwrap()
+    );
 }
 
 #[test]
@@ -107,7 +129,8 @@ fn sample_digit_images_are_classified_correctly() {
         .collect();
     pngs.sort();
     assert_eq!(pngs.len(), 10);
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"run", &capsule, &"--key", &key, &"--json"];
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"run", &capsule, &"--key", &key, &"--json"];
     args.extend(pngs.iter().map(|p| p as &dyn AsRef<std::ffi::OsStr>));
     let report: serde_json::Value = serde_json::from_str(&ok(&mlcapsule(&args))).unwrap();
     for (row, png) in report.as_array().unwrap().iter().zip(&pngs) {
@@ -139,7 +162,10 @@ fn key_file_is_owner_only_and_inspect_shows_no_secret() {
         let text = ok(&mlcapsule(&args));
         assert!(text.contains("parameters"));
         assert!(!text.contains(secret), "inspect printed the model key");
-        assert!(!text.contains(&secret[..16]), "inspect printed part of the model key");
+        assert!(
+            !text.contains(&secret[..16]),
+            "inspect printed part of the model key"
+        );
     }
 }
 
@@ -153,7 +179,13 @@ fn existing_outputs_are_not_overwritten() {
 
 /// Runs the sealed model on one sample with `capsule` and `key`.
 fn run_one(capsule: &Path, key: &Path) -> Output {
-    mlcapsule(&[&"run", &capsule, &"--key", &key, &samples().join("digit-7-0.npy")])
+    mlcapsule(&[
+        &"run",
+        &capsule,
+        &"--key",
+        &key,
+        &samples().join("digit-7-0.npy"),
+    ])
 }
 
 #[test]
@@ -187,7 +219,14 @@ fn truncated_capsule_is_refused() {
     let good = std::fs::read(&capsule).unwrap();
     for len in [good.len() - 1, good.len() / 2, 20, 5] {
         std::fs::write(&capsule, &good[..len]).unwrap();
-        fails_with(&run_one(&capsule, &key), if len == 5 { "not an mlcapsule" } else { "truncated" });
+        fails_with(
+            &run_one(&capsule, &key),
+            if len == 5 {
+                "not an mlcapsule"
+            } else {
+                "truncated"
+            },
+        );
     }
 }
 
@@ -246,12 +285,18 @@ fn non_onnx_and_unsupported_models_are_refused_at_seal() {
     let text = dir.path().join("notes.onnx");
     std::fs::write(&text, "these are not the weights you are looking for\n").unwrap();
     let out = dir.path().join("x.capsule");
-    fails_with(&mlcapsule(&[&"seal", &text, &"-o", &out]), "not an ONNX model");
+    fails_with(
+        &mlcapsule(&[&"seal", &text, &"-o", &out]),
+        "not an ONNX model",
+    );
     let unknown = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unknown-op.onnx");
     let result = mlcapsule(&[&"seal", &unknown, &"-o", &out]);
     fails_with(&result, "Erf");
     fails_with(&result, "erf_1");
-    assert!(!out.exists(), "a failed seal must not leave a capsule behind");
+    assert!(
+        !out.exists(),
+        "a failed seal must not leave a capsule behind"
+    );
 }
 
 #[test]

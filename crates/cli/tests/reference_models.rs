@@ -21,7 +21,9 @@ fn mlcapsule(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     assert!(
         out.status.success(),
         "mlcapsule {:?} failed: {}",
-        args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>(),
+        args.iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect::<Vec<_>>(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -38,13 +40,25 @@ fn check(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let m = models();
     let onnx = m.join(format!("{name}.onnx"));
-    assert!(onnx.exists(), "{} is missing: run scripts/models.sh --all", onnx.display());
+    assert!(
+        onnx.exists(),
+        "{} is missing: run scripts/models.sh --all",
+        onnx.display()
+    );
     let capsule = dir.path().join("m.capsule");
     let key = dir.path().join("m.key");
     mlcapsule(&[&"seal", &onnx, &"-o", &capsule, &"--key-out", &key]);
     let input = m.join(format!("{name}.input.npy"));
     let (sealed, plain) = (dir.path().join("sealed.npy"), dir.path().join("plain.npy"));
-    mlcapsule(&[&"run", &capsule, &"--key", &key, &input, &"--output", &sealed]);
+    mlcapsule(&[
+        &"run",
+        &capsule,
+        &"--key",
+        &key,
+        &input,
+        &"--output",
+        &sealed,
+    ]);
     mlcapsule(&[&"run", &onnx, &input, &"--output", &plain]);
     assert_eq!(
         std::fs::read(&sealed).unwrap(),
@@ -114,8 +128,10 @@ fn mobilenetv2_classifies_a_real_photo() {
         &labels,
     ]);
     let image = m.join(photo["file"].as_str().unwrap());
-    let report: serde_json::Value =
-        serde_json::from_str(&mlcapsule(&[&"run", &capsule, &"--key", &key, &"--json", &image])).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&mlcapsule(&[
+        &"run", &capsule, &"--key", &key, &"--json", &image,
+    ]))
+    .unwrap();
     let top1 = report[0]["top"][0]["label"].as_str().unwrap().to_owned();
     println!("photo: {}", report[0]["top"]);
     let accepted: Vec<&str> = photo["accepted_top1_labels"]
@@ -124,13 +140,28 @@ fn mobilenetv2_classifies_a_real_photo() {
         .iter()
         .map(|l| l.as_str().unwrap())
         .collect();
-    assert!(accepted.contains(&top1.as_str()), "top-1 '{top1}' is not one of {accepted:?}");
+    assert!(
+        accepted.contains(&top1.as_str()),
+        "top-1 '{top1}' is not one of {accepted:?}"
+    );
 
     let logits = dir.path().join("logits.npy");
     let input = m.join(photo["input"].as_str().unwrap());
-    mlcapsule(&[&"run", &capsule, &"--key", &key, &input, &"--output", &logits]);
+    mlcapsule(&[
+        &"run",
+        &capsule,
+        &"--key",
+        &key,
+        &input,
+        &"--output",
+        &logits,
+    ]);
     let logits = read(&logits);
-    let max = logits.data().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .data()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.data().iter().map(|v| (v - max).exp()).collect();
     let sum: f32 = exp.iter().sum();
     let reference = read(&m.join(photo["output"].as_str().unwrap()));
@@ -139,5 +170,8 @@ fn mobilenetv2_classifies_a_real_photo() {
         .zip(reference.data())
         .map(|(e, r)| (e / sum - r).abs())
         .fold(0.0f32, f32::max);
-    assert!(worst <= 1e-4, "photo probabilities differ from onnxruntime by {worst}");
+    assert!(
+        worst <= 1e-4,
+        "photo probabilities differ from onnxruntime by {worst}"
+    );
 }

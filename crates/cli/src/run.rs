@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use capsule_enclave::SealedModel;
+use capsule_enclave::{SealedModel, Status};
 use capsule_engine::{Graph, Model, Tensor};
-use capsule_format::{Capsule, ModelKey, Preprocessing};
+use capsule_format::{Capsule, Header, ModelKey, Preprocessing};
 use clap::Args;
 use serde::Serialize;
 
+use crate::client::{self, ClientDirs};
 use crate::input;
 
 /// Options of `mlcapsule run`.
@@ -19,7 +20,8 @@ pub struct RunArgs {
     /// Input files: .npy tensors, or PNG/JPEG images preprocessed as the capsule says.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// The capsule's model key file (provider/developer mode).
+    /// The capsule's model key file: the provider's developer mode, in this
+    /// process. Without it a capsule runs in the enclave with the licence from `setup`.
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     /// How many classes to print per input.
@@ -31,31 +33,39 @@ pub struct RunArgs {
     /// Write the model's raw output tensor (the whole batch) as a .npy file.
     #[arg(long, value_name = "OUT.npy")]
     output: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: ClientDirs,
 }
 
 impl RunArgs {
     /// The arguments `mlcapsule demo` runs with.
-    pub fn for_demo(model: PathBuf, key: PathBuf, inputs: Vec<PathBuf>) -> RunArgs {
+    pub fn for_demo(model: PathBuf, inputs: Vec<PathBuf>, dirs: ClientDirs) -> RunArgs {
         RunArgs {
             model,
             inputs,
-            key: Some(key),
+            key: None,
             top_k: 3,
             json: false,
             output: None,
+            dirs,
         }
     }
 }
 
-/// A model ready to run, from either source.
+/// A model ready to run, from one of three sources.
 enum Loaded {
+    /// Through the enclave process, with the licence set up in the state directory (offline).
+    Enclave { path: PathBuf, bytes: Vec<u8>, graph: Graph, header: Header },
+    /// In this process, with the model key (the provider's developer mode).
     Sealed(SealedModel),
+    /// A plain ONNX model, for comparison.
     Plain(Model),
 }
 
 impl Loaded {
     fn graph(&self) -> &Graph {
         match self {
+            Loaded::Enclave { graph, .. } => graph,
             Loaded::Sealed(m) => m.graph(),
             Loaded::Plain(m) => m.graph(),
         }
@@ -63,6 +73,7 @@ impl Loaded {
 
     fn preprocessing(&self) -> Option<&Preprocessing> {
         match self {
+            Loaded::Enclave { header, .. } => header.preprocessing.as_ref(),
             Loaded::Sealed(m) => m.header().preprocessing.as_ref(),
             Loaded::Plain(_) => None,
         }
@@ -70,16 +81,24 @@ impl Loaded {
 
     fn labels(&self) -> Option<&[String]> {
         match self {
+            Loaded::Enclave { header, .. } => header.labels.as_deref(),
             Loaded::Sealed(m) => m.header().labels.as_deref(),
             Loaded::Plain(_) => None,
         }
     }
 
-    fn run(&self, inputs: &[Tensor]) -> anyhow::Result<Vec<Tensor>> {
-        Ok(match self {
-            Loaded::Sealed(m) => m.run(inputs)?,
-            Loaded::Plain(m) => m.run(inputs)?,
-        })
+    /// Runs one batch; through the enclave, also returns the budget after it.
+    fn run(&self, batch: Tensor, dirs: &ClientDirs) -> anyhow::Result<(Tensor, Option<Status>)> {
+        let mut outputs = match self {
+            Loaded::Enclave { path, bytes, .. } => {
+                let (output, status) = client::run(path, bytes, &batch, dirs)?;
+                return Ok((output, Some(status)));
+            }
+            Loaded::Sealed(m) => m.run(&[batch])?,
+            Loaded::Plain(m) => m.run(&[batch])?,
+        };
+        anyhow::ensure!(!outputs.is_empty(), "the model returned no output");
+        Ok((outputs.swap_remove(0), None))
     }
 }
 
@@ -89,10 +108,13 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
     if bytes.starts_with(b"mlcapsule/") || args.key.is_some() {
         let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
         let Some(key_path) = &args.key else {
-            bail!(
-                "{} is sealed; pass its model key with --key FILE",
-                path.display()
-            );
+            // The client's way: through the enclave. The header is public; the
+            // enclave authenticates it before it runs anything.
+            let header = capsule.header().clone();
+            let graph: Graph = serde_json::from_value(header.architecture.clone()).with_context(|| {
+                format!("{}: the architecture is not one this mlcapsule can run; upgrade mlcapsule", path.display())
+            })?;
+            return Ok(Loaded::Enclave { path: path.clone(), bytes, graph, header });
         };
         let text = std::fs::read_to_string(key_path)
             .with_context(|| format!("cannot read key file {}", key_path.display()))?;
@@ -163,8 +185,14 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut shape = vec![batch];
     shape.extend(row_shape.unwrap_or_default());
-    let outputs = model.run(&[Tensor::new(shape, rows)?])?;
-    let output = &outputs[0];
+    let (output, status) = model.run(Tensor::new(shape, rows)?, &args.dirs)?;
+    let output = &output;
+    // On stderr, after the results, so that stdout stays machine-readable.
+    let report_budget = || {
+        if let Some(s) = &status {
+            eprintln!("{} of {} queries used, {} left", s.used, s.total, s.left);
+        }
+    };
 
     if let Some(path) = &args.output {
         std::fs::write(path, capsule_engine::npy::write_npy(output))
@@ -176,6 +204,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             "the model's output has shape {:?}, not [batch, classes]; use --output to save it",
             output.shape()
         );
+        report_budget();
         return Ok(());
     }
     let report: Vec<Row> = names
@@ -201,6 +230,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             println!("{}: {}", row.input, best.join("  "));
         }
     }
+    report_budget();
     Ok(())
 }
 

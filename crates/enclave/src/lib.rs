@@ -1,106 +1,74 @@
-//! MLCapsule's trusted side: turns a capsule and its model key into a runnable model.
+//! MLCapsule's trusted side, and the host's handle on it.
 //!
-//! Today this crate opens a capsule in the calling process (the provider's
-//! developer mode). It is the code that will run inside the enclave process:
-//! it verifies the header MAC, unseals each layer, checks that the sealed
-//! tensors are exactly the weights the public architecture declares, and
-//! hands them to the engine. Plaintext weights live only in zeroizing buffers
-//! while they are decoded, and then in the engine's own tensors.
+//! A client runs a capsule through an *enclave*: the only place where the
+//! model key and the plaintext weights exist, and where the query budget is
+//! enforced. This crate holds both halves of that boundary and the protocol
+//! between them (`spec/enclave-protocol.md`):
+//!
+//! - **In the enclave process** (`mlcapsule-enclave`, this crate's binary):
+//!   [`Session`] serves the paper's ECALLs over stdin/stdout: make a setup key
+//!   and have the platform attest it, open the grant the provisioning server
+//!   sealed to that key, seal the licence state to the platform, and answer
+//!   queries. For each query the host streams every layer's sealed chunks;
+//!   the enclave unseals a layer just before the first node that reads it and
+//!   zeroizes it after the last, runs the engine, and releases the output
+//!   only after the platform's monotonic counter has durably counted it. At
+//!   start it sandboxes itself ([`hardening`]): not dumpable, no core files,
+//!   and a seccomp filter under which it cannot open a file or a socket.
+//! - **On the host** (the CLI, untrusted): [`EnclaveProcess`] starts the
+//!   enclave, passes it public and sealed bytes and reads back public values,
+//!   sealed blobs and counted outputs. It never sees a model key or a weight.
+//! - **In-process**, for the provider's developer mode only: [`SealedModel`]
+//!   opens a capsule with its model key in the calling process.
 //!
 //! ```no_run
-//! # fn demo(bytes: &[u8], key: &capsule_format::ModelKey, x: capsule_engine::Tensor) {
-//! let capsule = capsule_format::Capsule::parse(bytes).unwrap();
-//! let model = capsule_enclave::SealedModel::open(&capsule, key).unwrap();
-//! let outputs = model.run(&[x]).unwrap();
-//! # }
+//! # fn demo(capsule_bytes: &[u8], sealed_state: &[u8], x: capsule_engine::Tensor)
+//! #     -> Result<(), capsule_enclave::Error> {
+//! use capsule_enclave::{EnclaveProcess, default_enclave_binary};
+//! let capsule = capsule_format::Capsule::parse(capsule_bytes)?;
+//! let instance = [0u8; 16]; // from `mlcapsule setup`
+//! let mut enclave = EnclaveProcess::spawn(
+//!     &default_enclave_binary(),
+//!     std::path::Path::new("/home/me/.mlcapsule/platform"),
+//!     Some(instance),
+//! )?;
+//! enclave.load(sealed_state, &capsule)?;
+//! let (scores, status) = enclave.query(&capsule, &x)?;
+//! println!("{} queries left", status.left);
+//! # Ok(()) }
 //! ```
 //!
-//! What it does not do: parse ONNX, talk to a network, or read files; the
-//! host hands it every byte.
+//! # What the `sim` platform does not protect
+//!
+//! On `sim` (the only platform so far) the "enclave" is an ordinary process
+//! of the client's user, sandboxed by the operating system, and the
+//! platform's keys are a secret file in the platform directory. That keeps
+//! other unprivileged processes out, and keeps a state copied to another
+//! machine from opening. It does **not** protect against the machine's owner
+//! or root: they can read the platform secret, and with it forge evidence,
+//! unseal the licence state (and the model key in it), and reset or roll back
+//! the monotonic counter; they can also read the enclave's memory with
+//! root's ptrace and set the clock that expiry dates are checked against.
+//! Like SGX's simulation mode, `sim` is for development and evaluation; the
+//! provisioning server refuses `sim` evidence unless it was told to accept it,
+//! and `Ready::sim` lets the host say so every time.
+//!
+//! What this crate does not do: parse ONNX, talk to a network, or read files
+//! (the enclave reads only its platform directory, before it hardens). The
+//! engine's own scratch buffers (GEMM packing, im2col) are freed without being
+//! zeroized.
 
-use std::collections::HashMap;
-use std::fmt;
+mod error;
+pub mod hardening;
+mod host;
+mod ledger;
+mod model;
+pub mod protocol;
+mod session;
+mod stream;
 
-use capsule_engine::{Graph, Model, Tensor};
-use capsule_format::{Capsule, Header, ModelKey};
-
-/// Why a capsule could not be opened or run.
-#[derive(Debug)]
-pub enum Error {
-    /// The capsule or key was rejected (tampering, wrong key, corruption).
-    Format(capsule_format::Error),
-    /// The authenticated architecture is not a graph this engine can run.
-    Architecture(capsule_engine::Error),
-    /// The model rejected an input, or the weights do not fit the graph.
-    Engine(capsule_engine::Error),
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::Format(e) => e.fmt(f),
-            Error::Architecture(e) => write!(
-                f,
-                "{e}; the capsule was sealed by an incompatible mlcapsule version, upgrade mlcapsule"
-            ),
-            Error::Engine(e) => e.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<capsule_format::Error> for Error {
-    fn from(e: capsule_format::Error) -> Error {
-        Error::Format(e)
-    }
-}
-
-/// A model whose weights were unsealed from a capsule, ready to run.
-pub struct SealedModel {
-    header: Header,
-    model: Model,
-}
-
-impl SealedModel {
-    /// Verifies and unseals `capsule` with `key` and builds the engine model.
-    pub fn open(capsule: &Capsule<'_>, key: &ModelKey) -> Result<SealedModel, Error> {
-        let unsealer = capsule.unseal(key)?;
-        let header = unsealer.header().clone();
-        let graph: Graph = serde_json::from_value(header.architecture.clone()).map_err(|e| {
-            Error::Architecture(capsule_engine::Error::InvalidGraph {
-                reason: format!("architecture does not parse: {e}"),
-            })
-        })?;
-        let mut weights = HashMap::with_capacity(header.tensors.len());
-        for layer in 0..header.layers.len() {
-            let plaintext = unsealer.open_layer(layer, capsule.sealed_layer(layer))?;
-            for (name, shape, values) in unsealer.layer_tensors(layer, &plaintext) {
-                let tensor = Tensor::new(shape, values).map_err(Error::Engine)?;
-                if weights.insert(name.clone(), tensor).is_some() {
-                    return Err(Error::Engine(capsule_engine::Error::InvalidWeights {
-                        reason: format!("tensor '{name}' is sealed twice"),
-                    }));
-                }
-            }
-        }
-        // Model::new checks that the sealed tensors are exactly the declared params.
-        let model = Model::new(graph, weights).map_err(Error::Engine)?;
-        Ok(SealedModel { header, model })
-    }
-
-    /// The authenticated header: preprocessing, labels, policy.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// The model's public graph.
-    pub fn graph(&self) -> &Graph {
-        self.model.graph()
-    }
-
-    /// Runs one batch.
-    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
-        self.model.run(inputs).map_err(Error::Engine)
-    }
-}
+pub use error::{Error, WireDetails};
+pub use host::{ENCLAVE_ENV, EnclaveProcess, default_enclave_binary};
+pub use model::SealedModel;
+pub use protocol::{PROTOCOL_VERSION, Ready, Status};
+pub use session::Session;

@@ -26,35 +26,7 @@ pub struct Capsule<'a> {
 impl<'a> Capsule<'a> {
     /// Parses capsule bytes and checks the layout rules of capsule-v1 §3 and §4.
     pub fn parse(bytes: &'a [u8]) -> Result<Capsule<'a>, Error> {
-        let first_line_end = bytes.iter().take(64).position(|&b| b == b'\n');
-        if !bytes.starts_with(VERSION_LINE) {
-            return Err(match first_line_end {
-                Some(end) if bytes.starts_with(b"mlcapsule/") => Error::UnsupportedVersion {
-                    found: String::from_utf8_lossy(&bytes[..end]).into_owned(),
-                },
-                _ => Error::NotACapsule,
-            });
-        }
-        let after_line = &bytes[VERSION_LINE.len()..];
-        let Some((len_bytes, rest)) = after_line.split_first_chunk::<4>() else {
-            return Err(truncated(VERSION_LINE.len() + 4, bytes.len()));
-        };
-        let header_len = u32::from_be_bytes(*len_bytes) as usize;
-        if header_len == 0 || header_len > MAX_HEADER_LEN {
-            return Err(Error::InvalidHeader {
-                reason: format!("header length {header_len} is out of range"),
-            });
-        }
-        let mac_start = VERSION_LINE.len() + 4 + header_len;
-        if rest.len() < header_len + MAC_LEN {
-            return Err(truncated(mac_start + MAC_LEN, bytes.len()));
-        }
-        let header: Header =
-            serde_json::from_slice(&rest[..header_len]).map_err(|e| Error::InvalidHeader {
-                reason: format!("header JSON: {e}"),
-            })?;
-        header.validate()?;
-
+        let (header, mac_start) = parse_prefix(bytes)?;
         let mut layer_bounds = Vec::with_capacity(header.layers.len() + 1);
         let mut end = (mac_start + MAC_LEN) as u64;
         layer_bounds.push(end as usize);
@@ -93,23 +65,21 @@ impl<'a> Capsule<'a> {
         &self.bytes[self.layer_bounds[layer]..self.layer_bounds[layer + 1]]
     }
 
+    /// The capsule's *prefix*: version line, header length, header and MAC
+    /// (capsule-v1 §3), everything [`Unsealer::open_prefix`] needs to check the
+    /// header without the payload.
+    pub fn prefix(&self) -> &'a [u8] {
+        &self.bytes[..self.mac_start + MAC_LEN]
+    }
+
     /// Checks the header MAC with `key` and returns an [`Unsealer`] for the payload.
     pub fn unseal(&self, key: &ModelKey) -> Result<Unsealer, Error> {
-        let keys = key.schedule(&self.header.capsule_id);
-        let mac_key = hmac::Key::new(hmac::HMAC_SHA256, keys.header.as_ref());
-        let tag = &self.bytes[self.mac_start..self.mac_start + MAC_LEN];
-        if hmac::verify(&mac_key, &self.bytes[..self.mac_start], tag).is_err() {
-            // The key id is public; comparing it leaks nothing the MAC does not.
-            return Err(if keys.key_id == self.header.key_id {
-                Error::HeaderModified
-            } else {
-                Error::WrongKey
-            });
-        }
-        Ok(Unsealer {
-            header: self.header.clone(),
-            key: ChunkKey::new(&keys.payload, self.header.capsule_id),
-        })
+        Unsealer::verified(
+            self.header.clone(),
+            &self.bytes[..self.mac_start + MAC_LEN],
+            self.mac_start,
+            key,
+        )
     }
 
     /// Opens every layer and returns each tensor's values, in tensor-table order.
@@ -122,6 +92,41 @@ impl<'a> Capsule<'a> {
         }
         Ok(out)
     }
+}
+
+/// Reads version line, header length and header (capsule-v1 §3, §4) and
+/// returns the header and where the MAC starts. Checks that the MAC is
+/// present, not what follows it.
+fn parse_prefix(bytes: &[u8]) -> Result<(Header, usize), Error> {
+    let first_line_end = bytes.iter().take(64).position(|&b| b == b'\n');
+    if !bytes.starts_with(VERSION_LINE) {
+        return Err(match first_line_end {
+            Some(end) if bytes.starts_with(b"mlcapsule/") => Error::UnsupportedVersion {
+                found: String::from_utf8_lossy(&bytes[..end]).into_owned(),
+            },
+            _ => Error::NotACapsule,
+        });
+    }
+    let after_line = &bytes[VERSION_LINE.len()..];
+    let Some((len_bytes, rest)) = after_line.split_first_chunk::<4>() else {
+        return Err(truncated(VERSION_LINE.len() + 4, bytes.len()));
+    };
+    let header_len = u32::from_be_bytes(*len_bytes) as usize;
+    if header_len == 0 || header_len > MAX_HEADER_LEN {
+        return Err(Error::InvalidHeader {
+            reason: format!("header length {header_len} is out of range"),
+        });
+    }
+    let mac_start = VERSION_LINE.len() + 4 + header_len;
+    if rest.len() < header_len + MAC_LEN {
+        return Err(truncated(mac_start + MAC_LEN, bytes.len()));
+    }
+    let header: Header =
+        serde_json::from_slice(&rest[..header_len]).map_err(|e| Error::InvalidHeader {
+            reason: format!("header JSON: {e}"),
+        })?;
+    header.validate()?;
+    Ok((header, mac_start))
 }
 
 fn truncated(expected: usize, found: usize) -> Error {
@@ -138,6 +143,48 @@ pub struct Unsealer {
 }
 
 impl Unsealer {
+    /// Checks a capsule's header MAC from its prefix alone ([`Capsule::prefix`]:
+    /// version line, header length, header, MAC; capsule-v1 §3, §5), without
+    /// the payload. This is how an enclave that receives sealed layers one by
+    /// one from an untrusted host authenticates the header first.
+    ///
+    /// Fails like [`Capsule::parse`] on a malformed prefix, with
+    /// [`Error::TrailingData`] if bytes follow the MAC, and like
+    /// [`Capsule::unseal`] if the MAC does not verify.
+    pub fn open_prefix(prefix: &[u8], key: &ModelKey) -> Result<Unsealer, Error> {
+        let (header, mac_start) = parse_prefix(prefix)?;
+        let end = mac_start + MAC_LEN;
+        if prefix.len() > end {
+            return Err(Error::TrailingData {
+                expected: end as u64,
+                found: prefix.len() as u64,
+            });
+        }
+        Unsealer::verified(header, prefix, mac_start, key)
+    }
+
+    /// Checks the MAC at `prefix[mac_start..]` over `prefix[..mac_start]` (capsule-v1 §5).
+    fn verified(
+        header: Header,
+        prefix: &[u8],
+        mac_start: usize,
+        key: &ModelKey,
+    ) -> Result<Unsealer, Error> {
+        let keys = key.schedule(&header.capsule_id);
+        let mac_key = hmac::Key::new(hmac::HMAC_SHA256, keys.header.as_ref());
+        let tag = &prefix[mac_start..mac_start + MAC_LEN];
+        if hmac::verify(&mac_key, &prefix[..mac_start], tag).is_err() {
+            // The key id is public; comparing it leaks nothing the MAC does not.
+            return Err(if keys.key_id == header.key_id {
+                Error::HeaderModified
+            } else {
+                Error::WrongKey
+            });
+        }
+        let key = ChunkKey::new(&keys.payload, header.capsule_id);
+        Ok(Unsealer { header, key })
+    }
+
     /// The authenticated header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -206,5 +253,64 @@ impl Unsealer {
                 (t.name.clone(), t.shape.clone(), values)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LayerPlaintext, Policy, SealRequest};
+
+    fn sealed(key: &ModelKey) -> Vec<u8> {
+        let weights = [1.0f32, 2.0, 3.0, 4.0];
+        let request = SealRequest {
+            architecture: serde_json::json!({"nodes": []}),
+            preprocessing: None,
+            labels: None,
+            policy: Policy::default(),
+            chunk_size: crate::MIN_CHUNK_SIZE,
+            layers: vec![LayerPlaintext {
+                name: "dense".into(),
+                tensors: vec![("w".into(), vec![4], &weights[..])],
+            }],
+        };
+        crate::seal(&request, key, crate::new_capsule_id(), &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn prefix_opens_without_the_payload_and_only_unmodified() {
+        let key = ModelKey::generate();
+        let bytes = sealed(&key);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let prefix = capsule.prefix();
+        assert!(prefix.len() < bytes.len());
+
+        let unsealer = Unsealer::open_prefix(prefix, &key).unwrap();
+        assert_eq!(unsealer.header(), capsule.header());
+        let layer = unsealer.open_layer(0, capsule.sealed_layer(0)).unwrap();
+        assert_eq!(unsealer.layer_tensors(0, &layer)[0].2, [1.0, 2.0, 3.0, 4.0]);
+
+        assert_eq!(
+            Unsealer::open_prefix(prefix, &ModelKey::generate()).err(),
+            Some(Error::WrongKey)
+        );
+        let mut modified = prefix.to_vec();
+        let at = modified.len() - MAC_LEN - 2; // inside the header JSON
+        modified[at] ^= 0x01;
+        assert!(Unsealer::open_prefix(&modified, &key).is_err());
+        let mut bad_mac = prefix.to_vec();
+        *bad_mac.last_mut().unwrap() ^= 0x01;
+        assert_eq!(
+            Unsealer::open_prefix(&bad_mac, &key).err(),
+            Some(Error::HeaderModified)
+        );
+        assert!(matches!(
+            Unsealer::open_prefix(&bytes, &key),
+            Err(Error::TrailingData { .. })
+        ));
+        assert!(matches!(
+            Unsealer::open_prefix(&prefix[..prefix.len() - 1], &key),
+            Err(Error::Truncated { .. })
+        ));
     }
 }

@@ -1,0 +1,454 @@
+//! The host's handle on an enclave process (`spec/enclave-protocol.md` §5).
+//!
+//! This side is untrusted: it starts `mlcapsule-enclave`, passes it public
+//! and sealed bytes, and gets back public values, sealed blobs and outputs.
+//! It never holds a model key or a plaintext weight: it has no way to, since
+//! it calls nothing of `capsule-format` that takes a key (a unit test checks
+//! this file's source for such calls).
+
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use capsule_attest::Evidence;
+use capsule_engine::Tensor;
+use capsule_format::{Capsule, SealedGrant, TAG_LEN};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+use crate::protocol::{
+    self, AttestRequest, Empty, EnclavePublic, ErrorReport, FrameReader, Hello, LayerChunk,
+    LoadRequest, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest, Provisioned,
+    QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
+};
+
+/// Environment variable naming the enclave binary, overriding [`default_enclave_binary`].
+pub const ENCLAVE_ENV: &str = "MLCAPSULE_ENCLAVE";
+
+/// The enclave binary the host starts: `$MLCAPSULE_ENCLAVE` if set, else
+/// `mlcapsule-enclave` next to the running executable.
+pub fn default_enclave_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(ENCLAVE_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let name = format!("mlcapsule-enclave{}", std::env::consts::EXE_SUFFIX);
+    match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(name),
+        Err(_) => PathBuf::from(name),
+    }
+}
+
+/// A running enclave process and the protocol session with it.
+///
+/// Dropping it closes the enclave's input and waits for it to exit (killing
+/// it if it does not within a few seconds).
+pub struct EnclaveProcess {
+    child: Child,
+    input: Option<BufWriter<ChildStdin>>,
+    output: FrameReader<BufReader<ChildStdout>>,
+    ready: Ready,
+    /// Set once the process is known to be gone or out of step.
+    dead: Option<String>,
+}
+
+impl EnclaveProcess {
+    /// Starts `enclave_bin` on the `sim` platform in `platform_dir`, as a new
+    /// enclave instance (`None`) or as `instance`, and does the `Hello`
+    /// handshake (§5.1).
+    ///
+    /// Fails with the enclave's own error when it refuses to start (for
+    /// example [`Error::NoCounter`] or [`Error::Hardening`]).
+    pub fn spawn(
+        enclave_bin: &Path,
+        platform_dir: &Path,
+        instance: Option<[u8; 16]>,
+    ) -> Result<EnclaveProcess, Error> {
+        EnclaveProcess::spawn_with_version(enclave_bin, platform_dir, instance, PROTOCOL_VERSION)
+    }
+
+    /// [`EnclaveProcess::spawn`], offering protocol version `version` (for tests of §5.1).
+    #[doc(hidden)]
+    pub fn spawn_with_version(
+        enclave_bin: &Path,
+        platform_dir: &Path,
+        instance: Option<[u8; 16]>,
+        version: u32,
+    ) -> Result<EnclaveProcess, Error> {
+        let mut command = Command::new(enclave_bin);
+        command.arg("--platform").arg(platform_dir);
+        match instance {
+            None => command.arg("--new-instance"),
+            Some(id) => command.arg("--instance").arg(hex::encode(id)),
+        };
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| Error::Spawn {
+                path: enclave_bin.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Spawn {
+                path: enclave_bin.to_owned(),
+                reason: "its standard input and output could not be piped".into(),
+            });
+        };
+        let mut process = EnclaveProcess {
+            child,
+            input: Some(BufWriter::with_capacity(1 << 16, stdin)),
+            output: FrameReader::new(BufReader::with_capacity(1 << 16, stdout)),
+            ready: Ready {
+                version,
+                platform: String::new(),
+                measurement: [0; 32],
+                instance_id: [0; 16],
+                sim: true,
+            },
+            dead: None,
+        };
+        // An enclave that refuses to start says why in an Error frame before
+        // it reads anything, so a failed write is no reason to stop reading.
+        let _ = process.send(MessageType::Hello, &Hello { version }, &[]);
+        process.ready = process.expect(MessageType::Ready)?;
+        if process.ready.version != PROTOCOL_VERSION {
+            let found = process.ready.version;
+            process.dead = Some("it speaks another protocol version".into());
+            return Err(Error::UnsupportedVersion {
+                expected: PROTOCOL_VERSION,
+                found,
+            });
+        }
+        Ok(process)
+    }
+
+    /// Who the enclave is: platform, measurement, instance id.
+    pub fn info(&self) -> &Ready {
+        &self.ready
+    }
+
+    /// The enclave's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `SetupKey` (§5.2): the enclave makes a key pair and returns its public half.
+    pub fn setup_key(&mut self) -> Result<[u8; 32], Error> {
+        self.send(MessageType::SetupKey, &Empty {}, &[])?;
+        let reply: EnclavePublic = self.expect(MessageType::EnclaveKey)?;
+        Ok(reply.enclave_public)
+    }
+
+    /// `Attest` (§5.3): evidence for
+    /// `report_data(setup key, instance id, nonce)`, to send to the server.
+    pub fn attest(&mut self, nonce: &[u8]) -> Result<Evidence, Error> {
+        let request = AttestRequest {
+            nonce: nonce.to_vec(),
+        };
+        self.send(MessageType::Attest, &request, &[])?;
+        self.expect(MessageType::Evidence)
+    }
+
+    /// `Provision` (§5.4): hands the server's sealed grant to the enclave and
+    /// returns the sealed licence state, to be stored by the caller.
+    pub fn provision(&mut self, nonce: &[u8], grant: &SealedGrant) -> Result<Vec<u8>, Error> {
+        let request = ProvisionRequest {
+            nonce: nonce.to_vec(),
+            sealed_grant: grant.clone(),
+        };
+        self.send(MessageType::Provision, &request, &[])?;
+        let reply: Provisioned = self.expect(MessageType::Provisioned)?;
+        Ok(reply.sealed_state)
+    }
+
+    /// `Load` (§5.5): the sealed licence state and the capsule's header.
+    pub fn load(&mut self, sealed_state: &[u8], capsule: &Capsule<'_>) -> Result<Status, Error> {
+        let request = LoadRequest {
+            sealed_state: sealed_state.to_vec(),
+        };
+        self.send(MessageType::Load, &request, capsule.prefix())?;
+        self.expect(MessageType::StatusReport)
+    }
+
+    /// Runs one batch `input` (§5.6) and returns the model's first output and
+    /// the status after the query was counted. The batch size is `input`'s
+    /// first dimension; each item costs one query.
+    pub fn query(
+        &mut self,
+        capsule: &Capsule<'_>,
+        input: &Tensor,
+    ) -> Result<(Tensor, Status), Error> {
+        let (outputs, status) = self.query_all(capsule, std::slice::from_ref(input))?;
+        let first = outputs.into_iter().next().ok_or_else(|| Error::Protocol {
+            reason: "the Output frame holds no tensor".into(),
+        })?;
+        Ok((first, status))
+    }
+
+    /// Runs one batch on a model with several inputs, and returns every output.
+    pub fn query_all(
+        &mut self,
+        capsule: &Capsule<'_>,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, Status), Error> {
+        let request = QueryRequest {
+            inputs: inputs.iter().map(|t| t.shape().to_vec()).collect(),
+        };
+        let blob = protocol::encode_tensors(inputs);
+        if protocol::frame_len(4096 + 32 * inputs.len(), blob.len()).is_none() {
+            return Err(Error::InvalidInput {
+                reason: format!(
+                    "the batch is {} bytes, more than one {}-byte frame holds; split it into smaller batches",
+                    blob.len(),
+                    protocol::MAX_FRAME_LEN
+                ),
+            });
+        }
+        self.send(MessageType::Query, &request, &blob)?;
+        let _: Empty = self.expect(MessageType::SendLayers)?;
+        self.stream_layers(capsule)?;
+        let (report, blob): (OutputReport, Vec<u8>) = self.expect_with_blob(MessageType::Output)?;
+        let outputs = protocol::decode_tensors(&report.outputs, &blob)?;
+        Ok((outputs, report.status))
+    }
+
+    /// Streams every layer's sealed chunks, in order (§5.6).
+    fn stream_layers(&mut self, capsule: &Capsule<'_>) -> Result<(), Error> {
+        let header = capsule.header();
+        let sealed_chunk = header.chunk_size as usize + TAG_LEN;
+        for layer in 0..header.layers.len() {
+            let sealed = capsule.sealed_layer(layer);
+            // An empty layer is one empty chunk: just its tag.
+            for (chunk, bytes) in sealed.chunks(sealed_chunk).enumerate() {
+                let at = LayerChunk {
+                    layer: layer as u32,
+                    chunk: chunk as u64,
+                };
+                self.write(MessageType::Layer, &at, bytes, false)?;
+            }
+        }
+        self.flush()
+    }
+
+    /// `Status` (§5.7).
+    pub fn status(&mut self) -> Result<Status, Error> {
+        self.send(MessageType::Status, &Empty {}, &[])?;
+        self.expect(MessageType::StatusReport)
+    }
+
+    /// `TopUp` (§5.8): applies a signed token; returns the new sealed state,
+    /// which replaces the old one, and the new status.
+    pub fn topup(&mut self, token: &str) -> Result<(Vec<u8>, Status), Error> {
+        let request = TopUpRequest {
+            token: token.trim().to_owned(),
+        };
+        self.send(MessageType::TopUp, &request, &[])?;
+        let reply: ToppedUp = self.expect(MessageType::ToppedUp)?;
+        Ok((reply.sealed_state, reply.status))
+    }
+
+    /// Closes the enclave's input and waits for it to exit.
+    pub fn close(mut self) -> Result<ExitStatus, Error> {
+        self.shut_down().ok_or_else(|| Error::EnclaveDied {
+            reason: "it could not be waited for".into(),
+        })
+    }
+
+    fn send<T: Serialize>(
+        &mut self,
+        kind: MessageType,
+        control: &T,
+        blob: &[u8],
+    ) -> Result<(), Error> {
+        self.write(kind, control, blob, true)
+    }
+
+    fn write<T: Serialize>(
+        &mut self,
+        kind: MessageType,
+        control: &T,
+        blob: &[u8],
+        flush: bool,
+    ) -> Result<(), Error> {
+        if let Some(reason) = &self.dead {
+            return Err(Error::EnclaveDied {
+                reason: reason.clone(),
+            });
+        }
+        let json = serde_json::to_vec(control).map_err(|e| Error::Protocol {
+            reason: e.to_string(),
+        })?;
+        let Some(input) = self.input.as_mut() else {
+            return Err(self.died("its input was closed"));
+        };
+        let len =
+            protocol::frame_len(json.len(), blob.len()).ok_or_else(|| Error::InvalidInput {
+                reason: format!(
+                    "a {kind:?} frame would exceed {} bytes",
+                    protocol::MAX_FRAME_LEN
+                ),
+            })?;
+        let mut result = (|| {
+            input.write_all(&len.to_be_bytes())?;
+            input.write_all(&[kind as u8])?;
+            input.write_all(&(json.len() as u32).to_be_bytes())?;
+            input.write_all(&json)?;
+            input.write_all(blob)
+        })();
+        if flush && result.is_ok() {
+            result = input.flush();
+        }
+        result.map_err(|e| self.died(&format!("writing to it failed: {e}")))
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        let result = match self.input.as_mut() {
+            Some(input) => input.flush(),
+            None => Ok(()),
+        };
+        result.map_err(|e| self.died(&format!("writing to it failed: {e}")))
+    }
+
+    /// Reads the reply: a frame of type `kind`, or an `Error` frame.
+    fn expect<T: DeserializeOwned>(&mut self, kind: MessageType) -> Result<T, Error> {
+        let (control, blob) = self.expect_with_blob(kind)?;
+        if !blob.is_empty() {
+            return Err(self.out_of_step(format!("a {kind:?} frame carries no raw bytes")));
+        }
+        Ok(control)
+    }
+
+    fn expect_with_blob<T: DeserializeOwned>(
+        &mut self,
+        kind: MessageType,
+    ) -> Result<(T, Vec<u8>), Error> {
+        let parsed = match self.output.read() {
+            Ok(frame) if frame.kind == kind => frame
+                .json_part::<T>()
+                .map(|control| Ok((control, frame.blob.to_vec()))),
+            Ok(frame) if frame.kind == MessageType::Error => frame
+                .json_part::<ErrorReport>()
+                .map(|report| Err(report.into_error())),
+            Ok(frame) => Err(Error::Protocol {
+                reason: format!("expected a {kind:?} frame, got {:?}", frame.kind),
+            }),
+            Err(ReadError::Closed) => return Err(self.died("it closed its output")),
+            Err(ReadError::Io(e)) => return Err(self.died(&format!("reading from it failed: {e}"))),
+            Err(ReadError::Malformed(e)) => Err(e),
+        };
+        match parsed {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(reported)) => {
+                if reported.is_fatal() {
+                    self.dead = Some(format!("it stopped after reporting: {reported}"));
+                }
+                Err(reported)
+            }
+            Err(broken) => {
+                let reason = broken.to_string();
+                Err(self.out_of_step(reason))
+            }
+        }
+    }
+
+    /// The enclave broke the protocol: nothing it says can be trusted to be in step.
+    fn out_of_step(&mut self, reason: String) -> Error {
+        self.dead = Some("it broke the protocol".into());
+        let _ = self.child.kill();
+        Error::Protocol { reason }
+    }
+
+    /// The enclave is gone; says how, as far as can be told.
+    fn died(&mut self, what: &str) -> Error {
+        self.input = None;
+        let how = match self.wait_for_exit(Duration::from_secs(2)) {
+            Some(status) => describe(status),
+            None => "it is still running".into(),
+        };
+        let reason = format!("{what}; {how}");
+        self.dead = Some(reason.clone());
+        Error::EnclaveDied { reason }
+    }
+
+    fn wait_for_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if start.elapsed() < patience => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn shut_down(&mut self) -> Option<ExitStatus> {
+        // Closing its input is the enclave's signal to exit.
+        self.input = None;
+        if let Some(status) = self.wait_for_exit(Duration::from_secs(5)) {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+}
+
+impl Drop for EnclaveProcess {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            let name = match signal {
+                9 => " (SIGKILL)",
+                6 => " (SIGABRT)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                31 => " (SIGSYS: a forbidden system call)",
+                _ => "",
+            };
+            return format!("it was killed by signal {signal}{name}");
+        }
+    }
+    match status.code() {
+        Some(code) => format!("it exited with status {code}"),
+        None => "it exited".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The host must have no way to a key or a plaintext weight: nothing in
+    /// this file calls what takes a key or yields plaintext.
+    #[test]
+    fn host_never_touches_keys_or_plaintext() {
+        let source = include_str!("host.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        for forbidden in [
+            "unseal",
+            "open_layer",
+            "open_prefix",
+            "open_all",
+            "model_key",
+            "ModelKey",
+            "Unsealer",
+            "SealedModel",
+            "open_grant",
+            "EnclaveKey::",
+            "layer_tensors",
+        ] {
+            assert!(!code.contains(forbidden), "host.rs mentions `{forbidden}`");
+        }
+    }
+}

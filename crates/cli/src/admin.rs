@@ -24,7 +24,10 @@ pub struct AdminConnection {
 
 impl AdminConnection {
     fn api(&self) -> anyhow::Result<Api> {
-        Ok(Api::new(&self.server, Some(admin_token(self.token.clone())?)))
+        Ok(Api::new(
+            &self.server,
+            Some(admin_token(self.token.clone())?),
+        ))
     }
 }
 
@@ -100,12 +103,18 @@ struct Granted {
 
 /// Runs `mlcapsule model ...`.
 pub fn model(command: ModelCommand) -> anyhow::Result<()> {
-    let ModelCommand::Add { capsule: path, key, name, connection } = command;
+    let ModelCommand::Add {
+        capsule: path,
+        key,
+        name,
+        connection,
+    } = command;
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
     let key_text = std::fs::read_to_string(&key)
         .with_context(|| format!("cannot read key file {}", key.display()))?;
-    let model_key = ModelKey::from_key_file(&key_text).with_context(|| format!("{}", key.display()))?;
+    let model_key =
+        ModelKey::from_key_file(&key_text).with_context(|| format!("{}", key.display()))?;
     // Register only a key that really opens this capsule.
     let header = capsule
         .unseal(&model_key)
@@ -131,16 +140,26 @@ pub fn model(command: ModelCommand) -> anyhow::Result<()> {
 /// Runs `mlcapsule license ...`.
 pub fn license(command: LicenseCommand) -> anyhow::Result<()> {
     match command {
-        LicenseCommand::Create { model, queries, expires, connection } => {
+        LicenseCommand::Create {
+            model,
+            queries,
+            expires,
+            connection,
+        } => {
             let body = json!({"model_id": model, "queries": queries, "expires": expires});
             let created: LicenceCreated = connection.api()?.post("/v1/licences", &body)?;
             println!("{}", created.token);
         }
-        LicenseCommand::Grant { id, queries, connection } => {
+        LicenseCommand::Grant {
+            id,
+            queries,
+            connection,
+        } => {
             let id = licence_id(&id);
-            let granted: Granted = connection
-                .api()?
-                .post(&format!("/v1/licences/{id}/grant"), &json!({"queries": queries}))?;
+            let granted: Granted = connection.api()?.post(
+                &format!("/v1/licences/{id}/grant"),
+                &json!({"queries": queries}),
+            )?;
             println!(
                 "licence {} now grants {} queries in total; the client runs 'mlcapsule topup' to collect them",
                 granted.licence_id, granted.total_queries

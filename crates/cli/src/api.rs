@@ -29,7 +29,11 @@ impl Api {
     }
 
     /// POSTs `body` to `path` and parses the answer, turning an API error into a one-line message.
-    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
         let mut request = self.agent.post(&url);
         if let Some(token) = &self.admin_token {
@@ -60,10 +64,12 @@ impl Api {
             )
         })?;
         let status = response.status();
-        let body: serde_json::Value = response
-            .body_mut()
-            .read_json()
-            .with_context(|| format!("the server at {} did not answer with JSON (HTTP {status})", self.base))?;
+        let body: serde_json::Value = response.body_mut().read_json().with_context(|| {
+            format!(
+                "the server at {} did not answer with JSON (HTTP {status})",
+                self.base
+            )
+        })?;
         if !status.is_success() {
             let code = body["error"]["code"].as_str().unwrap_or("unknown");
             let message = body["error"]["message"].as_str().unwrap_or("no message");

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use capsule_engine::Tensor;
 use capsule_enclave::{EnclaveProcess, Status, default_enclave_binary};
+use capsule_engine::Tensor;
 use capsule_format::{Capsule, SealedGrant};
 use clap::Args;
 use serde::Deserialize;
@@ -79,22 +79,40 @@ pub struct TopupArgs {
 
 impl SetupArgs {
     /// The arguments `mlcapsule demo` sets up with.
-    pub fn for_demo(capsule: PathBuf, server: String, license: String, dirs: ClientDirs) -> SetupArgs {
-        SetupArgs { capsule, server, license, dirs }
+    pub fn for_demo(
+        capsule: PathBuf,
+        server: String,
+        license: String,
+        dirs: ClientDirs,
+    ) -> SetupArgs {
+        SetupArgs {
+            capsule,
+            server,
+            license,
+            dirs,
+        }
     }
 }
 
 impl StatusArgs {
     /// The arguments `mlcapsule demo` asks for status with.
     pub fn for_demo(dirs: ClientDirs) -> StatusArgs {
-        StatusArgs { capsule: None, json: false, dirs }
+        StatusArgs {
+            capsule: None,
+            json: false,
+            dirs,
+        }
     }
 }
 
 impl TopupArgs {
     /// The arguments `mlcapsule demo` tops up with.
     pub fn for_demo(server: String, dirs: ClientDirs) -> TopupArgs {
-        TopupArgs { capsule: None, server: Some(server), dirs }
+        TopupArgs {
+            capsule: None,
+            server: Some(server),
+            dirs,
+        }
     }
 }
 
@@ -182,13 +200,21 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
         instance.instance_id,
         info.platform,
         status.total,
-        status.expires.map(|d| format!(", until {d}")).unwrap_or_default()
+        status
+            .expires
+            .map(|d| format!(", until {d}"))
+            .unwrap_or_default()
     );
     Ok(())
 }
 
 /// Runs one batch through the enclave of the capsule's instance: offline.
-pub fn run(capsule_path: &Path, bytes: &[u8], batch: &Tensor, dirs: &ClientDirs) -> anyhow::Result<(Tensor, Status)> {
+pub fn run(
+    capsule_path: &Path,
+    bytes: &[u8],
+    batch: &Tensor,
+    dirs: &ClientDirs,
+) -> anyhow::Result<(Tensor, Status)> {
     let capsule = Capsule::parse(bytes).with_context(|| format!("{}", capsule_path.display()))?;
     let capsule_id = hex::encode(capsule.header().capsule_id);
     let state = dirs.state();
@@ -214,7 +240,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     let mut report = Vec::new();
     for instance in instances {
-        let path = args.capsule.clone().unwrap_or_else(|| instance.capsule_path.clone());
+        let path = args
+            .capsule
+            .clone()
+            .unwrap_or_else(|| instance.capsule_path.clone());
         let bytes = read_capsule(&path).with_context(|| {
             format!("pass the capsule's new path: mlcapsule status MODEL.capsule")
         })?;
@@ -233,7 +262,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                 status.licence_id,
                 instance.instance_id,
                 status.platform,
-                if status.platform == capsule_attest::SIM { " (no hardware isolation)" } else { "" }
+                if status.platform == capsule_attest::SIM {
+                    " (no hardware isolation)"
+                } else {
+                    ""
+                }
             );
         }
         report.push(json!({"capsule": path, "status": status}));
@@ -256,19 +289,27 @@ pub fn topup(args: TopupArgs) -> anyhow::Result<()> {
         None => {
             let mut all = state.list()?;
             match all.len() {
-                0 => bail!("no capsule is set up in this state directory; run 'mlcapsule setup' first"),
+                0 => bail!(
+                    "no capsule is set up in this state directory; run 'mlcapsule setup' first"
+                ),
                 1 => all.remove(0),
                 n => bail!("{n} capsules are set up here; name one: mlcapsule topup MODEL.capsule"),
             }
         }
     };
-    let path = args.capsule.clone().unwrap_or_else(|| instance.capsule_path.clone());
+    let path = args
+        .capsule
+        .clone()
+        .unwrap_or_else(|| instance.capsule_path.clone());
     let bytes = read_capsule(&path)?;
     let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
     let (_, sealed) = state.load(&instance.capsule_id)?;
     let mut enclave = spawn(&args.dirs, Some(instance.instance_bytes()?))?;
     let before = enclave.load(&sealed, &capsule)?;
-    let server = args.server.clone().unwrap_or_else(|| instance.server.clone());
+    let server = args
+        .server
+        .clone()
+        .unwrap_or_else(|| instance.server.clone());
     let reply: TopupReply = Api::new(&server, None).post(
         "/v1/topup",
         &json!({"licence": instance.licence_token, "instance_id": instance.instance_id, "used": before.used}),

@@ -126,7 +126,9 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         "the bundled model {} is missing; run from a checkout of MLCapsule or pass --models DIR",
         onnx.display()
     );
-    let dir = tempfile::Builder::new().prefix("mlcapsule-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("mlcapsule-demo-")
+        .tempdir()?;
     let root = dir.path();
     let capsule = root.join("mnist-cnn.capsule");
     let key = root.join("mnist-cnn.key");
@@ -157,15 +159,24 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         }),
     )?;
     let model_id = added["model_id"].as_str().unwrap_or_default().to_owned();
-    let licence: Value = server
-        .admin()
-        .post("/v1/licences", &json!({"model_id": model_id, "queries": 5, "expires": null}))?;
+    let licence: Value = server.admin().post(
+        "/v1/licences",
+        &json!({"model_id": model_id, "queries": 5, "expires": null}),
+    )?;
     let token = licence["token"].as_str().unwrap_or_default().to_owned();
-    let licence_id = licence["licence_id"].as_str().unwrap_or_default().to_owned();
+    let licence_id = licence["licence_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     println!("model {model_id}, licence {licence_id} (5 queries)");
 
     step("client: set up once, online: the enclave is attested and receives the licence");
-    client::setup(client::SetupArgs::for_demo(capsule.clone(), server.url.clone(), token.clone(), dirs.clone()))?;
+    client::setup(client::SetupArgs::for_demo(
+        capsule.clone(),
+        server.url.clone(),
+        token.clone(),
+        dirs.clone(),
+    ))?;
 
     step("the server stops: from here on the client is offline");
     let server_dir = root.join("server");
@@ -178,19 +189,31 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         .collect();
     samples.sort();
     for sample in samples.iter().take(6) {
-        if let Err(e) = run::main(run::RunArgs::for_demo(capsule.clone(), vec![sample.clone()], dirs.clone())) {
+        if let Err(e) = run::main(run::RunArgs::for_demo(
+            capsule.clone(),
+            vec![sample.clone()],
+            dirs.clone(),
+        )) {
             println!("refused: {}", crate::one_line(&e));
         }
     }
 
     step("provider grants 3 more queries; client tops up (online) and goes on");
     let server = LocalServer::start(&server_dir)?;
-    server
-        .admin()
-        .post::<_, Value>(&format!("/v1/licences/{licence_id}/grant"), &json!({"queries": 3}))?;
-    client::topup(client::TopupArgs::for_demo(server.url.clone(), dirs.clone()))?;
+    server.admin().post::<_, Value>(
+        &format!("/v1/licences/{licence_id}/grant"),
+        &json!({"queries": 3}),
+    )?;
+    client::topup(client::TopupArgs::for_demo(
+        server.url.clone(),
+        dirs.clone(),
+    ))?;
     for sample in samples.iter().skip(6).take(2) {
-        run::main(run::RunArgs::for_demo(capsule.clone(), vec![sample.clone()], dirs.clone()))?;
+        run::main(run::RunArgs::for_demo(
+            capsule.clone(),
+            vec![sample.clone()],
+            dirs.clone(),
+        ))?;
     }
 
     step("attack: a tampered capsule is refused, and the failed query is not counted");
@@ -199,11 +222,19 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     tampered[last] ^= 1;
     let tampered_path = root.join("tampered.capsule");
     std::fs::write(&tampered_path, &tampered)?;
-    match run::main(run::RunArgs::for_demo(tampered_path, vec![samples[0].clone()], dirs.clone())) {
+    match run::main(run::RunArgs::for_demo(
+        tampered_path,
+        vec![samples[0].clone()],
+        dirs.clone(),
+    )) {
         Ok(()) => anyhow::bail!("the tampered capsule was accepted"),
         Err(e) => println!("refused: {}", crate::one_line(&e)),
     }
-    run::main(run::RunArgs::for_demo(capsule.clone(), vec![samples[8].clone()], dirs.clone()))?;
+    run::main(run::RunArgs::for_demo(
+        capsule.clone(),
+        vec![samples[8].clone()],
+        dirs.clone(),
+    ))?;
     client::status(client::StatusArgs::for_demo(dirs.clone()))?;
 
     step("attack: setting up the same licence again, from a fresh enclave, is refused");
@@ -211,7 +242,12 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         state: Some(root.join("other-state")),
         platform: dirs.platform.clone(),
     };
-    match client::setup(client::SetupArgs::for_demo(capsule.clone(), server.url.clone(), token, fresh)) {
+    match client::setup(client::SetupArgs::for_demo(
+        capsule.clone(),
+        server.url.clone(),
+        token,
+        fresh,
+    )) {
         Ok(()) => anyhow::bail!("the licence was provisioned twice"),
         Err(e) => println!("refused: {}", crate::one_line(&e)),
     }
@@ -221,6 +257,9 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         let kept = dir.keep();
         println!("\nkept {}", kept.display());
     }
-    println!("\ndemo finished in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\ndemo finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -27,7 +27,12 @@ use clap::{Parser, Subcommand};
 /// through its provisioning server; a client provisions its enclave once,
 /// online, then runs queries locally and offline.
 #[derive(Parser)]
-#[command(name = "mlcapsule", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "mlcapsule",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

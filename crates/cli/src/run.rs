@@ -55,7 +55,12 @@ impl RunArgs {
 /// A model ready to run, from one of three sources.
 enum Loaded {
     /// Through the enclave process, with the licence set up in the state directory (offline).
-    Enclave { path: PathBuf, bytes: Vec<u8>, graph: Graph, header: Header },
+    Enclave {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        graph: Graph,
+        header: Header,
+    },
     /// In this process, with the model key (the provider's developer mode).
     Sealed(SealedModel),
     /// A plain ONNX model, for comparison.
@@ -111,10 +116,19 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
             // The client's way: through the enclave. The header is public; the
             // enclave authenticates it before it runs anything.
             let header = capsule.header().clone();
-            let graph: Graph = serde_json::from_value(header.architecture.clone()).with_context(|| {
-                format!("{}: the architecture is not one this mlcapsule can run; upgrade mlcapsule", path.display())
-            })?;
-            return Ok(Loaded::Enclave { path: path.clone(), bytes, graph, header });
+            let graph: Graph =
+                serde_json::from_value(header.architecture.clone()).with_context(|| {
+                    format!(
+                        "{}: the architecture is not one this mlcapsule can run; upgrade mlcapsule",
+                        path.display()
+                    )
+                })?;
+            return Ok(Loaded::Enclave {
+                path: path.clone(),
+                bytes,
+                graph,
+                header,
+            });
         };
         let text = std::fs::read_to_string(key_path)
             .with_context(|| format!("cannot read key file {}", key_path.display()))?;

@@ -31,8 +31,9 @@ pub fn allowed_measurements(extra: &[String]) -> anyhow::Result<Vec<[u8; 32]>> {
     let mut out = Vec::new();
     for m in extra {
         let mut bytes = [0u8; 32];
-        hex::decode_to_slice(m, &mut bytes)
-            .with_context(|| format!("--allow-measurement '{m}' is not 64 hexadecimal characters"))?;
+        hex::decode_to_slice(m, &mut bytes).with_context(|| {
+            format!("--allow-measurement '{m}' is not 64 hexadecimal characters")
+        })?;
         out.push(bytes);
     }
     let enclave = capsule_enclave::default_enclave_binary();

@@ -90,7 +90,10 @@ impl StateDir {
         let folder = self.folder(&instance.capsule_id);
         create_private_dir(&self.root)?;
         create_private_dir(&folder)?;
-        write_atomic(&folder.join("instance.json"), &serde_json::to_vec_pretty(instance)?)?;
+        write_atomic(
+            &folder.join("instance.json"),
+            &serde_json::to_vec_pretty(instance)?,
+        )?;
         self.save_sealed(&instance.capsule_id, sealed)
     }
 
@@ -109,10 +112,15 @@ impl StateDir {
                 self.root.display()
             );
         }
-        let instance: Instance = serde_json::from_slice(&std::fs::read(&record)?)
-            .with_context(|| format!("{} is corrupt; run mlcapsule setup again", record.display()))?;
+        let instance: Instance =
+            serde_json::from_slice(&std::fs::read(&record)?).with_context(|| {
+                format!("{} is corrupt; run mlcapsule setup again", record.display())
+            })?;
         let sealed = std::fs::read(folder.join("ledger.sealed")).with_context(|| {
-            format!("the sealed ledger in {} is missing; run mlcapsule setup again", folder.display())
+            format!(
+                "the sealed ledger in {} is missing; run mlcapsule setup again",
+                folder.display()
+            )
         })?;
         Ok((instance, sealed))
     }

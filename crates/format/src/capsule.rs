@@ -8,6 +8,9 @@ use crate::header::Header;
 use crate::key::ModelKey;
 use crate::{Error, MAC_LEN, MAX_HEADER_LEN, VERSION_LINE};
 
+/// A weight tensor opened from a capsule: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A parsed capsule: header read and structure checked, nothing decrypted.
 ///
 /// Parsing needs no key, so `inspect` and the untrusted host can read the
@@ -83,7 +86,7 @@ impl<'a> Capsule<'a> {
     }
 
     /// Opens every layer and returns each tensor's values, in tensor-table order.
-    pub fn open_all(&self, key: &ModelKey) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, Error> {
+    pub fn open_all(&self, key: &ModelKey) -> Result<Vec<NamedTensor>, Error> {
         let unsealer = self.unseal(key)?;
         let mut out = Vec::with_capacity(self.header.tensors.len());
         for layer in 0..self.header.layers.len() {
@@ -234,11 +237,7 @@ impl Unsealer {
     }
 
     /// Splits a layer's plaintext into its tensors (capsule-v1 §4.3).
-    pub fn layer_tensors(
-        &self,
-        layer: usize,
-        plaintext: &[u8],
-    ) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    pub fn layer_tensors(&self, layer: usize, plaintext: &[u8]) -> Vec<NamedTensor> {
         self.header
             .tensors
             .iter()

@@ -67,7 +67,7 @@ impl ChunkKey {
 
     /// Decrypts a sealed chunk in place; on success the plaintext is
     /// `buf[..buf.len() - TAG_LEN]`. On failure `buf` holds garbage and must be discarded.
-    pub fn open_in_place(&self, at: ChunkPosition, buf: &mut [u8]) -> Result<(), ()> {
+    pub(crate) fn open_in_place(&self, at: ChunkPosition, buf: &mut [u8]) -> Result<(), ()> {
         self.key
             .open_in_place(at.nonce(), Aad::from(at.aad(&self.capsule_id)), buf)
             .map(|_| ())

@@ -40,8 +40,8 @@ mod header;
 mod key;
 mod seal;
 
-pub use capsule::{Capsule, Unsealer};
-pub use chunk::{ChunkKey, ChunkPosition, TAG_LEN};
+pub use capsule::{Capsule, NamedTensor, Unsealer};
+pub use chunk::TAG_LEN;
 pub use error::Error;
 pub use grant::{
     EnclaveKey, Grant, INSTANCE_ID_LEN, SealedGrant, TOPUP_PREFIX, TopUp, report_data, seal_grant,

@@ -170,7 +170,7 @@ pub(crate) async fn create_licence(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Grant {
+pub(crate) struct GrantRequest {
     queries: u64,
 }
 
@@ -185,7 +185,7 @@ pub(crate) async fn grant(
     _: Admin,
     State(state): State<AppState>,
     Path(licence_id): Path<String>,
-    ApiJson(req): ApiJson<Grant>,
+    ApiJson(req): ApiJson<GrantRequest>,
 ) -> Result<Json<Granted>, ApiError> {
     let queries = positive_count(req.queries)?;
     match state.inner.store.grant(&licence_id, queries).await? {

@@ -250,3 +250,22 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_server_links_no_engine_and_no_onnx() {
+        let manifest = include_str!("../Cargo.toml");
+        for forbidden in [
+            "capsule-engine",
+            "capsule-onnx",
+            "capsule-enclave",
+            "rusqlite",
+        ] {
+            assert!(
+                !manifest.contains(forbidden),
+                "capsule-server must not depend on {forbidden}"
+            );
+        }
+    }
+}

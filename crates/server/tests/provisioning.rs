@@ -468,3 +468,24 @@ async fn fifty_parallel_topups_get_distinct_sequence_numbers() {
     assert_eq!(status.body["topup_seq"], 50);
     assert_eq!(status.body["total_queries"], 20);
 }
+
+#[tokio::test]
+async fn serve_stops_gracefully_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = capsule_server::open(common::config(dir.path()))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(capsule_server::serve(state, listener, async {
+        let _ = stopped.await;
+    }));
+    tokio::task::yield_now().await;
+    assert!(!server.is_finished());
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap()
+        .unwrap();
+}

@@ -366,10 +366,22 @@ impl EnclaveProcess {
     /// The enclave is gone; says how, as far as can be told.
     fn died(&mut self, what: &str) -> Error {
         self.input = None;
-        let how = match self.wait_for_exit(Duration::from_secs(2)) {
-            Some(status) => describe(status),
-            None => "it is still running".into(),
+        let Some(status) = self.wait_for_exit(Duration::from_secs(2)) else {
+            let reason = format!("{what}; it is still running");
+            self.dead = Some(reason.clone());
+            return Error::EnclaveDied { reason };
         };
+        // An enclave that stops on a fatal error (say, while the host was
+        // still streaming layers to it) wrote why before it exited.
+        if let Ok(frame) = self.output.read()
+            && frame.kind == MessageType::Error
+            && let Ok(report) = frame.json_part::<ErrorReport>()
+        {
+            let reported = report.into_error();
+            self.dead = Some(format!("it stopped after reporting: {reported}"));
+            return reported;
+        }
+        let how = describe(status);
         let reason = format!("{what}; {how}");
         self.dead = Some(reason.clone());
         Error::EnclaveDied { reason }

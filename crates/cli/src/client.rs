@@ -244,9 +244,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .capsule
             .clone()
             .unwrap_or_else(|| instance.capsule_path.clone());
-        let bytes = read_capsule(&path).with_context(|| {
-            format!("pass the capsule's new path: mlcapsule status MODEL.capsule")
-        })?;
+        let bytes = read_capsule(&path)
+            .with_context(|| "pass the capsule's new path: mlcapsule status MODEL.capsule")?;
         let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
         let (_, sealed) = state.load(&instance.capsule_id)?;
         let mut enclave = spawn(&args.dirs, Some(instance.instance_bytes()?))?;

@@ -272,8 +272,10 @@ fn wrong_or_missing_key_is_refused() {
     let (a, _) = seal(dir.path(), "a");
     let (_, key_b) = seal(dir.path(), "b");
     fails_with(&run_one(&a, &key_b), "wrong key");
-    let out = mlcapsule(&[&"run", &a, &samples().join("digit-7-0.npy")]);
-    fails_with(&out, "--key");
+    // Without --key a capsule runs through the enclave, which needs a licence first.
+    let state = dir.path().join("empty-state");
+    let out = mlcapsule(&[&"run", &a, &samples().join("digit-7-0.npy"), &"--state", &state]);
+    fails_with(&out, "mlcapsule setup");
     let garbage = dir.path().join("garbage.key");
     std::fs::write(&garbage, "not a key\n").unwrap();
     fails_with(&run_one(&a, &garbage), "invalid key file");

@@ -274,7 +274,13 @@ fn wrong_or_missing_key_is_refused() {
     fails_with(&run_one(&a, &key_b), "wrong key");
     // Without --key a capsule runs through the enclave, which needs a licence first.
     let state = dir.path().join("empty-state");
-    let out = mlcapsule(&[&"run", &a, &samples().join("digit-7-0.npy"), &"--state", &state]);
+    let out = mlcapsule(&[
+        &"run",
+        &a,
+        &samples().join("digit-7-0.npy"),
+        &"--state",
+        &state,
+    ]);
     fails_with(&out, "mlcapsule setup");
     let garbage = dir.path().join("garbage.key");
     std::fs::write(&garbage, "not a key\n").unwrap();

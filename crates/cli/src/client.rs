@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use capsule_enclave::{EnclaveProcess, Status, default_enclave_binary};
+use capsule_enclave::{DefenseStatus, EnclaveProcess, Status, default_enclave_binary};
 use capsule_engine::Tensor;
 use capsule_format::{Capsule, SealedGrant};
 use clap::Args;
@@ -208,7 +208,37 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one batch through the enclave of the capsule's instance: offline.
+/// Starts the capsule's enclave instance and loads its sealed ledger and defense state.
+fn open_instance(
+    dirs: &ClientDirs,
+    state: &StateDir,
+    instance: &Instance,
+    capsule: &Capsule<'_>,
+) -> anyhow::Result<(EnclaveProcess, Status)> {
+    let (_, sealed) = state.load(&instance.capsule_id)?;
+    let defense = state.load_defense(&instance.capsule_id)?;
+    let mut enclave = spawn(dirs, Some(instance.instance_bytes()?))?;
+    let status = enclave.load_with_defense(&sealed, capsule, defense.as_deref())?;
+    Ok((enclave, status))
+}
+
+/// Stores the defense state the enclave sent, if any: before anything is shown.
+fn keep_defense_state(
+    enclave: &mut EnclaveProcess,
+    state: &StateDir,
+    capsule_id: &str,
+) -> anyhow::Result<()> {
+    if let Some(sealed) = enclave.take_defense_state() {
+        state.save_defense(capsule_id, &sealed).context(
+            "the defense state could not be saved, so the answer is withheld; the next query will ask for 'mlcapsule topup'",
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs one batch through the enclave of the capsule's instance: offline. The defense
+/// state that comes with the answer (or a counted refusal) is stored before either is
+/// returned (enclave-protocol §7.4).
 pub fn run(
     capsule_path: &Path,
     bytes: &[u8],
@@ -218,10 +248,63 @@ pub fn run(
     let capsule = Capsule::parse(bytes).with_context(|| format!("{}", capsule_path.display()))?;
     let capsule_id = hex::encode(capsule.header().capsule_id);
     let state = dirs.state();
-    let (instance, sealed) = state.load(&capsule_id)?;
-    let mut enclave = spawn(dirs, Some(instance.instance_bytes()?))?;
-    enclave.load(&sealed, &capsule)?;
-    Ok(enclave.query(&capsule, batch)?)
+    let (instance, _) = state.load(&capsule_id)?;
+    let (mut enclave, _) = open_instance(dirs, &state, &instance, &capsule)?;
+    let result = enclave.query(&capsule, batch);
+    keep_defense_state(&mut enclave, &state, &capsule_id)?;
+    Ok(result?)
+}
+
+/// What the defenses recorded, in words, for `status`.
+fn defense_text(defense: &DefenseStatus) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = &defense.prada {
+        let mut text = format!(
+            "PRADA observed {} queries ({} stored), {} alarm{}",
+            p.observed,
+            p.stored,
+            p.alarms,
+            if p.alarms == 1 { "" } else { "s" }
+        );
+        if let Some(a) = &p.first_alarm {
+            text += &format!(" (first at query {}, W = {:.4})", a.query, a.w);
+        }
+        if p.denying {
+            text += ", every query refused";
+        }
+        parts.push(text);
+    }
+    if let Some(r) = defense.detector_refusals {
+        parts.push(format!("input detector refused {r} queries"));
+    }
+    if defense.behind > 0 {
+        parts.push(format!(
+            "state {} queries behind the counter: run 'mlcapsule topup' to resynchronise",
+            defense.behind
+        ));
+    }
+    if defense.resyncs > 0 {
+        parts.push(format!(
+            "{} queries unobserved over {} resynchronisations",
+            defense.unobserved, defense.resyncs
+        ));
+    }
+    parts.join("; ")
+}
+
+/// The `detections` of a top-up request (provisioning §6.1), from the enclave's status.
+fn detections(defense: &DefenseStatus) -> serde_json::Value {
+    let prada = defense.prada.as_ref();
+    json!({
+        "prada_alarms": prada.map_or(0, |p| p.alarms),
+        "prada_denying": prada.is_some_and(|p| p.denying),
+        "first_alarm": prada.and_then(|p| p.first_alarm).map(|a| json!({
+            "query": a.query, "w": a.w, "distances": a.distances,
+        })),
+        "detector_refusals": defense.detector_refusals.unwrap_or(0),
+        "unobserved_queries": defense.unobserved + defense.behind,
+        "resyncs": defense.resyncs,
+    })
 }
 
 /// Runs `mlcapsule status`.
@@ -247,9 +330,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         let bytes = read_capsule(&path)
             .with_context(|| "pass the capsule's new path: mlcapsule status MODEL.capsule")?;
         let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
-        let (_, sealed) = state.load(&instance.capsule_id)?;
-        let mut enclave = spawn(&args.dirs, Some(instance.instance_bytes()?))?;
-        let status = enclave.load(&sealed, &capsule)?;
+        let (_, status) = open_instance(&args.dirs, &state, &instance, &capsule)?;
         if !args.json {
             println!(
                 "{}: {} of {} queries used, {} left; expires {}; licence {}; instance {}; platform {}{}",
@@ -267,6 +348,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                     ""
                 }
             );
+            if let Some(defense) = &status.defense {
+                println!("  defenses: {}", defense_text(defense));
+            }
         }
         report.push(json!({"capsule": path, "status": status}));
     }
@@ -302,22 +386,33 @@ pub fn topup(args: TopupArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| instance.capsule_path.clone());
     let bytes = read_capsule(&path)?;
     let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
-    let (_, sealed) = state.load(&instance.capsule_id)?;
-    let mut enclave = spawn(&args.dirs, Some(instance.instance_bytes()?))?;
-    let before = enclave.load(&sealed, &capsule)?;
+    let (mut enclave, before) = open_instance(&args.dirs, &state, &instance, &capsule)?;
     let server = args
         .server
         .clone()
         .unwrap_or_else(|| instance.server.clone());
-    let reply: TopupReply = Api::new(&server, None).post(
-        "/v1/topup",
-        &json!({"licence": instance.licence_token, "instance_id": instance.instance_id, "used": before.used}),
-    )?;
-    let (sealed, after) = enclave.topup(&reply.token)?;
+    let mut request = json!({
+        "licence": instance.licence_token,
+        "instance_id": instance.instance_id,
+        "used": before.used,
+    });
+    if let Some(defense) = &before.defense {
+        request["detections"] = detections(defense);
+    }
+    let reply: TopupReply = Api::new(&server, None).post("/v1/topup", &request)?;
+    let result = enclave.topup(&reply.token);
+    keep_defense_state(&mut enclave, &state, &instance.capsule_id)?;
+    let (sealed, after) = result?;
     state.save_sealed(&instance.capsule_id, &sealed)?;
     println!(
         "topped up: {} of {} queries used, {} left (was {} left)",
         after.used, after.total, after.left, before.left
     );
+    if let Some(defense) = before.defense.as_ref().filter(|d| d.behind > 0) {
+        println!(
+            "resynchronised the defense state: {} queries it had not seen were reported to the provider",
+            defense.behind
+        );
+    }
     Ok(())
 }

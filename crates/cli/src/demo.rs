@@ -1,9 +1,10 @@
 //! `mlcapsule demo`: the whole story on loopback, in a temporary directory.
 //!
-//! Provider: seal the bundled MNIST model, start the provisioning server
-//! (SQLite), register the model, sell a 5-query licence. Client: set up once
-//! online, stop the server, classify digits offline until the budget runs
-//! out. Provider grants more; client tops up. Then two attacks are refused.
+//! Provider: seal the bundled MNIST model with a defense policy (noised,
+//! rounded posteriors; PRADA), start the provisioning server (SQLite), register
+//! the model, sell a 5-query licence. Client: set up once online, stop the
+//! server, classify digits offline until the budget runs out. Provider grants
+//! more; client tops up. Then three attacks are refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -109,6 +110,20 @@ impl LocalServer {
     }
 }
 
+/// The demo capsule's defenses (spec/policy.md): noised (MLCapsule Algorithm 1) and
+/// rounded posteriors, and PRADA recording alarms.
+const DEMO_POLICY: &str = "\
+[noise]
+c = 0.5
+
+[output]
+round = 3
+
+[prada]
+delta = 0.9
+action = \"record\"
+";
+
 fn step(text: &str) {
     println!("\n== {text}");
 }
@@ -137,8 +152,10 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         platform: Some(root.join("sim-platform")),
     };
 
-    step("provider: seal the bundled MNIST model");
-    seal::main(seal::SealArgs::for_demo(onnx, capsule.clone(), key.clone()))?;
+    step("provider: seal the bundled MNIST model, with its defense policy");
+    let policy = root.join("policy.toml");
+    std::fs::write(&policy, DEMO_POLICY)?;
+    seal::main(seal::SealArgs::for_demo(onnx, capsule.clone(), key.clone()).with_policy(policy))?;
 
     step("provider: start the provisioning server (SQLite, loopback, accepting the sim platform)");
     let server = LocalServer::start(&root.join("server"))?;
@@ -236,6 +253,24 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
         dirs.clone(),
     ))?;
     client::status(client::StatusArgs::for_demo(dirs.clone()))?;
+
+    step("attack: a client who edits the policy in its capsule (no noise) is refused");
+    let mut edited = bytes.clone();
+    let at = edited
+        .windows(7)
+        .position(|w| w == b"\"c\":0.5")
+        .context("the demo policy is in the header")?;
+    edited[at + 6] = b'0';
+    let edited_path = root.join("edited-policy.capsule");
+    std::fs::write(&edited_path, &edited)?;
+    match run::main(run::RunArgs::for_demo(
+        edited_path,
+        vec![samples[0].clone()],
+        dirs.clone(),
+    )) {
+        Ok(()) => anyhow::bail!("the edited policy was accepted"),
+        Err(e) => println!("refused: {}", crate::one_line(&e)),
+    }
 
     step("attack: setting up the same licence again, from a fresh enclave, is refused");
     let fresh = ClientDirs {

@@ -55,7 +55,9 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
             "preprocessing": header.preprocessing,
             "labels": header.labels,
             "policy": header.policy,
+            "defenses": defense_summary(header),
             "architecture": header.architecture,
+            "detector": header.detector,
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
@@ -112,6 +114,39 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
             .map_or("unlimited".into(), |n| n.to_string()),
         header.policy.expires.as_deref().unwrap_or("never")
     );
+    match &header.policy.defense {
+        None => println!("defenses     none"),
+        Some(json) => match serde_json::from_value::<capsule_defense::Policy>(json.clone()) {
+            Ok(policy) => {
+                for (i, line) in policy_lines(&policy).iter().enumerate() {
+                    let label = if i == 0 { "defenses" } else { "" };
+                    println!("{label:<12} {line}");
+                }
+            }
+            Err(e) => println!(
+                "defenses     not understood by this mlcapsule ({e}); the enclave will refuse the capsule: {json}"
+            ),
+        },
+    }
+    if let Some(detector) = &header.detector {
+        let network: Option<Graph> = serde_json::from_value(detector.architecture.clone()).ok();
+        println!(
+            "detector     {} layers, {} parameters, {}; sees input x {} + {}",
+            header.detector_layers(),
+            header
+                .tensors
+                .iter()
+                .filter(|t| t.name.starts_with(capsule_format::DETECTOR_PREFIX))
+                .map(|t| t.shape.iter().product::<usize>())
+                .sum::<usize>(),
+            network.map_or("graph not readable".into(), |g| format!(
+                "{} nodes",
+                g.nodes.len()
+            )),
+            detector.input.scale,
+            detector.input.offset
+        );
+    }
     let width = layers
         .iter()
         .map(|l| l["name"].as_str().unwrap_or_default().len())
@@ -133,6 +168,86 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The defense policy, one line per defense, for people (spec/policy.md §3).
+pub fn policy_lines(policy: &capsule_defense::Policy) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(noise) = &policy.noise {
+        lines.push(format!(
+            "noise     c = {}, towards {} (MLCapsule Algorithm 1)",
+            noise.c,
+            match &noise.prior {
+                Some(prior) => format!("the training prior {prior:?}"),
+                None => "a uniform prior".into(),
+            }
+        ));
+    }
+    let out = &policy.output;
+    let mut shown = Vec::new();
+    if let Some(rs) = &out.reverse_sigmoid {
+        shown.push(format!(
+            "reverse sigmoid (beta {}, gamma {})",
+            rs.beta, rs.gamma
+        ));
+    }
+    if out.label_only {
+        shown.push("label only".into());
+    }
+    if let Some(k) = out.top_k {
+        shown.push(format!("top {k} only"));
+    }
+    if let Some(d) = out.round {
+        shown.push(format!("rounded to {d} decimals"));
+    }
+    if !shown.is_empty() {
+        lines.push(format!("output    {}", shown.join(", ")));
+    }
+    if let Some(p) = &policy.prada {
+        lines.push(format!(
+            "prada     alarm when Shapiro-Wilk W < {}: {}; tests every {} queries once more than {} distances (classes with {} or more, {} sigma trim); keeps at most {} queries ({:?}) and {} distances{}",
+            p.delta,
+            match p.action {
+                capsule_defense::PradaAction::Deny => "refuse that query and every later one",
+                capsule_defense::PradaAction::Record => "record it and answer",
+            },
+            p.test_every,
+            p.min_distances,
+            p.min_class_distances,
+            p.trim_sigmas,
+            p.max_stored,
+            p.storage,
+            p.max_distances,
+            if p.dg_initial_zero { ", DG starts at 0" } else { "" }
+        ));
+    }
+    if let Some(d) = &policy.detector {
+        lines.push(format!(
+            "detector  {}refuse when the detector's {} of \"crafted\" (output {}) is at least {}",
+            if d.enabled { "" } else { "(disabled) " },
+            match d.scores {
+                capsule_defense::DetectorScores::Probabilities => "probability",
+                capsule_defense::DetectorScores::Logits => "softmax of the logits",
+            },
+            d.crafted_class,
+            d.threshold
+        ));
+    }
+    if lines.is_empty() {
+        lines.push("none (an empty policy)".into());
+    }
+    lines
+}
+
+/// The defense policy for `--json`: parsed, or why not.
+fn defense_summary(header: &capsule_format::Header) -> serde_json::Value {
+    match &header.policy.defense {
+        None => serde_json::Value::Null,
+        Some(json) => match serde_json::from_value::<capsule_defense::Policy>(json.clone()) {
+            Ok(policy) => serde_json::json!({"understood": true, "lines": policy_lines(&policy)}),
+            Err(e) => serde_json::json!({"understood": false, "error": e.to_string()}),
+        },
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -7,10 +7,12 @@
 
 mod admin;
 mod api;
+mod bench;
 mod client;
 mod demo;
 mod input;
 mod inspect;
+mod lab;
 mod run;
 mod seal;
 mod serve;
@@ -63,6 +65,10 @@ enum Command {
     Topup(client::TopupArgs),
     /// The whole story on loopback: seal, serve, license, set up, run, top up, attacks refused.
     Demo(demo::DemoArgs),
+    /// Attack-lab evaluations of the defenses: membership inference, PRADA, kennen-io.
+    Lab(lab::LabArgs),
+    /// Time plain, sealed-streaming and sealed-cached inference: the paper's tables, or --model.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +84,8 @@ fn main() -> ExitCode {
         Command::Status(args) => client::status(args),
         Command::Topup(args) => client::topup(args),
         Command::Demo(args) => demo::main(args),
+        Command::Lab(args) => lab::main(args),
+        Command::Bench(args) => bench::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,6 +84,21 @@ impl Loaded {
         }
     }
 
+    /// True when the enclave shapes the output with the capsule's policy (noising, output
+    /// policies: spec/policy.md §4 step 4): it releases probabilities, possibly rounded or
+    /// cut to the top k, never logits, so they are shown as they are.
+    fn shaped_output(&self) -> bool {
+        let Loaded::Enclave { header, .. } = self else {
+            return false;
+        };
+        header
+            .policy
+            .defense
+            .as_ref()
+            .and_then(|d| serde_json::from_value::<capsule_defense::Policy>(d.clone()).ok())
+            .is_some_and(|p| p.noise.is_some() || p.output != Default::default())
+    }
+
     fn labels(&self) -> Option<&[String]> {
         match self {
             Loaded::Enclave { header, .. } => header.labels.as_deref(),
@@ -221,12 +236,21 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         report_budget();
         return Ok(());
     }
+    let shaped = model.shaped_output();
     let report: Vec<Row> = names
         .into_iter()
         .zip(output.data().chunks_exact(classes))
         .map(|(input, scores)| Row {
             input,
-            top: top_k(&probabilities(scores), args.top_k, model.labels()),
+            top: top_k(
+                &if shaped {
+                    scores.to_vec()
+                } else {
+                    probabilities(scores)
+                },
+                args.top_k,
+                model.labels(),
+            ),
         })
         .collect();
     if args.json {

@@ -1,10 +1,13 @@
 //! The client's state directory: one folder per capsule with the public facts
-//! of its enclave instance and the instance's sealed ledger.
+//! of its enclave instance, the instance's sealed ledger and, for a capsule
+//! whose policy keeps state, its sealed defense state (`defense.sealed`).
 //!
 //! Nothing here is secret to the host except the licence token (a bearer
-//! secret, kept 0600). The sealed ledger opens only inside the enclave on this
+//! secret, kept 0600). The sealed files open only inside the enclave on this
 //! platform. Restoring an older copy of this directory restores no queries:
-//! the platform's monotonic counter, kept elsewhere, is the truth.
+//! the platform's monotonic counter, kept elsewhere, is the truth; and an older
+//! defense state makes the enclave refuse queries until `mlcapsule topup`
+//! resynchronises it (enclave-protocol §7.4).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -100,6 +103,22 @@ impl StateDir {
     /// Replaces the sealed ledger of an instance, atomically.
     pub fn save_sealed(&self, capsule_id: &str, sealed: &[u8]) -> anyhow::Result<()> {
         write_atomic(&self.folder(capsule_id).join("ledger.sealed"), sealed)
+    }
+
+    /// Replaces the sealed defense state of an instance, atomically. Called before the
+    /// answer it came with is shown (enclave-protocol §7.4).
+    pub fn save_defense(&self, capsule_id: &str, sealed: &[u8]) -> anyhow::Result<()> {
+        write_atomic(&self.folder(capsule_id).join("defense.sealed"), sealed)
+    }
+
+    /// The sealed defense state of an instance, if one was stored.
+    pub fn load_defense(&self, capsule_id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = self.folder(capsule_id).join("defense.sealed");
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
     }
 
     /// Loads the instance of `capsule_id` and its sealed ledger.

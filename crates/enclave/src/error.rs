@@ -50,6 +50,26 @@ pub enum Error {
         /// Queries granted in total.
         total: u64,
     },
+    /// The provider's input detector flagged the query (capsule-v1 §4.6); the query was
+    /// counted and nothing was released. Code `query_refused_detector`.
+    QueryRefusedDetector {
+        /// The enclave's explanation.
+        reason: String,
+    },
+    /// PRADA flagged the client's queries as model extraction and the policy denies: the
+    /// query that raised the alarm was counted, later ones are refused uncounted. Code
+    /// `query_refused_prada`.
+    QueryRefusedPrada {
+        /// The enclave's explanation.
+        reason: String,
+    },
+    /// The loaded defense state is older than the query counter (an older copy, or a save
+    /// lost in a crash): queries are refused until a top-up resynchronises it. Code
+    /// `defense_state_stale`.
+    DefenseStateStale {
+        /// Queries counted that the state has not seen.
+        behind: u64,
+    },
     /// The licence (or the capsule's policy) expired; nothing was computed.
     LicenceExpired {
         /// The last day the model could run, `YYYY-MM-DD`.
@@ -155,6 +175,9 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::BudgetExhausted { .. } => "budget_exhausted",
             Error::LicenceExpired { .. } => "licence_expired",
+            Error::QueryRefusedDetector { .. } => "query_refused_detector",
+            Error::QueryRefusedPrada { .. } => "query_refused_prada",
+            Error::DefenseStateStale { .. } => "defense_state_stale",
             Error::NotProvisioned => "not_provisioned",
             Error::CapsuleNotLoaded => "capsule_not_loaded",
             Error::NoEnclaveKey => "no_enclave_key",
@@ -209,6 +232,7 @@ impl Error {
                 d.seq = Some(*seq);
                 d.applied = Some(*applied);
             }
+            Error::DefenseStateStale { behind } => d.behind = Some(*behind),
             Error::UnsupportedVersion { expected, found } => {
                 d.expected = Some(*expected);
                 d.found = Some(*found);
@@ -225,6 +249,8 @@ impl Error {
             | Error::UnsupportedArchitecture { reason }
             | Error::QueryFailed { reason }
             | Error::InvalidInput { reason }
+            | Error::QueryRefusedDetector { reason }
+            | Error::QueryRefusedPrada { reason }
             | Error::Platform { reason }
             | Error::CounterFailed { reason }
             | Error::Hardening { reason }
@@ -261,6 +287,12 @@ impl Error {
                     today: today.clone(),
                 },
                 _ => unknown(),
+            },
+            "query_refused_detector" => Error::QueryRefusedDetector { reason: reason() },
+            "query_refused_prada" => Error::QueryRefusedPrada { reason: reason() },
+            "defense_state_stale" => match details.behind {
+                Some(behind) => Error::DefenseStateStale { behind },
+                None => unknown(),
             },
             "not_provisioned" => Error::NotProvisioned,
             "capsule_not_loaded" => Error::CapsuleNotLoaded,
@@ -329,6 +361,9 @@ pub struct WireDetails {
     /// `capsule_mismatch`: the capsule id of the capsule given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capsule: Option<String>,
+    /// `defense_state_stale`: queries the defense state is behind the counter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<u64>,
     /// The explanation inside the message, for codes that carry one
     /// (`capsule_rejected`, `invalid_input`, `platform_failed`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,7 +383,13 @@ impl fmt::Display for Error {
             Error::Engine(e) => e.fmt(f),
             Error::CapsuleRejected { reason }
             | Error::UnsupportedArchitecture { reason }
-            | Error::QueryFailed { reason } => f.write_str(reason),
+            | Error::QueryFailed { reason }
+            | Error::QueryRefusedDetector { reason }
+            | Error::QueryRefusedPrada { reason } => f.write_str(reason),
+            Error::DefenseStateStale { behind } => write!(
+                f,
+                "the defense state is {behind} queries behind the query counter (an older copy of the state, or a save lost in a crash), so the provider's policy refuses queries; nothing was counted; run 'mlcapsule topup' to resynchronise, which reports the {behind} unobserved queries to the provider"
+            ),
             Error::InvalidInput { reason } => write!(
                 f,
                 "the input does not fit the model ({reason}); nothing was counted, check the input's shape"
@@ -471,6 +512,9 @@ mod tests {
             Error::InvalidInput { reason: "r".into() },
             Error::UnsupportedArchitecture { reason: "r".into() },
             Error::QueryFailed { reason: "r".into() },
+            Error::QueryRefusedDetector { reason: "r".into() },
+            Error::QueryRefusedPrada { reason: "r".into() },
+            Error::DefenseStateStale { behind: 3 },
             Error::BudgetExhausted { used: 3, total: 3 },
             Error::LicenceExpired {
                 expires: "2020-01-01".into(),

@@ -19,9 +19,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 use crate::protocol::{
-    self, AttestRequest, Empty, EnclavePublic, ErrorReport, FrameReader, Hello, LayerChunk,
-    LoadRequest, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest, Provisioned,
-    QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
+    self, AttestRequest, DefenseStamp, Empty, EnclavePublic, ErrorReport, FrameReader, Hello,
+    LayerChunk, LoadRequest, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest,
+    Provisioned, QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
 };
 
 /// Environment variable naming the enclave binary, overriding [`default_enclave_binary`].
@@ -49,6 +49,9 @@ pub struct EnclaveProcess {
     input: Option<BufWriter<ChildStdin>>,
     output: FrameReader<BufReader<ChildStdout>>,
     ready: Ready,
+    /// The sealed defense state that came with the last counted query or resynchronising
+    /// top-up, until the caller takes it to store (§7.4).
+    defense_state: Option<Vec<u8>>,
     /// Set once the process is known to be gone or out of step.
     dead: Option<String>,
 }
@@ -110,6 +113,7 @@ impl EnclaveProcess {
                 instance_id: [0; 16],
                 sim: true,
             },
+            defense_state: None,
             dead: None,
         };
         // An enclave that refuses to start says why in an Error frame before
@@ -166,13 +170,36 @@ impl EnclaveProcess {
         Ok(reply.sealed_state)
     }
 
-    /// `Load` (§5.5): the sealed licence state and the capsule's header.
+    /// `Load` (§5.5): the sealed licence state and the capsule's header, for a capsule
+    /// whose policy keeps no defense state, or the first run of one that does.
     pub fn load(&mut self, sealed_state: &[u8], capsule: &Capsule<'_>) -> Result<Status, Error> {
+        self.load_with_defense(sealed_state, capsule, None)
+    }
+
+    /// `Load` (§5.5) with the sealed defense state stored after the last counted query
+    /// (§7.4), if there is one.
+    pub fn load_with_defense(
+        &mut self,
+        sealed_state: &[u8],
+        capsule: &Capsule<'_>,
+        sealed_defense: Option<&[u8]>,
+    ) -> Result<Status, Error> {
+        let defense = sealed_defense.unwrap_or_default();
         let request = LoadRequest {
             sealed_state: sealed_state.to_vec(),
+            defense_len: defense.len() as u64,
         };
-        self.send(MessageType::Load, &request, capsule.prefix())?;
+        let blob = [capsule.prefix(), defense].concat();
+        self.send(MessageType::Load, &request, &blob)?;
         self.expect(MessageType::StatusReport)
+    }
+
+    /// The sealed defense state that came with the last counted query (answered or
+    /// refused) or resynchronising top-up, if any (§5.6, §7.4). Store it, replacing the
+    /// old one, **before** showing the answer: an enclave loaded later with an older state
+    /// refuses to answer until a top-up resynchronises it.
+    pub fn take_defense_state(&mut self) -> Option<Vec<u8>> {
+        self.defense_state.take()
     }
 
     /// Runs one batch `input` (§5.6) and returns the model's first output and
@@ -327,19 +354,36 @@ impl EnclaveProcess {
         &mut self,
         kind: MessageType,
     ) -> Result<(T, Vec<u8>), Error> {
-        let parsed = match self.output.read() {
-            Ok(frame) if frame.kind == kind => frame
-                .json_part::<T>()
-                .map(|control| Ok((control, frame.blob.to_vec()))),
-            Ok(frame) if frame.kind == MessageType::Error => frame
-                .json_part::<ErrorReport>()
-                .map(|report| Err(report.into_error())),
-            Ok(frame) => Err(Error::Protocol {
-                reason: format!("expected a {kind:?} frame, got {:?}", frame.kind),
-            }),
-            Err(ReadError::Closed) => return Err(self.died("it closed its output")),
-            Err(ReadError::Io(e)) => return Err(self.died(&format!("reading from it failed: {e}"))),
-            Err(ReadError::Malformed(e)) => Err(e),
+        // A counted query's answer or refusal, and a resynchronising top-up, come after
+        // the new defense state (§5.6, §5.8).
+        let defense_may_come = matches!(kind, MessageType::Output | MessageType::ToppedUp);
+        let parsed = loop {
+            let parsed = match self.output.read() {
+                Ok(frame) if defense_may_come && frame.kind == MessageType::DefenseState => {
+                    match frame.json_part::<DefenseStamp>() {
+                        Ok(_) => {
+                            self.defense_state = Some(frame.blob.to_vec());
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(frame) if frame.kind == kind => frame
+                    .json_part::<T>()
+                    .map(|control| Ok((control, frame.blob.to_vec()))),
+                Ok(frame) if frame.kind == MessageType::Error => frame
+                    .json_part::<ErrorReport>()
+                    .map(|report| Err(report.into_error())),
+                Ok(frame) => Err(Error::Protocol {
+                    reason: format!("expected a {kind:?} frame, got {:?}", frame.kind),
+                }),
+                Err(ReadError::Closed) => return Err(self.died("it closed its output")),
+                Err(ReadError::Io(e)) => {
+                    return Err(self.died(&format!("reading from it failed: {e}")));
+                }
+                Err(ReadError::Malformed(e)) => Err(e),
+            };
+            break parsed;
         };
         match parsed {
             Ok(Ok(reply)) => Ok(reply),

@@ -275,6 +275,7 @@ mod tests {
         let policy = Policy {
             max_queries: Some(10),
             expires: Some("2030-06-30".into()),
+            defense: None,
         };
         let terms = l.terms(Some(&policy));
         assert_eq!(terms.total, 10);
@@ -282,6 +283,7 @@ mod tests {
         let loose = Policy {
             max_queries: Some(1000),
             expires: None,
+            defense: None,
         };
         assert_eq!(l.terms(Some(&loose)).total, 100);
         assert_eq!(l.terms(Some(&loose)).expires.as_deref(), Some("2031-01-01"));

@@ -15,11 +15,23 @@
 //!   only after the platform's monotonic counter has durably counted it. At
 //!   start it sandboxes itself ([`hardening`]): not dumpable, no core files,
 //!   and a seccomp filter under which it cannot open a file or a socket.
+//! - **The provider's defenses**, inside that process, on every query, as the
+//!   capsule's authenticated policy says (`spec/policy.md`, `capsule-defense`):
+//!   the input detector sealed beside the model runs first and can refuse the
+//!   query before any of the model's layers is opened; then the model; then
+//!   PRADA on the input and the predicted class; then noising and the output
+//!   policies on what leaves. PRADA's memory and the detections live in a
+//!   sealed *defense state* stamped with the query counter, which the host
+//!   must store with every answer: an older copy is refused until a top-up
+//!   resynchronises it, and alarms and refusals also advance monotonic
+//!   counters of their own, so that no rollback undoes them.
 //! - **On the host** (the CLI, untrusted): [`EnclaveProcess`] starts the
 //!   enclave, passes it public and sealed bytes and reads back public values,
 //!   sealed blobs and counted outputs. It never sees a model key or a weight.
 //! - **In-process**, for the provider's developer mode only: [`SealedModel`]
-//!   opens a capsule with its model key in the calling process.
+//!   opens a capsule with its model key in the calling process and runs the
+//!   model alone, without the policy; [`measure_defense_costs`] times the
+//!   defenses' own code for benchmarks.
 //!
 //! ```no_run
 //! # fn demo(capsule_bytes: &[u8], sealed_state: &[u8], x: capsule_engine::Tensor)
@@ -58,6 +70,8 @@
 //! engine's own scratch buffers (GEMM packing, im2col) are freed without being
 //! zeroized.
 
+mod cost;
+mod defense;
 mod error;
 pub mod hardening;
 mod host;
@@ -67,8 +81,10 @@ pub mod protocol;
 mod session;
 mod stream;
 
+pub use cost::{DefenseCosts, measure_defense_costs};
+pub use defense::{Detection, detection_counter_id};
 pub use error::{Error, WireDetails};
 pub use host::{ENCLAVE_ENV, EnclaveProcess, default_enclave_binary};
 pub use model::SealedModel;
-pub use protocol::{PROTOCOL_VERSION, Ready, Status};
-pub use session::Session;
+pub use protocol::{DefenseStatus, PROTOCOL_VERSION, PradaStatus, Ready, Status};
+pub use session::{MAX_DEFENSE_STATE, Session};

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Start-up, in this order: measure its own binary; open the platform; create
-//! (new instance) or open (existing instance) its monotonic counter; harden
+//! (new instance) or open (existing instance) its monotonic counter and its two
+//! detection counters; harden
 //! itself; then serve the protocol on stdin/stdout until stdin closes. A
 //! start-up failure is reported as one `Error` frame on stdout. Started by
 //! the host (`capsule_enclave::EnclaveProcess`), not by people.
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use capsule_attest::{SimPlatform, measure_file};
-use capsule_enclave::{Error, Session, hardening, protocol};
+use capsule_enclave::{Detection, Error, Session, detection_counter_id, hardening, protocol};
 use ring::rand::{SecureRandom, SystemRandom};
 
 const USAGE: &str = "usage: mlcapsule-enclave --platform DIR (--new-instance | --instance HEX)\n\
@@ -143,13 +144,26 @@ fn start(platform_dir: &Path, instance: Option<[u8; 16]>) -> Result<Session, Err
             Err(e) => return Err(platform_error(e)),
         },
     };
+    // Detections have counters of their own (enclave-protocol §7.4). Instances set up
+    // before they existed get them, at 0, on their next start.
+    let detections = |kind| {
+        let id = detection_counter_id(&instance_id, kind);
+        match platform.open_counter(&id) {
+            Ok(counter) => Ok(counter),
+            Err(capsule_attest::Error::CounterMissing { .. }) => {
+                platform.create_counter(&id).map_err(platform_error)
+            }
+            Err(e) => Err(platform_error(e)),
+        }
+    };
+    let alarms = detections(Detection::PradaAlarm)?;
+    let refusals = detections(Detection::DetectorRefusal)?;
     let attester = platform.attester(measurement);
     hardening::harden()?;
-    Ok(Session::new(
-        Box::new(attester),
-        Box::new(counter),
-        instance_id,
-    ))
+    Ok(
+        Session::new(Box::new(attester), Box::new(counter), instance_id)
+            .with_detection_counters(Box::new(alarms), Box::new(refusals)),
+    )
 }
 
 /// `--hardening-selftest`: harden exactly as the enclave does, try what the

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use capsule_engine::{Graph, ParamInfo, Plan, Tensor, WeightSource};
-use capsule_format::{Capsule, Header, ModelKey, Unsealer};
+use capsule_format::{Capsule, DETECTOR_PREFIX, Header, ModelKey, Unsealer};
 use zeroize::Zeroize;
 
 use crate::error::Error;
@@ -25,11 +25,33 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    /// Parses and checks the architecture, and checks the tensor table
+    /// Parses and checks the model's architecture, and checks the tensor table
     /// against it (capsule-v1 §4.1): every declared weight is sealed exactly
-    /// once with its declared shape, and nothing else is sealed.
+    /// once with its declared shape, and nothing else is sealed, apart from the
+    /// detector's tensors (capsule-v1 §4.6), which this layout never reads.
     pub fn new(header: &Header) -> Result<Layout, Error> {
-        let graph: Graph = serde_json::from_value(header.architecture.clone()).map_err(|e| {
+        Layout::build(&header.architecture, header, None)
+    }
+
+    /// The layout of the input detector sealed beside the model (capsule-v1 §4.6):
+    /// its graph, and its tensors, named [`DETECTOR_PREFIX`]` + param`. `None` when the
+    /// capsule has no detector.
+    pub fn detector(header: &Header) -> Result<Option<Layout>, Error> {
+        header
+            .detector
+            .as_ref()
+            .map(|d| Layout::build(&d.architecture, header, Some(DETECTOR_PREFIX)))
+            .transpose()
+    }
+
+    /// A layout of the graph `architecture` over the tensors whose names start with
+    /// `prefix` (the detector's) or, without one, those that do not (the model's).
+    fn build(
+        architecture: &serde_json::Value,
+        header: &Header,
+        prefix: Option<&str>,
+    ) -> Result<Layout, Error> {
+        let graph: Graph = serde_json::from_value(architecture.clone()).map_err(|e| {
             Error::Architecture(capsule_engine::Error::InvalidGraph {
                 reason: format!("architecture does not parse: {e}"),
             })
@@ -49,7 +71,13 @@ impl Layout {
         let mut layer_params = vec![Vec::new(); header.layers.len()];
         let mut layer_of_param = vec![None; graph.params.len()];
         for t in &header.tensors {
-            let Some(&(index, info)) = declared.get(t.name.as_str()) else {
+            // The format keeps the two graphs' tensors apart (capsule-v1 §4.6).
+            let name = match (prefix, t.name.strip_prefix(DETECTOR_PREFIX)) {
+                (Some(_), Some(name)) => name,
+                (None, None) => t.name.as_str(),
+                _ => continue,
+            };
+            let Some(&(index, info)) = declared.get(name) else {
                 return Err(invalid(format!(
                     "the graph declares no weight named {}",
                     t.name
@@ -70,11 +98,13 @@ impl Layout {
         if let Some(missing) = graph
             .params
             .iter()
-            .find(|p| !param_of.contains_key(&p.name))
+            .zip(&layer_of_param)
+            .find(|(_, layer)| layer.is_none())
         {
             return Err(invalid(format!(
-                "weight '{}' is declared but not sealed",
-                missing.name
+                "weight '{}{}' is declared but not sealed",
+                prefix.unwrap_or_default(),
+                missing.0.name
             )));
         }
 
@@ -205,7 +235,8 @@ impl SealedModel {
         let header = unsealer.header().clone();
         let layout = Layout::new(&header)?;
         let mut weights = Weights::new(layout.plan().graph().params.len());
-        for layer in 0..header.layers.len() {
+        // The developer mode runs the model alone: the detector's layers stay sealed.
+        for layer in header.detector_layers()..header.layers.len() {
             let plaintext = unsealer.open_layer(layer, capsule.sealed_layer(layer))?;
             layout.install(&unsealer, layer, &plaintext, &mut weights)?;
         }

@@ -65,6 +65,9 @@ pub enum MessageType {
     Output = 0x87,
     /// Enclave to host: answer to `TopUp`.
     ToppedUp = 0x88,
+    /// Enclave to host: the new sealed defense state, right before the `Output` or
+    /// refusal of a counted query, or the `ToppedUp` of a resynchronising top-up.
+    DefenseState = 0x89,
     /// Enclave to host: the request failed.
     Error = 0xFF,
 }
@@ -91,6 +94,7 @@ impl MessageType {
             0x86 => SendLayers,
             0x87 => Output,
             0x88 => ToppedUp,
+            0x89 => DefenseState,
             0xFF => Error,
             _ => return None,
         })
@@ -334,13 +338,26 @@ pub struct Provisioned {
     pub sealed_state: Vec<u8>,
 }
 
-/// `Load` (§5.5); the blob is the capsule's prefix.
+/// `Load` (§5.5); the blob is the capsule's prefix, then the sealed defense state.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
     /// The sealed licence state.
     #[serde(with = "hex")]
     pub sealed_state: Vec<u8>,
+    /// Bytes at the end of the blob that are the sealed defense state (§7.4); 0 (or
+    /// absent) for none.
+    #[serde(default)]
+    pub defense_len: u64,
+}
+
+/// `DefenseState` (§5.6, §7.4); the blob is the sealed defense state, which replaces the
+/// stored one before the host shows the output.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefenseStamp {
+    /// The counter value the state is current at.
+    pub stamp: u64,
 }
 
 /// `Query` (§5.6); the blob is the inputs' values.
@@ -391,7 +408,7 @@ pub struct ToppedUp {
 }
 
 /// A licence's status (`StatusReport`, §5.7).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Status {
     /// The licence.
@@ -411,6 +428,47 @@ pub struct Status {
     pub platform: String,
     /// The last top-up sequence number applied, 0 for none.
     pub topup_seq: u64,
+    /// The defenses' record, when the loaded capsule's policy keeps state (§7.4).
+    #[serde(default)]
+    pub defense: Option<DefenseStatus>,
+}
+
+/// What the defenses of the loaded capsule have recorded (§5.7, §7.4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefenseStatus {
+    /// The counter value the loaded defense state is current at.
+    pub stamp: u64,
+    /// Queries counted that the loaded state has not seen (`used - stamp`): an older copy
+    /// or a lost save. Queries are refused until a top-up resynchronises it.
+    pub behind: u64,
+    /// PRADA's record, when the policy has `[prada]`.
+    pub prada: Option<PradaStatus>,
+    /// Queries the input detector refused, when the policy runs one (its detection
+    /// counter's value, which no state rollback lowers).
+    pub detector_refusals: Option<u64>,
+    /// Queries counted that PRADA never observed, added by resynchronisations.
+    pub unobserved: u64,
+    /// Resynchronisations so far.
+    pub resyncs: u64,
+}
+
+/// PRADA's part of [`DefenseStatus`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PradaStatus {
+    /// Queries PRADA observed.
+    pub observed: u64,
+    /// Queries in its growing sets.
+    pub stored: u64,
+    /// Alarms raised (the alarm counter's value, which no state rollback lowers).
+    pub alarms: u64,
+    /// The first alarm, if the state still holds it.
+    pub first_alarm: Option<capsule_defense::PradaTest>,
+    /// The latest test.
+    pub last_test: Option<capsule_defense::PradaTest>,
+    /// Every query is refused: an alarm was raised and the policy's action is `deny`.
+    pub denying: bool,
 }
 
 /// `Error` (§6).

@@ -4,7 +4,7 @@
 //! A [`Session`] owns everything secret: the setup key, the licence (with the
 //! model key), the unsealer of the loaded capsule. It gets every byte from
 //! the host and gives back only public values, sealed blobs and outputs whose
-//! queries were counted.
+//! queries were counted, each with the defense state that goes with it.
 
 use std::io::{BufReader, Read, Write};
 
@@ -13,20 +13,28 @@ use capsule_engine::{Graph, Tensor};
 use capsule_format::{EnclaveKey, INSTANCE_ID_LEN, TopUp, Unsealer, report_data};
 use serde::Serialize;
 
+use crate::defense::{Binding, Counted, Defenses, Guard, Verdict};
 use crate::error::Error;
 use crate::ledger::{Ledger, today_utc};
 use crate::model::Layout;
 use crate::protocol::{
-    self, AttestRequest, Empty, EnclavePublic, Frame, FrameReader, Hello, LoadRequest,
-    MAX_NONCE_LEN, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest, Provisioned,
-    QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
+    self, AttestRequest, DefenseStamp, Empty, EnclavePublic, Frame, FrameReader, Hello,
+    LoadRequest, MAX_NONCE_LEN, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest,
+    Provisioned, QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
 };
 use crate::stream::{LayerStream, StreamFailure};
+
+/// Largest sealed defense state the enclave keeps: with a 16 MiB capsule header it still
+/// fits in one `Load` frame (§2, §7.4).
+pub const MAX_DEFENSE_STATE: usize = 48 * 1024 * 1024;
 
 /// One enclave instance serving one host over a byte channel.
 pub struct Session {
     attester: Box<dyn Attester>,
     counter: Box<dyn MonotonicCounter>,
+    /// Count PRADA alarms and detector refusals, so that no state rollback undoes one
+    /// (§7.4).
+    detection_counters: Option<DetectionCounters>,
     instance_id: [u8; INSTANCE_ID_LEN],
     setup_key: Option<EnclaveKey>,
     ledger: Option<Ledger>,
@@ -37,6 +45,10 @@ pub struct Session {
 struct Loaded {
     unsealer: Unsealer,
     layout: Layout,
+    /// What its policy asks of every query.
+    defenses: Defenses,
+    /// The defenses' state, when they keep one.
+    guard: Option<Guard>,
 }
 
 /// A reply frame, ready to write.
@@ -94,11 +106,32 @@ impl Session {
         Session {
             attester,
             counter,
+            detection_counters: None,
             instance_id,
             setup_key: None,
             ledger: None,
             loaded: None,
         }
+    }
+
+    /// Gives the session the instance's detection counters: monotonic counters that each
+    /// PRADA alarm and each detector refusal advance before the answer leaves the enclave
+    /// (§7.4). Without them, detections live only in the sealed defense state.
+    pub fn with_detection_counters(
+        mut self,
+        prada_alarms: Box<dyn MonotonicCounter>,
+        detector_refusals: Box<dyn MonotonicCounter>,
+    ) -> Session {
+        self.detection_counters = Some(DetectionCounters {
+            alarms: prada_alarms,
+            refusals: detector_refusals,
+        });
+        self
+    }
+
+    /// The detection counters' values.
+    fn counted(&self) -> Counted {
+        counted(self.detection_counters.as_ref())
     }
 
     /// What `Ready` says about this enclave.
@@ -198,7 +231,7 @@ impl Session {
             Request::Load(req, prefix) => self.load(&req, &prefix)?,
             Request::Query(inputs) => return self.query(&inputs, frames, output),
             Request::Status => Reply::new(MessageType::StatusReport, &self.status()?)?,
-            Request::TopUp(req) => self.topup(&req)?,
+            Request::TopUp(req) => self.topup(&req, output)?,
         })
     }
 
@@ -243,8 +276,20 @@ impl Session {
         Reply::new(MessageType::Provisioned, &Provisioned { sealed_state })
     }
 
-    /// `Load` (§5.5): unseal the state and authenticate the capsule's header.
-    fn load(&mut self, req: &LoadRequest, prefix: &[u8]) -> Result<Reply, Error> {
+    /// `Load` (§5.5): unseal the state and authenticate the capsule's header; read the
+    /// policy's defenses and their sealed state (§7.4), if any.
+    fn load(&mut self, req: &LoadRequest, blob: &[u8]) -> Result<Reply, Error> {
+        let split = usize::try_from(req.defense_len)
+            .ok()
+            .and_then(|n| blob.len().checked_sub(n))
+            .ok_or_else(|| Error::Protocol {
+                reason: format!(
+                    "defense_len {} is more than the {}-byte blob",
+                    req.defense_len,
+                    blob.len()
+                ),
+            })?;
+        let (prefix, sealed_defense) = blob.split_at(split);
         let ledger = Ledger::unseal(&*self.attester, &self.instance_id, &req.sealed_state)?;
         let key = ledger.grant.model_key().map_err(|_| Error::StateRejected)?;
         let licensed = hex::encode(ledger.grant.capsule_id);
@@ -262,20 +307,45 @@ impl Session {
                 found: hex::encode(unsealer.header().capsule_id),
             });
         }
-        let layout = Layout::new(unsealer.header()).map_err(|e| match e {
+        let unfit = |e| match e {
             Error::Engine(e) => Error::CapsuleRejected {
                 reason: format!(
                     "{e}; the capsule does not fit its own architecture, get a fresh copy from the provider"
                 ),
             },
             e => e,
-        })?;
+        };
+        let layout = Layout::new(unsealer.header()).map_err(unfit)?;
+        let defenses = Defenses::new(unsealer.header(), &layout).map_err(unfit)?;
+        check_state_bound(&defenses, &layout)?;
+        let guard = if defenses.stateful() {
+            let binding = Binding {
+                attester: &*self.attester,
+                instance_id: &self.instance_id,
+                capsule_id: &unsealer.header().capsule_id,
+            };
+            let sealed = (!sealed_defense.is_empty()).then_some(sealed_defense);
+            Some(Guard::open(
+                &defenses.policy,
+                sealed,
+                &binding,
+                self.counter.value(),
+            )?)
+        } else {
+            None
+        };
         self.ledger = Some(ledger);
-        self.loaded = Some(Loaded { unsealer, layout });
+        self.loaded = Some(Loaded {
+            unsealer,
+            layout,
+            defenses,
+            guard,
+        });
         Reply::new(MessageType::StatusReport, &self.status()?)
     }
 
-    /// `Query` (§5.6): check the budget, pull the layers, run, count, answer.
+    /// `Query` (§5.6): check the budget and the defenses' standing, pull the layers, run
+    /// the detector, the model, PRADA and the output policy, count, answer.
     fn query<R: Read, W: Write>(
         &mut self,
         inputs: &[Tensor],
@@ -283,60 +353,147 @@ impl Session {
         output: &mut W,
     ) -> Result<Reply, Failure> {
         let ledger = self.ledger.as_ref().ok_or(Error::NotProvisioned)?;
-        let loaded = self.loaded.as_ref().ok_or(Error::CapsuleNotLoaded)?;
+        let loaded = self.loaded.as_mut().ok_or(Error::CapsuleNotLoaded)?;
         let n = batch_size(loaded.layout.plan().graph(), inputs)?;
         let terms = ledger.terms(Some(&loaded.unsealer.header().policy));
         let used = self.counter.value();
         // Refuse before computing anything.
         terms.allow(used, n, &today_utc())?;
+        let counted = counted(self.detection_counters.as_ref());
+        let Loaded {
+            unsealer,
+            layout,
+            defenses,
+            guard,
+        } = loaded;
+        if let Some(guard) = guard.as_ref() {
+            guard.admit(counted)?;
+        }
+        if defenses.policy.prada.is_some() && inputs[0].data().iter().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidInput {
+                reason:
+                    "it holds NaN or infinity, which the provider's PRADA policy cannot measure"
+                        .into(),
+            }
+            .into());
+        }
+        let detector_input = match &defenses.detector {
+            Some(stage) => Some(stage.input_for(&inputs[0])?),
+            None => None,
+        };
         protocol::write_frame(output, MessageType::SendLayers, &Empty {}, &[])
             .map_err(|_| Failure::Gone)?;
 
-        let mut stream = LayerStream::new(frames, &loaded.unsealer, &loaded.layout);
-        let result = loaded.layout.plan().run(inputs, &mut stream);
+        // 1. The input detector, on the capsule's first layers (policy §4 step 1).
+        let detection = match (&defenses.detector, detector_input) {
+            (Some(stage), Some(x)) => {
+                let mut stream =
+                    LayerStream::new(frames, unsealer, &stage.layout, stage.layers.clone());
+                let result = stage.layout.plan().run(&[x], &mut stream);
+                match stream.finish() {
+                    Ok(()) => result
+                        .map_err(|e| Error::QueryFailed {
+                            reason: format!(
+                                "the capsule's input detector failed on this input ({e}); nothing was counted"
+                            ),
+                        })
+                        .and_then(|scores| stage.decide(&scores, n as usize)),
+                    Err(StreamFailure::Gone) => return Err(Failure::Gone),
+                    Err(StreamFailure::Broken(e)) => return Err(e.into()),
+                    Err(StreamFailure::Rejected(e)) => Err(e),
+                }
+            }
+            _ => Ok(Verdict::Pass),
+        };
+        // 2. The model (step 2), unless the detector refused: then its layers are drained
+        // unopened. Without a detector stage the model's stream drains the detector's layers.
+        let layers = match &defenses.detector {
+            Some(_) => defenses.model_layers.clone(),
+            None => 0..defenses.model_layers.end,
+        };
+        let mut stream = LayerStream::new(frames, unsealer, layout, layers);
+        let result =
+            matches!(detection, Ok(Verdict::Pass)).then(|| layout.plan().run(inputs, &mut stream));
         match stream.finish() {
             Ok(()) => {}
             Err(StreamFailure::Gone) => return Err(Failure::Gone),
             Err(StreamFailure::Broken(e) | StreamFailure::Rejected(e)) => return Err(e.into()),
         }
-        let outputs = result.map_err(|e| Error::QueryFailed {
-            reason: format!("the model failed on this input ({e}); nothing was counted"),
-        })?;
 
         let after = used + n;
-        let status = self.status_at(after)?;
-        let blob = protocol::encode_tensors(&outputs);
+        let outcome = match (detection?, result) {
+            (Verdict::Flagged { row, score }, _) => {
+                let stage = defenses.detector.as_ref().expect("only a detector flags");
+                if let Some(guard) = guard.as_mut() {
+                    guard.record_detector_refusal();
+                }
+                Outcome {
+                    alarms: 0,
+                    refused_by_detector: true,
+                    answer: Err(stage.refusal(row, score)),
+                }
+            }
+            (Verdict::Pass, Some(result)) => {
+                let mut outputs = result.map_err(|e| Error::QueryFailed {
+                    reason: format!("the model failed on this input ({e}); nothing was counted"),
+                })?;
+                released(
+                    defenses,
+                    guard.as_mut(),
+                    &inputs[0],
+                    &mut outputs,
+                    n as usize,
+                )?
+            }
+            (Verdict::Pass, None) => unreachable!("the model runs when the detector passes"),
+        };
+        if let Ok(outputs) = &outcome.answer {
+            // Before counting; the status is well under the margin.
+            let bytes = 4 * outputs.iter().map(Tensor::len).sum::<usize>();
+            if protocol::frame_len(STATUS_MARGIN, bytes).is_none() {
+                return Err(Error::QueryFailed {
+                    reason: format!(
+                        "the output ({bytes} bytes) does not fit in one {}-byte frame; nothing was counted, send a smaller batch",
+                        protocol::MAX_FRAME_LEN
+                    ),
+                }
+                .into());
+            }
+        }
+
+        // Count before releasing anything: the detections, then the queries. A crash from
+        // here on costs the client, never the provider.
+        if let Some(counters) = self.detection_counters.as_mut() {
+            let alarms_after = counters.alarms.value() + outcome.alarms;
+            count(&mut *counters.alarms, outcome.alarms, alarms_after)?;
+            let refusals = u64::from(outcome.refused_by_detector);
+            let refusals_after = counters.refusals.value() + refusals;
+            count(&mut *counters.refusals, refusals, refusals_after)?;
+        }
+        count(&mut *self.counter, n, after)?;
+        if let Some(guard) = guard.as_mut() {
+            guard.advance(after);
+            let binding = Binding {
+                attester: &*self.attester,
+                instance_id: &self.instance_id,
+                capsule_id: &unsealer.header().capsule_id,
+            };
+            let sealed = guard.seal(&binding)?;
+            protocol::write_frame(
+                output,
+                MessageType::DefenseState,
+                &DefenseStamp { stamp: after },
+                &sealed,
+            )
+            .map_err(|_| Failure::Gone)?;
+        }
+        let outputs = outcome.answer?;
         let report = OutputReport {
             outputs: outputs.iter().map(|t| t.shape().to_vec()).collect(),
-            status,
+            status: self.status_at(after)?,
         };
         let mut reply = Reply::new(MessageType::Output, &report)?;
-        if protocol::frame_len(reply.json.len(), blob.len()).is_none() {
-            return Err(Error::QueryFailed {
-                reason: format!(
-                    "the output ({} bytes) does not fit in one {}-byte frame; nothing was counted, send a smaller batch",
-                    blob.len(),
-                    protocol::MAX_FRAME_LEN
-                ),
-            }
-            .into());
-        }
-        // Count before releasing: a crash from here on costs the client, never the provider.
-        for _ in 0..n {
-            self.counter.increment().map_err(|e| Error::CounterFailed {
-                reason: e.to_string(),
-            })?;
-        }
-        if self.counter.value() != after {
-            return Err(Error::CounterFailed {
-                reason: format!(
-                    "the counter reads {} after counting, expected {after}",
-                    self.counter.value()
-                ),
-            }
-            .into());
-        }
-        reply.blob = blob;
+        reply.blob = protocol::encode_tensors(&outputs);
         Ok(reply)
     }
 
@@ -358,11 +515,17 @@ impl Session {
             expires: terms.expires,
             platform: self.attester.platform().to_owned(),
             topup_seq: ledger.topup_seq,
+            defense: self.loaded.as_ref().and_then(|l| {
+                l.guard
+                    .as_ref()
+                    .map(|g| g.status(&l.defenses, self.counted()))
+            }),
         })
     }
 
-    /// `TopUp` (§5.8): verify, apply, reseal.
-    fn topup(&mut self, req: &TopUpRequest) -> Result<Reply, Error> {
+    /// `TopUp` (§5.8): verify, apply, reseal; resynchronise a defense state that is behind
+    /// the counter (§7.4) and send it first.
+    fn topup<W: Write>(&mut self, req: &TopUpRequest, output: &mut W) -> Result<Reply, Failure> {
         let current = self.ledger.as_ref().ok_or(Error::NotProvisioned)?;
         let token = TopUp::verify(&req.token, &current.grant.server_key)
             .map_err(|_| Error::InvalidToken)?;
@@ -370,14 +533,164 @@ impl Session {
         next.apply(&token)?;
         let sealed_state = next.seal(&*self.attester, &self.instance_id)?;
         self.ledger = Some(next);
-        Reply::new(
+        let used = self.counter.value();
+        if let Some(loaded) = self.loaded.as_mut()
+            && let Some(guard) = loaded.guard.as_mut()
+            && guard.behind()
+        {
+            guard.resync(used);
+            let binding = Binding {
+                attester: &*self.attester,
+                instance_id: &self.instance_id,
+                capsule_id: &loaded.unsealer.header().capsule_id,
+            };
+            let sealed = guard.seal(&binding)?;
+            protocol::write_frame(
+                output,
+                MessageType::DefenseState,
+                &DefenseStamp { stamp: used },
+                &sealed,
+            )
+            .map_err(|_| Failure::Gone)?;
+        }
+        Ok(Reply::new(
             MessageType::ToppedUp,
             &ToppedUp {
                 sealed_state,
                 status: self.status()?,
             },
-        )
+        )?)
     }
+}
+
+/// Room left in an `Output` frame for its JSON (the shapes and the status) when the
+/// enclave checks, before counting, that the output fits.
+const STATUS_MARGIN: usize = 64 * 1024;
+
+/// The instance's detection counters (§7.4).
+struct DetectionCounters {
+    alarms: Box<dyn MonotonicCounter>,
+    refusals: Box<dyn MonotonicCounter>,
+}
+
+fn counted(counters: Option<&DetectionCounters>) -> Counted {
+    Counted {
+        alarms: counters.map(|c| c.alarms.value()),
+        refusals: counters.map(|c| c.refusals.value()),
+    }
+}
+
+/// What a query that ran produced, before it is counted.
+struct Outcome {
+    /// PRADA alarms it raised (under `record` too).
+    alarms: u64,
+    /// The input detector refused it.
+    refused_by_detector: bool,
+    /// The outputs to release, or the refusal to send instead.
+    answer: Result<Vec<Tensor>, Error>,
+}
+
+/// PRADA and the output policy on the model's outputs (spec/policy.md §4 steps 3 and 4).
+/// An `Err` is a failure that nothing is counted for; a refusal is in the outcome.
+fn released(
+    defenses: &Defenses,
+    guard: Option<&mut Guard>,
+    input: &Tensor,
+    outputs: &mut [Tensor],
+    n: usize,
+) -> Result<Outcome, Error> {
+    let observes = defenses.policy.prada.is_some() && guard.is_some();
+    if !(observes || defenses.shapes_output()) {
+        return Ok(Outcome {
+            alarms: 0,
+            refused_by_detector: false,
+            answer: Ok(outputs.to_vec()),
+        });
+    }
+    let posteriors = &outputs[0];
+    if posteriors.shape().len() != 2 || posteriors.shape()[0] != n || posteriors.is_empty() {
+        return Err(Error::QueryFailed {
+            reason: format!(
+                "the provider's policy needs the model to output [batch, classes], it gave {:?}; nothing was counted, ask the provider for a fixed capsule",
+                posteriors.shape()
+            ),
+        });
+    }
+    let mut alarms = 0;
+    if let Some(guard) = guard {
+        let (raised, refused) = guard.observe(input, posteriors, n)?;
+        alarms = raised;
+        if let Some(test) = refused {
+            return Ok(Outcome {
+                alarms,
+                refused_by_detector: false,
+                answer: Err(guard.prada_refusal(&test)),
+            });
+        }
+    }
+    if defenses.shapes_output() {
+        let classes = posteriors.shape()[1];
+        let mut data = Vec::with_capacity(posteriors.len());
+        for row in posteriors.data().chunks_exact(classes) {
+            let out = capsule_defense::apply(&defenses.policy, row).map_err(|e| {
+                Error::QueryFailed {
+                    reason: format!(
+                        "the provider's output policy does not fit this model ({e}); nothing was counted, ask the provider for a fixed capsule"
+                    ),
+                }
+            })?;
+            data.extend(out);
+        }
+        outputs[0] = Tensor::new(posteriors.shape().to_vec(), data).map_err(Error::Engine)?;
+    }
+    Ok(Outcome {
+        alarms,
+        refused_by_detector: false,
+        answer: Ok(outputs.to_vec()),
+    })
+}
+
+/// Advances `counter` `n` times, each durable before the next, and checks it reads `after`.
+fn count(counter: &mut dyn MonotonicCounter, n: u64, after: u64) -> Result<(), Error> {
+    for _ in 0..n {
+        counter.increment().map_err(|e| Error::CounterFailed {
+            reason: e.to_string(),
+        })?;
+    }
+    if counter.value() != after {
+        return Err(Error::CounterFailed {
+            reason: format!(
+                "the counter reads {} after counting, expected {after}",
+                counter.value()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The sealed PRADA state must fit in [`MAX_DEFENSE_STATE`]: its memory bound for the
+/// model's input, doubled for the JSON and base64 it is sealed as.
+fn check_state_bound(defenses: &Defenses, layout: &Layout) -> Result<(), Error> {
+    let Some(prada) = &defenses.policy.prada else {
+        return Ok(());
+    };
+    let input = &layout.plan().graph().inputs[0];
+    // Dynamic dimensions other than the batch cannot be bounded here.
+    let Some(dim) = input.shape[1..]
+        .iter()
+        .try_fold(1usize, |acc, d| d.and_then(|d| acc.checked_mul(d)))
+    else {
+        return Ok(());
+    };
+    let bound = prada.memory_bound(dim, 1000).saturating_mul(2);
+    if bound > MAX_DEFENSE_STATE {
+        return Err(Error::CapsuleRejected {
+            reason: format!(
+                "the capsule's PRADA policy may keep {bound} bytes of state, more than the enclave's {MAX_DEFENSE_STATE}; ask the provider for a capsule with a lower prada.max_stored"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Parses a request frame (§5); anything but a request is a protocol violation.

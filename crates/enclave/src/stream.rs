@@ -29,6 +29,9 @@ pub(crate) enum StreamFailure {
 }
 
 /// The weights of one query, pulled from the host layer by layer.
+///
+/// A stream covers a range of the capsule's layers: all of them, or the input detector's
+/// (the first ones, capsule-v1 §4.6) and then the model's, one stream after the other.
 pub(crate) struct LayerStream<'a, R> {
     frames: &'a mut FrameReader<R>,
     unsealer: &'a Unsealer,
@@ -36,6 +39,8 @@ pub(crate) struct LayerStream<'a, R> {
     weights: Weights,
     /// Layers fully received (the next one expected is this index).
     received: usize,
+    /// One past the last layer of this stream.
+    end: usize,
     /// Index of the node about to run or running.
     node: usize,
     /// The sealed bytes of the layer being received (ciphertext only).
@@ -44,18 +49,22 @@ pub(crate) struct LayerStream<'a, R> {
 }
 
 impl<'a, R: Read> LayerStream<'a, R> {
-    /// A stream for one query of the capsule `unsealer` opens.
+    /// A stream of layers `layers` of the capsule `unsealer` opens, whose weights
+    /// `layout` reads (it must read none outside the range). The host sends the
+    /// range's first layer next.
     pub fn new(
         frames: &'a mut FrameReader<R>,
         unsealer: &'a Unsealer,
         layout: &'a Layout,
+        layers: std::ops::Range<usize>,
     ) -> LayerStream<'a, R> {
         LayerStream {
             frames,
             unsealer,
             layout,
             weights: Weights::new(layout.plan().graph().params.len()),
-            received: 0,
+            received: layers.start,
+            end: layers.end,
             node: 0,
             sealed: Vec::new(),
             failure: None,
@@ -65,8 +74,7 @@ impl<'a, R: Read> LayerStream<'a, R> {
     /// Reads the rest of the stream (every layer must be sent, whatever
     /// happened), zeroizes what is left, and says whether it all went well.
     pub fn finish(mut self) -> Result<(), StreamFailure> {
-        let layers = self.unsealer.header().layers.len();
-        while self.received < layers {
+        while self.received < self.end {
             if let Some(StreamFailure::Gone | StreamFailure::Broken(_)) = &self.failure {
                 break;
             }
@@ -143,7 +151,7 @@ impl<R: Read> WeightSource for LayerStream<'_, R> {
         if self.failure.is_none()
             && let Some(needed) = self.layout.needs(self.node)
         {
-            while self.received <= needed {
+            while self.received <= needed && self.received < self.end {
                 if let Err(failure) = self.receive(true) {
                     self.failure = Some(failure);
                     break;

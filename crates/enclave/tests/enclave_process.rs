@@ -352,6 +352,7 @@ fn an_expired_licence_or_policy_refuses_queries() {
     let capped = mnist_capsule(Policy {
         max_queries: Some(1),
         expires: None,
+        defense: None,
     });
     let capped_capsule = Capsule::parse(&capped.bytes).unwrap();
     let (mut enclave, _, status) =

@@ -1,21 +1,34 @@
-//! Matrix products: the crate's one `unsafe` block, behind a checked safe front.
+//! Matrix products and the instruction-set dispatch: the crate's only
+//! `unsafe` code, each block behind a checked safe front.
 //!
-//! [`sgemm`] wraps `matrixmultiply::sgemm`, which takes raw pointers and
+//! [`sgemm`] wraps `gemm::gemm` (the `gemm` crate, which picks AVX-512,
+//! AVX2+FMA or portable kernels at run time), which takes raw pointers and
 //! strides. Before the call it checks, at run time and in release builds,
-//! that every element the product can read or write lies inside the slices it
-//! was given. A failed check is a bug in the engine, not in the model or its
-//! input, and panics rather than touching memory the slices do not cover.
+//! that every element the product can read or write lies inside the slices
+//! it was given. A failed check is a bug in the engine, not in the model or
+//! its input, and panics rather than touching memory the slices do not cover.
 //!
-//! Threads: with its `threading` feature, `matrixmultiply` splits a large
-//! product over its own pool of up to `MATMUL_NUM_THREADS` threads (default:
-//! the physical cores, at most 4). Rayon's pool would compete with it for the
-//! same cores, so the engine uses one or the other for a given product:
-//! callers parallelise over batch items or groups only when
-//! [`splits_itself`] says the products are too small for `matrixmultiply` to
-//! thread, and [`gemm`] splits such small-but-not-tiny products over rayon by
-//! row blocks.
+//! [`gemm`] routes each product: a few rows against a large transposed
+//! matrix (a dense layer at small batch, `x * W^T`) goes to a row-dot kernel
+//! that streams `W` once, at memory speed; everything else to `gemm`.
+//!
+//! Threads: the `gemm` crate splits large products over rayon's pool into
+//! at most [`threads`](crate::threads::threads) pieces. Callers parallelise
+//! over batch items or groups only when [`splits_itself`] says the products
+//! are too small for that, so a product is never split twice.
+//!
+//! Instruction sets: hot loops elsewhere in the crate are written as safe,
+//! autovectorisable Rust generic over `const FMA: bool`; `multiversion!`
+//! compiles each for AVX-512, AVX2+FMA and the baseline, and calls the best
+//! one this CPU has (detected once, at run time). The `unsafe` there is
+//! the call of a `#[target_feature]` function, sound because the features
+//! were detected.
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::graph::Activation;
+use crate::ops::{bias_activate_body, depthwise3x3_body};
+use crate::threads::{self, for_each_chunk};
 
 /// A read-only matrix view with arbitrary strides: element `(i, j)` of the
 /// `rows x cols` matrix is `data[i * row_stride + j * col_stride]`.
@@ -40,6 +53,23 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// The `rows x cols` matrix whose rows start `row_stride` apart in
+    /// `data` (a block of columns of a wider row-major matrix).
+    pub(crate) fn strided(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> MatRef<'a> {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
     /// The transpose, sharing the data.
     pub(crate) fn t(self) -> MatRef<'a> {
         MatRef {
@@ -54,19 +84,6 @@ impl<'a> MatRef<'a> {
     /// The transpose when `transpose` is set.
     pub(crate) fn t_if(self, transpose: bool) -> MatRef<'a> {
         if transpose { self.t() } else { self }
-    }
-
-    /// Rows `first..first + count`, or `None` when out of range.
-    fn rows(self, first: usize, count: usize) -> Option<MatRef<'a>> {
-        if first.checked_add(count)? > self.rows {
-            return None;
-        }
-        let data = self.data.get(first.checked_mul(self.row_stride)?..)?;
-        Some(MatRef {
-            data,
-            rows: count,
-            ..self
-        })
     }
 }
 
@@ -90,59 +107,118 @@ impl<'a> MatMut<'a> {
             row_stride: cols,
         }
     }
+
+    /// The `rows x cols` matrix whose rows start `row_stride` apart in
+    /// `data` (a block of columns of a wider matrix).
+    pub(crate) fn strided(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> MatMut<'a> {
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
 }
 
-/// Threshold of `matrixmultiply` 0.3's own heuristic (`LoopThreadConfig`):
-/// it uses a second thread once `m*k + k*n` reaches twice this.
-const MATRIXMULTIPLY_THREAD_FACTOR: usize = 1 << 14;
-
-/// Smallest product (in multiply-adds) worth splitting over rayon.
+/// Smallest product (in multiply-adds) worth splitting over threads.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 
-/// Fewest rows of C a rayon block gets.
-const PARALLEL_MIN_ROWS: usize = 16;
+/// Most rows of A the row-dot kernel takes (larger batches go to `gemm`).
+const ROW_DOT_MAX_ROWS: usize = 8;
 
-/// True when `matrixmultiply` runs an `m x k` by `k x n` product on several
-/// threads of its own (given more than one core).
+/// Columns of C one row-dot task computes.
+const ROW_DOT_BLOCK: usize = 64;
+
+/// True when [`gemm`] splits an `m x k` by `k x n` product over threads
+/// itself; callers then must not run such products in parallel tasks.
 pub(crate) fn splits_itself(m: usize, k: usize, n: usize) -> bool {
-    let size = m.saturating_mul(k).saturating_add(k.saturating_mul(n));
-    size >= 2 * MATRIXMULTIPLY_THREAD_FACTOR
+    threads::threads() > 1 && m.saturating_mul(k).saturating_mul(n) >= PARALLEL_MIN_WORK
 }
 
 /// `C = alpha * A * B + beta * C`, on as many threads as the product is
-/// worth (see the module header).
+/// worth (see the module header). When `beta` is 0, C's previous contents
+/// are ignored (NaNs included).
 ///
 /// # Panics
 ///
 /// As [`sgemm`].
 pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    product(alpha, a, b, beta, c, true);
+}
+
+/// [`gemm`] on the calling thread only, for callers that already split
+/// their work over threads.
+pub(crate) fn gemm_single(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+    product(alpha, a, b, beta, c, false);
+}
+
+fn product(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>, threaded: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let work = m.saturating_mul(k).saturating_mul(n);
-    let blocks = rayon::current_num_threads().min(m / PARALLEL_MIN_ROWS);
-    if splits_itself(m, k, n) || work < PARALLEL_MIN_WORK || blocks < 2 || c.rows != m {
-        sgemm(alpha, a, b, beta, c);
+    let row_dot = m <= ROW_DOT_MAX_ROWS
+        && k >= 16
+        && (a.col_stride == 1 || k == 1)
+        && (b.row_stride == 1 || k == 1)
+        && b.rows == k
+        && c.rows == m
+        && c.cols == n;
+    if row_dot && m > 0 && n > 0 {
+        row_dots(alpha, a, b, beta, c, threaded);
         return;
     }
-    let rows = m.div_ceil(blocks);
-    let (ldc, cols) = (c.row_stride, c.cols);
-    c.data
-        .par_chunks_mut(rows * ldc)
-        .enumerate()
-        .for_each(|(block, c)| {
-            let first = block * rows;
-            let count = rows.min(m.saturating_sub(first));
-            if count == 0 {
-                return;
+    let parallel = if threaded && splits_itself(m, k, n) {
+        gemm::Parallelism::Rayon(threads::threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    sgemm(alpha, a, b, beta, c, parallel);
+}
+
+/// The row-dot kernel: every `C[i, j]` is the dot product of row `i` of A
+/// and column `j` of B, both contiguous (B is a transposed row-major
+/// matrix). Each task takes [`ROW_DOT_BLOCK`] columns of B, reads them once
+/// and multiplies them by every row of A while they are in cache.
+fn row_dots(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>, threaded: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let a_rows: Vec<&[f32]> = (0..m).map(|i| &a.data[i * a.row_stride..][..k]).collect();
+    let column = |j: usize| &b.data[j * b.col_stride..][..k];
+    // Products land in `dots` (column-major, m per column), then in C.
+    let mut dots = vec![0.0f32; m * n];
+    let work = m * k * n;
+    let block = if threaded && threads::threads() > 1 && work >= PARALLEL_MIN_WORK {
+        ROW_DOT_BLOCK * m
+    } else {
+        m * n
+    };
+    for_each_chunk(
+        &mut dots,
+        block,
+        || (),
+        |(), index, out| {
+            let first = index * (block / m);
+            for (jj, out) in out.chunks_exact_mut(m).enumerate() {
+                let col = column(first + jj);
+                for (o, row) in out.iter_mut().zip(&a_rows) {
+                    *o = dot(row, col);
+                }
             }
-            let a = a.rows(first, count).expect("row block inside A");
-            let c = MatMut {
-                data: c,
-                rows: count,
-                cols,
-                row_stride: ldc,
+        },
+    );
+    for i in 0..m {
+        let row = &mut c.data[i * c.row_stride..][..n];
+        for (j, y) in row.iter_mut().enumerate() {
+            let product = alpha * dots[j * m + i];
+            *y = if beta == 0.0 {
+                product
+            } else {
+                product + beta * *y
             };
-            sgemm(alpha, a, b, beta, c);
-        });
+        }
+    }
 }
 
 /// Index one past the last element a nonempty `rows x cols` view with
@@ -154,8 +230,8 @@ fn reach(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Opti
         .checked_add(1)
 }
 
-/// A stride as `matrixmultiply` takes it. Along a dimension of one element
-/// the stride is only ever multiplied by 0, and 0 is passed.
+/// A stride as `gemm` takes it. Along a dimension of one element the
+/// stride is only ever multiplied by 0, and 0 is passed.
 fn stride(len: usize, stride: usize) -> isize {
     if len <= 1 {
         return 0;
@@ -165,14 +241,22 @@ fn stride(len: usize, stride: usize) -> isize {
     isize::try_from(stride).expect("stride bounded by a slice length")
 }
 
-/// One call of `matrixmultiply::sgemm`: `C = alpha * A * B + beta * C`.
-/// When `beta` is 0, C's previous contents are ignored (NaNs included).
+/// One call of `gemm::gemm`: `C = alpha * A * B + beta * C`, split over
+/// threads as `parallel` says. When `beta` is 0, C's previous contents are
+/// ignored (NaNs included).
 ///
 /// # Panics
 ///
 /// When the dimensions disagree, a view does not cover its matrix, or C's
 /// rows overlap. All three are engine bugs.
-pub(crate) fn sgemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
+pub(crate) fn sgemm(
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: MatMut<'_>,
+    parallel: gemm::Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(
         b.rows == k && c.rows == m && c.cols == n,
@@ -216,34 +300,181 @@ pub(crate) fn sgemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatM
             view.data.len()
         );
     }
-    // SAFETY: `matrixmultiply::sgemm` reads A at offsets `i*rsa + l*csa`
-    // (i < m, l < k), B at `l*rsb + j*csb` (l < k, j < n), and reads and
-    // writes C at `i*rsc + j*csc` (i < m, j < n). The asserts above bound
-    // the largest offset of each by its slice's length (`stride` zeroes
-    // only strides that are multiplied by index 0), so every access is in
-    // bounds. C's elements are distinct (csc = 1, and rsc >= n when m > 1),
-    // as the function requires. C is borrowed mutably and A and B
-    // immutably, so C aliases neither, and all three outlive the call, which
-    // keeps no pointer.
+    // SAFETY: `gemm::gemm` reads A (`lhs`) at offsets `i*lhs_rs + l*lhs_cs`
+    // (i < m, l < k), B (`rhs`) at `l*rhs_rs + j*rhs_cs` (l < k, j < n),
+    // and reads (only when `read_dst`) and writes C (`dst`) at
+    // `i*dst_rs + j*dst_cs` (i < m, j < n). The asserts above bound the
+    // largest offset of each by its slice's length (`stride` zeroes only
+    // strides that are multiplied by index 0), so every access is in
+    // bounds. C's elements are distinct (dst_cs = 1, and dst_rs >= n when
+    // m > 1), as the function requires. C is borrowed mutably and A and B
+    // immutably, so C aliases neither, and all three outlive the call,
+    // which keeps no pointer. `gemm` computes `dst = alpha*dst +
+    // beta*lhs*rhs`: its `alpha` is our `beta` and the reverse.
     #[allow(unsafe_code)]
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            alpha,
-            a.data.as_ptr(),
-            stride(m, a.row_stride),
-            stride(k, a.col_stride),
-            b.data.as_ptr(),
-            stride(k, b.row_stride),
-            stride(n, b.col_stride),
-            beta,
+            k,
             c.data.as_mut_ptr(),
-            stride(m, c.row_stride),
             1,
+            stride(m, c.row_stride),
+            beta != 0.0,
+            a.data.as_ptr(),
+            stride(k, a.col_stride),
+            stride(m, a.row_stride),
+            b.data.as_ptr(),
+            stride(n, b.col_stride),
+            stride(k, b.row_stride),
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            parallel,
         );
     }
+}
+
+/// The instruction sets `multiversion!` compiles for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The target's baseline (SSE2 on x86-64): no FMA.
+    Baseline,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F and VL, AVX2 and FMA.
+    Avx512,
+}
+
+/// 0: not detected yet; otherwise 1 + the index of an [`Isa`].
+static ISA: AtomicU8 = AtomicU8::new(0);
+
+/// The best instruction set of this CPU, detected once.
+pub(crate) fn isa() -> Isa {
+    const ALL: [Isa; 3] = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+    match ISA.load(Ordering::Relaxed) {
+        0 => {
+            let found = detect();
+            let index = ALL.iter().position(|&i| i == found).unwrap_or(0);
+            ISA.store(index as u8 + 1, Ordering::Relaxed);
+            found
+        }
+        n => ALL[usize::from(n - 1).min(2)],
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    if avx2 && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+        Isa::Avx512
+    } else if avx2 {
+        Isa::Avx2
+    } else {
+        Isa::Baseline
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::Baseline
+}
+
+/// Defines `fn $name(args)` that calls `$body::<FMA>(args)` compiled for
+/// the best [`Isa`] of this CPU. `$body` must be a safe function generic
+/// over `const FMA: bool`, marked `#[inline(always)]` so that it is
+/// compiled inside each `#[target_feature]` copy; with `FMA` true it may
+/// use `f32::mul_add`, which is then one instruction.
+macro_rules! multiversion {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident;) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body::<true>($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body::<true>($($arg),*)
+                }
+                match isa() {
+                    // SAFETY: `isa` returns `Avx512` only when the CPU has
+                    // every feature `avx512` is compiled with (detected
+                    // at run time), and the function is otherwise safe.
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above, for AVX2 and FMA.
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Baseline => {}
+                }
+            }
+            $body::<false>($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// `sum_i x[i] * y[i]` over the shorter length.
+    pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 => dot_body;
+}
+
+multiversion! {
+    /// One plane of a 3x3 depthwise convolution (see `depthwise3x3_body`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn depthwise3x3(
+        plane: &[f32],
+        width: usize,
+        stride: usize,
+        taps: &[f32],
+        bias: f32,
+        out: &mut [f32],
+        out_width: usize,
+        scratch: &mut Vec<f32>,
+    ) => depthwise3x3_body;
+}
+
+multiversion! {
+    /// `data[i] = activation(data[i] + bias)` (see `bias_activate_body`).
+    pub(crate) fn bias_activate(data: &mut [f32], bias: f32, activation: Activation) => bias_activate_body;
+}
+
+/// [`dot`] with 32 partial sums, which vectorise.
+#[inline(always)]
+fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let n = x.len().min(y.len());
+    let (xs, x_rest) = x[..n].as_chunks::<LANES>();
+    let (ys, y_rest) = y[..n].as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in xs.iter().zip(ys) {
+        for l in 0..LANES {
+            acc[l] = fmadd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    let mut sum = 0.0;
+    for (x, y) in x_rest.iter().zip(y_rest) {
+        sum = fmadd::<FMA>(*x, *y, sum);
+    }
+    // A fixed pairwise order, the same on every CPU of one kind.
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0] + sum
+}
+
+/// `a * b + c`, fused when `FMA` (and then one instruction).
+#[inline(always)]
+pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 #[cfg(test)]
@@ -297,7 +528,14 @@ mod tests {
             };
             let want = naive(&a, &b);
             let mut c = vec![f32::NAN; m * n];
-            sgemm(1.0, a, b, 0.0, MatMut::new(&mut c, m, n));
+            sgemm(
+                1.0,
+                a,
+                b,
+                0.0,
+                MatMut::new(&mut c, m, n),
+                gemm::Parallelism::None,
+            );
             assert_close(&c, &want);
         }
     }
@@ -317,7 +555,7 @@ mod tests {
             cols: n,
             row_stride: 3,
         };
-        sgemm(2.0, a, b, 0.5, view);
+        sgemm(2.0, a, b, 0.5, view, gemm::Parallelism::None);
         for i in 0..m {
             for j in 0..n {
                 let want = 2.0 * product[i * n + j] + 0.5 * before[i * 3 + j];
@@ -331,19 +569,31 @@ mod tests {
     fn empty_inner_dimension_scales_c() {
         let mut c = vec![2.0; 6];
         let (a, b) = (MatRef::new(&[], 2, 0), MatRef::new(&[], 0, 3));
-        sgemm(1.0, a, b, 0.5, MatMut::new(&mut c, 2, 3));
+        sgemm(
+            1.0,
+            a,
+            b,
+            0.5,
+            MatMut::new(&mut c, 2, 3),
+            gemm::Parallelism::None,
+        );
         assert_eq!(c, [1.0; 6]);
         c[0] = f32::NAN;
-        sgemm(1.0, a, b, 0.0, MatMut::new(&mut c, 2, 3));
+        sgemm(
+            1.0,
+            a,
+            b,
+            0.0,
+            MatMut::new(&mut c, 2, 3),
+            gemm::Parallelism::None,
+        );
         assert_eq!(c, [0.0; 6]);
     }
 
     #[test]
-    fn parallel_row_blocks_match_one_call() {
-        // Big enough to split over rayon, small enough for matrixmultiply
-        // to stay single-threaded.
+    fn large_products_match_the_definition() {
+        // Large enough for `gemm` to split over threads when it may.
         let (m, k, n) = (250, 40, 150);
-        assert!(!splits_itself(m, k, n));
         let (a, b) = (values(m * k, 5), values(k * n, 6));
         let b = MatRef::new(&b, k, n);
         // A read row by row, then column by column.
@@ -351,6 +601,50 @@ mod tests {
             let mut c = vec![0.0; m * n];
             gemm(1.0, a, b, 0.0, MatMut::new(&mut c, m, n));
             assert_close(&c, &naive(&a, &b));
+        }
+    }
+
+    #[test]
+    fn row_dots_match_the_definition() {
+        // A few rows of A times a transposed B: the dense-layer shape.
+        for (m, k, n) in [(1, 16, 1), (1, 300, 130), (3, 77, 65), (8, 1000, 200)] {
+            let (a, w) = (values(m * k, 7), values(n * k, 8));
+            let (a, b) = (MatRef::new(&a, m, k), MatRef::new(&w, n, k).t());
+            let product = naive(&a, &b);
+            let mut c: Vec<f32> = (0..m * (n + 1)).map(|v| v as f32).collect();
+            let before = c.clone();
+            let view = MatMut {
+                data: &mut c,
+                rows: m,
+                cols: n,
+                row_stride: n + 1,
+            };
+            gemm(0.5, a, b, 2.0, view);
+            for i in 0..m {
+                for j in 0..n {
+                    let want = 0.5 * product[i * n + j] + 2.0 * before[i * (n + 1) + j];
+                    let got = c[i * (n + 1) + j];
+                    assert!(
+                        (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                        "{got} vs {want}"
+                    );
+                }
+                assert_eq!(c[i * (n + 1) + n], before[i * (n + 1) + n]);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dispatched_dot_matches_the_portable_one(
+            x in proptest::collection::vec(-100.0f32..100.0, 0..200),
+            y in proptest::collection::vec(-100.0f32..100.0, 0..200),
+        ) {
+            let exact: f64 = x.iter().zip(&y).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+            let scale: f64 = x.iter().zip(&y).map(|(a, b)| f64::from((a * b).abs())).sum();
+            for got in [dot(&x, &y), dot_body::<false>(&x, &y)] {
+                proptest::prop_assert!((f64::from(got) - exact).abs() <= 1e-5 * scale.max(1.0));
+            }
         }
     }
 
@@ -366,6 +660,7 @@ mod tests {
             MatRef::new(&b, 3, 2),
             0.0,
             MatMut::new(&mut c, 2, 2),
+            gemm::Parallelism::None,
         );
     }
 
@@ -380,6 +675,7 @@ mod tests {
             MatRef::new(&[1.0; 4], 2, 2),
             0.0,
             MatMut::new(&mut c, 2, 2),
+            gemm::Parallelism::None,
         );
     }
 
@@ -399,6 +695,7 @@ mod tests {
             MatRef::new(&[1.0; 2], 1, 2),
             0.0,
             view,
+            gemm::Parallelism::None,
         );
     }
 }

@@ -29,12 +29,21 @@
 //! - Weights reach the executor through a [`WeightSource`], node by node:
 //!   a [`Model`] holds them all, the enclave can unseal one layer at a time.
 //! - Kernels live in `ops`, one module per operator family. Convolution is
-//!   im2col + GEMM, with a direct kernel for depthwise and no im2col at all
-//!   for pointwise (1x1) convolutions. The GEMM is `matrixmultiply`'s,
-//!   reached through `kernels`, the only module with `unsafe` code.
-//! - Threads: rayon across batch items, groups and channel planes, and
-//!   `matrixmultiply`'s own threads inside large products; a product uses
-//!   one or the other, never both (see `kernels`).
+//!   im2col + GEMM (unrolled a band of rows at a time), with a direct
+//!   kernel for depthwise (a vectorised one for 3x3) and no im2col at all
+//!   for pointwise (1x1) convolutions. The GEMM is the `gemm` crate's
+//!   (AVX-512, AVX2 or portable, chosen at run time), with a row-dot kernel
+//!   of ours for dense layers at small batch; hot loops of ours are compiled
+//!   per instruction set and dispatched at run time. All of it is reached
+//!   through `kernels`, the only module with `unsafe` code.
+//! - [`Plan::new`] fuses a Relu or Clip into the Conv before it when
+//!   nothing else reads the Conv's output; every node keeps its step, so a
+//!   [`WeightSource`] still sees every node.
+//! - Threads: one knob, [`set_threads`]; rayon across batch items, groups,
+//!   channel planes and image rows, and the GEMM's own splitting on the
+//!   same pool, never both for one product.
+//! - Memory: intermediate buffers are recycled within a run instead of
+//!   being allocated and zeroed per node.
 //! - [`npy`] reads and writes the `.npy` tensors test vectors and the CLI use.
 //! - Nothing panics on user data: bad graphs, weights, inputs and `.npy`
 //!   files are [`Error`] values that say what was expected.
@@ -43,6 +52,7 @@
 //! decryption (`capsule-format`), any notion of a query budget, and
 //! `f16`/quantised arithmetic.
 
+mod buffers;
 mod error;
 mod graph;
 #[allow(unsafe_code)]
@@ -52,6 +62,7 @@ pub mod npy;
 mod ops;
 mod plan;
 mod tensor;
+mod threads;
 
 pub use error::Error;
 pub use graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo, PoolAttrs, ValueInfo};
@@ -59,3 +70,4 @@ pub use model::Model;
 pub use npy::{read_npy, write_npy};
 pub use plan::{Plan, WeightSource};
 pub use tensor::Tensor;
+pub use threads::{set_threads, threads};

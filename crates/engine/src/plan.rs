@@ -15,8 +15,9 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use crate::buffers;
 use crate::error::Error;
-use crate::graph::{Graph, Node, Op, ParamInfo};
+use crate::graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo};
 use crate::ops;
 use crate::tensor::Tensor;
 
@@ -79,6 +80,20 @@ struct Step {
     output: usize,
     /// Slots no later step reads, freed once this step is done.
     release: Vec<usize>,
+    /// What the step runs instead of its node's op, after fusion.
+    fused: Fused,
+}
+
+/// How [`fuse`] changed a step.
+#[derive(Clone, Debug, PartialEq)]
+enum Fused {
+    /// The node's own op.
+    No,
+    /// A Conv that also applies the activation of the node that read it.
+    Into(Op),
+    /// An activation already applied by the Conv before it: hands its
+    /// operand through unchanged.
+    Forward,
 }
 
 /// Where a node input comes from.
@@ -122,6 +137,7 @@ impl Plan {
         let outputs = compile_outputs(&graph, &names)?;
         let slots = graph.inputs.len() + graph.nodes.len();
         let read = schedule(&mut steps, &outputs, slots);
+        fuse(&graph, &mut steps);
         let inputs_read = read[..graph.inputs.len()].to_vec();
         Ok(Plan {
             graph,
@@ -158,15 +174,9 @@ impl Plan {
                 *value = Some(Cow::Borrowed(input));
             }
         }
-        for (step, node) in self.steps.iter().zip(&self.graph.nodes) {
-            weights.prepare(node)?;
-            let result = self.run_step(step, node, &mut values, &*weights);
-            weights.release(node);
-            values[step.output] = Some(Cow::Owned(result?));
-            for &slot in &step.release {
-                values[slot] = None;
-            }
-        }
+        let result = self.run_steps(&mut values, weights);
+        buffers::trim();
+        result?;
         self.outputs
             .iter()
             .map(|&(slot, last)| {
@@ -178,6 +188,26 @@ impl Plan {
                 value.map(Cow::into_owned).ok_or_else(|| freed_early(slot))
             })
             .collect()
+    }
+
+    /// Runs every step, recycling the buffers of values it frees.
+    fn run_steps<'v, W: WeightSource + ?Sized>(
+        &self,
+        values: &mut [Option<Cow<'v, Tensor>>],
+        weights: &mut W,
+    ) -> Result<(), Error> {
+        for (step, node) in self.steps.iter().zip(&self.graph.nodes) {
+            weights.prepare(node)?;
+            let result = self.run_step(step, node, values, &*weights);
+            weights.release(node);
+            values[step.output] = Some(Cow::Owned(result?));
+            for &slot in &step.release {
+                if let Some(Cow::Owned(value)) = values[slot].take() {
+                    buffers::give(value.into_parts().1);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), Error> {
@@ -252,7 +282,18 @@ impl Plan {
             };
             args.push(arg);
         }
-        ops::execute(&node.op, args).map_err(|ops::Mismatch(reason)| Error::ShapeMismatch {
+        let op = match &step.fused {
+            Fused::No => &node.op,
+            Fused::Into(op) => op,
+            Fused::Forward => {
+                let mut args = args;
+                return Ok(args
+                    .pop()
+                    .map(Cow::into_owned)
+                    .unwrap_or_else(|| unreachable!("fuse only forwards one-operand steps")));
+            }
+        };
+        ops::execute(op, args).map_err(|ops::Mismatch(reason)| Error::ShapeMismatch {
             context: format!("{} node '{}'", node.op.name(), node.name),
             reason,
         })
@@ -353,6 +394,7 @@ fn compile_nodes(graph: &Graph) -> Result<(Vec<Step>, HashMap<&str, Name>), Erro
             operands,
             output: slot,
             release: Vec::new(),
+            fused: Fused::No,
         });
     }
     Ok((steps, names))
@@ -427,6 +469,48 @@ fn schedule(steps: &mut [Step], outputs: &[(usize, bool)], slots: usize) -> Vec<
     (0..slots)
         .map(|s| last_read[s].is_some() || pinned[s])
         .collect()
+}
+
+/// Folds each Relu or Clip into the Conv before it when the activation is
+/// the Conv output's only reader and takes it by move: the Conv then
+/// applies the activation to each output block while it is in cache, and
+/// the activation's step hands the value through. Every node keeps its
+/// step, so [`WeightSource`] hooks still see every node, in order.
+fn fuse(graph: &Graph, steps: &mut [Step]) {
+    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
+    for step in steps.iter() {
+        for operand in &step.operands {
+            if let Operand::Value(s) | Operand::Last(s) = *operand {
+                readers[s] += 1;
+            }
+        }
+    }
+    let producer = |slot: usize| slot.checked_sub(graph.inputs.len());
+    for j in 0..steps.len() {
+        let activation = match graph.nodes[j].op {
+            Op::Relu => Activation::Relu,
+            Op::Clip { min, max } => Activation::Clip { min, max },
+            _ => continue,
+        };
+        let [Operand::Last(slot)] = steps[j].operands[..] else {
+            continue;
+        };
+        let Some(p) = producer(slot) else { continue };
+        if readers[slot] != 1 || steps[p].fused != Fused::No {
+            continue;
+        }
+        let Op::Conv(attrs) = &graph.nodes[p].op else {
+            continue;
+        };
+        if attrs.activation != Activation::None {
+            continue;
+        }
+        steps[p].fused = Fused::Into(Op::Conv(ConvAttrs {
+            activation,
+            ..attrs.clone()
+        }));
+        steps[j].fused = Fused::Forward;
+    }
 }
 
 /// A value missing when a step reads it: `Plan::new`'s schedule is wrong.
@@ -669,6 +753,50 @@ mod tests {
             .collect();
         assert_eq!(source.log, expected);
         assert!(source.loaded.is_empty());
+    }
+
+    #[test]
+    fn fuses_an_activation_into_the_conv_before_it_only_when_alone() {
+        let conv = Op::Conv(ConvAttrs {
+            kernel: [1, 1],
+            strides: [1, 1],
+            pads: [0; 4],
+            dilations: [1, 1],
+            group: 1,
+            activation: Activation::None,
+        });
+        let g = Graph {
+            inputs: vec![input("x", 4)],
+            params: vec![ParamInfo {
+                name: "w".into(),
+                shape: vec![1, 1, 1, 1],
+            }],
+            nodes: vec![
+                node("c", conv.clone(), &["x", "w"]),
+                node("r", Op::Relu, &["c"]),
+                node("d", conv, &["x", "w"]),
+                node("e", Op::Clip { min: 0.0, max: 1.5 }, &["d"]),
+                node("f", Op::Add, &["d", "e"]),
+            ],
+            outputs: vec!["r".into(), "f".into()],
+        };
+        let plan = Plan::new(g).unwrap();
+        let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
+        assert!(matches!(
+            fused[0],
+            Fused::Into(Op::Conv(ConvAttrs {
+                activation: Activation::Relu,
+                ..
+            }))
+        ));
+        assert_eq!(fused[1], &Fused::Forward);
+        // d is also read by f: the Clip must see it unclipped.
+        assert!(fused[2..].iter().all(|f| **f == Fused::No));
+        let x = Tensor::new(vec![1, 1, 1, 3], vec![-1.0, 1.0, 2.0]).unwrap();
+        let mut weights = [Tensor::new(vec![1, 1, 1, 1], vec![2.0]).unwrap()];
+        let out = plan.run(&[x], &mut weights[..]).unwrap();
+        assert_eq!(out[0].data(), &[0.0, 2.0, 4.0]);
+        assert_eq!(out[1].data(), &[-2.0, 3.5, 5.5]);
     }
 
     #[test]

@@ -266,6 +266,7 @@ mod tests {
             architecture: serde_json::json!({"nodes": []}),
             preprocessing: None,
             labels: None,
+            detector: None,
             policy: Policy::default(),
             chunk_size: crate::MIN_CHUNK_SIZE,
             layers: vec![LayerPlaintext {

@@ -13,6 +13,8 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
 pub const MIN_CHUNK_SIZE: u32 = 64;
 /// Largest chunk size a capsule may declare: 64 MiB.
 pub const MAX_CHUNK_SIZE: u32 = 64 * 1024 * 1024;
+/// Prefix of the names of the detector's layers and tensors (capsule-v1 §4.6).
+pub const DETECTOR_PREFIX: &str = "detector/";
 
 /// The public, authenticated description of a capsule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,6 +32,10 @@ pub struct Header {
     pub chunk_size: u32,
     /// The engine graph, opaque to this crate (capsule-v1 §4.1).
     pub architecture: serde_json::Value,
+    /// The input detector network sealed beside the model, if any (capsule-v1 §4.6).
+    /// Omitted from the JSON when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<Detector>,
     /// Image-to-tensor recipe, if the model takes images.
     pub preprocessing: Option<Preprocessing>,
     /// Class names, index = output position.
@@ -97,6 +103,43 @@ pub struct Policy {
     /// Last day (UTC, `YYYY-MM-DD`) the model may run.
     #[serde(default)]
     pub expires: Option<String>,
+    /// The defense policy (spec/policy.md §5), a JSON object this crate authenticates but
+    /// does not interpret, like the architecture: `capsule-defense` defines and parses it.
+    /// Omitted from the JSON when absent, so capsules without one are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defense: Option<serde_json::Value>,
+}
+
+/// The input detector network sealed beside the model (capsule-v1 §4.6).
+///
+/// Its weights are ordinary sealed tensors named [`DETECTOR_PREFIX`]` + param`, in layers
+/// named [`DETECTOR_PREFIX`]` + node` that come before every layer of the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Detector {
+    /// The detector's engine graph, opaque to this crate like [`Header::architecture`].
+    pub architecture: serde_json::Value,
+    /// How the detector's input is made from the model's.
+    pub input: DetectorInput,
+}
+
+/// The detector sees `x * scale + offset`, element by element, where `x` is the model's
+/// input as the enclave receives it (capsule-v1 §4.6). Identity: scale 1, offset 0.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorInput {
+    /// Multiplies each input value first.
+    pub scale: f32,
+    /// Added after scaling.
+    pub offset: f32,
+}
+
+impl DetectorInput {
+    /// The identity: the detector takes the model's input unchanged.
+    pub const IDENTITY: DetectorInput = DetectorInput {
+        scale: 1.0,
+        offset: 0.0,
+    };
 }
 
 impl Header {
@@ -116,6 +159,15 @@ impl Header {
             .iter()
             .map(|t| t.shape.iter().product::<usize>() as u64)
             .sum()
+    }
+
+    /// Number of the detector's layers (capsule-v1 §4.6): they come first, so the model's
+    /// layers are `detector_layers()..layers.len()`.
+    pub fn detector_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .take_while(|l| l.name.starts_with(DETECTOR_PREFIX))
+            .count()
     }
 
     /// Checks the rules of capsule-v1 §4 that do not need the key.
@@ -167,6 +219,48 @@ impl Header {
                 ));
             }
         }
+        self.validate_detector()?;
+        if let Some(defense) = &self.policy.defense
+            && !defense.is_object()
+        {
+            return bad("policy.defense is not a JSON object".into());
+        }
+        Ok(())
+    }
+
+    /// capsule-v1 §4.6: detector layers first, each holding only detector tensors.
+    fn validate_detector(&self) -> Result<(), Error> {
+        let bad = |reason: String| Err(Error::InvalidHeader { reason });
+        let first = self.detector_layers();
+        if let Some(late) = self.layers[first..]
+            .iter()
+            .find(|l| l.name.starts_with(DETECTOR_PREFIX))
+        {
+            return bad(format!(
+                "detector layer '{}' comes after a layer of the model",
+                late.name
+            ));
+        }
+        if first > 0 && self.detector.is_none() {
+            return bad(format!(
+                "layer '{}' is a detector layer but the header has no detector",
+                self.layers[0].name
+            ));
+        }
+        for t in &self.tensors {
+            if t.name.starts_with(DETECTOR_PREFIX) != (t.layer < first) {
+                return bad(format!(
+                    "tensor '{}' is in layer '{}': detector tensors belong in detector layers and no others",
+                    t.name, self.layers[t.layer].name
+                ));
+            }
+        }
+        if let Some(detector) = &self.detector {
+            let DetectorInput { scale, offset } = detector.input;
+            if !(scale.is_finite() && offset.is_finite()) {
+                return bad("detector.input scale and offset must be finite numbers".into());
+            }
+        }
         Ok(())
     }
 }
@@ -174,4 +268,76 @@ impl Header {
 /// `max(1, ceil(len / chunk_size))`.
 pub(crate) fn chunk_count(plaintext_len: u64, chunk_size: u32) -> u64 {
     plaintext_len.div_ceil(u64::from(chunk_size)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(layers: &[&str], tensors: &[(&str, usize)], detector: bool) -> Header {
+        Header {
+            format: FORMAT.into(),
+            capsule_id: [0; CAPSULE_ID_LEN],
+            key_id: [0; KEY_ID_LEN],
+            chunk_size: MIN_CHUNK_SIZE,
+            architecture: serde_json::json!({}),
+            detector: detector.then(|| Detector {
+                architecture: serde_json::json!({}),
+                input: DetectorInput::IDENTITY,
+            }),
+            preprocessing: None,
+            labels: None,
+            tensors: tensors
+                .iter()
+                .map(|&(name, layer)| TensorEntry {
+                    name: name.into(),
+                    shape: vec![1],
+                    layer,
+                    offset: 0,
+                })
+                .collect(),
+            layers: layers
+                .iter()
+                .map(|name| LayerEntry {
+                    name: (*name).into(),
+                    plaintext_len: 4,
+                    sealed_sha256: [0; 32],
+                })
+                .collect(),
+            policy: Policy::default(),
+        }
+    }
+
+    #[test]
+    fn detector_layers_come_first_and_hold_only_detector_tensors() {
+        let ok = header(&["detector/a", "m"], &[("detector/w", 0), ("w", 1)], true);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.detector_layers(), 1);
+
+        let no_detector = header(&["detector/a", "m"], &[("detector/w", 0), ("w", 1)], false);
+        assert!(no_detector.validate().is_err());
+        let mixed = header(&["detector/a", "m"], &[("w", 0), ("detector/w", 1)], true);
+        assert!(mixed.validate().is_err());
+        let late = header(&["m", "detector/a"], &[("w", 0), ("detector/w", 1)], true);
+        assert!(late.validate().is_err());
+
+        let mut infinite = ok.clone();
+        infinite.detector.as_mut().unwrap().input.scale = f32::INFINITY;
+        assert!(infinite.validate().is_err());
+    }
+
+    #[test]
+    fn defense_is_an_opaque_object_and_absent_members_are_not_written() {
+        let plain = header(&["m"], &[("w", 0)], false);
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("defense") && !json.contains("detector"),
+            "{json}"
+        );
+        let mut defended = plain.clone();
+        defended.policy.defense = Some(serde_json::json!({"anything": [1, 2]}));
+        assert!(defended.validate().is_ok());
+        defended.policy.defense = Some(serde_json::json!([1, 2]));
+        assert!(defended.validate().is_err());
+    }
 }

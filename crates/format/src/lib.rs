@@ -1,8 +1,9 @@
 //! MLCapsule's byte formats and their cryptography.
 //!
 //! This crate owns the capsule format, `spec/capsule-v1.md`: a versioned
-//! first line, a JSON header (architecture, tensor table, chunk table,
-//! policy) authenticated by an HMAC keyed from the model key, and the weights
+//! first line, a JSON header (architecture, an optional input detector,
+//! tensor table, chunk table, policy) authenticated by an HMAC keyed from the
+//! model key, and the weights
 //! as AES-256-GCM chunks, one stream per layer, whose nonces and associated
 //! data bind capsule id, layer, chunk index and a last-chunk flag. Sections of
 //! the spec are cited as `capsule-v1 §N` where they are implemented.
@@ -15,6 +16,7 @@
 //!     architecture: serde_json::json!({"nodes": []}),
 //!     preprocessing: None,
 //!     labels: None,
+//!     detector: None,
 //!     policy: Policy::default(),
 //!     chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
 //!     layers: vec![LayerPlaintext {
@@ -29,8 +31,11 @@
 //! assert_eq!(tensors[0].2, weights);
 //! ```
 //!
-//! What it does not do: read or write files, decide where keys live, or run a
-//! model. Decryption errors are coarse on purpose (no oracle).
+//! What it does not do: read or write files, decide where keys live, run a
+//! model, or interpret the architecture, the detector's graph or the defense
+//! policy (`policy.defense`): it authenticates them as opaque JSON, so that it
+//! links neither the engine nor the defenses. Decryption errors are coarse on
+//! purpose (no oracle).
 
 mod capsule;
 mod chunk;
@@ -48,8 +53,8 @@ pub use grant::{
     server_public_key,
 };
 pub use header::{
-    DEFAULT_CHUNK_SIZE, FORMAT, Header, LayerEntry, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Policy,
-    Preprocessing, TensorEntry,
+    DEFAULT_CHUNK_SIZE, DETECTOR_PREFIX, Detector, DetectorInput, FORMAT, Header, LayerEntry,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Policy, Preprocessing, TensorEntry,
 };
 pub use key::{CAPSULE_ID_LEN, KEY_FILE_PREFIX, KEY_ID_LEN, KEY_LEN, ModelKey};
 pub use seal::{LayerPlaintext, SealRequest, new_capsule_id, seal};

@@ -4,7 +4,9 @@ use ring::{digest, hmac, rand::SecureRandom};
 use zeroize::Zeroizing;
 
 use crate::chunk::{ChunkKey, ChunkPosition};
-use crate::header::{FORMAT, Header, LayerEntry, Policy, Preprocessing, TensorEntry, chunk_count};
+use crate::header::{
+    Detector, FORMAT, Header, LayerEntry, Policy, Preprocessing, TensorEntry, chunk_count,
+};
 use crate::key::{CAPSULE_ID_LEN, ModelKey};
 use crate::{Error, MAX_HEADER_LEN, VERSION_LINE};
 
@@ -24,6 +26,9 @@ pub struct SealRequest<'a> {
     pub preprocessing: Option<Preprocessing>,
     /// Class names, if any.
     pub labels: Option<Vec<String>>,
+    /// The input detector network, if any (capsule-v1 §4.6). Its weights go in `layers`,
+    /// first, with names prefixed [`crate::DETECTOR_PREFIX`].
+    pub detector: Option<Detector>,
     /// The provider's policy.
     pub policy: Policy,
     /// Plaintext bytes per chunk.
@@ -112,6 +117,7 @@ pub fn seal(
         key_id: keys.key_id,
         chunk_size: request.chunk_size,
         architecture: request.architecture.clone(),
+        detector: request.detector.clone(),
         preprocessing: request.preprocessing.clone(),
         labels: request.labels.clone(),
         tensors,

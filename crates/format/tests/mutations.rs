@@ -1,6 +1,8 @@
 //! Property test: no mutation of a capsule is accepted, and none panics.
 
-use capsule_format::{Capsule, LayerPlaintext, ModelKey, Policy, SealRequest, seal};
+use capsule_format::{
+    Capsule, Detector, DetectorInput, LayerPlaintext, ModelKey, Policy, SealRequest, seal,
+};
 use proptest::prelude::*;
 
 fn capsule(key: &ModelKey) -> Vec<u8> {
@@ -9,12 +11,21 @@ fn capsule(key: &ModelKey) -> Vec<u8> {
         architecture: serde_json::json!({"nodes": ["a", "b"]}),
         preprocessing: None,
         labels: Some(vec!["cat".into(), "dog".into()]),
+        detector: Some(Detector {
+            architecture: serde_json::json!({"nodes": ["d"]}),
+            input: DetectorInput::IDENTITY,
+        }),
         policy: Policy {
             max_queries: Some(3),
             expires: None,
+            defense: Some(serde_json::json!({"output": {"label_only": true}})),
         },
         chunk_size: 64,
         layers: vec![
+            LayerPlaintext {
+                name: "detector/d".into(),
+                tensors: vec![("detector/w".into(), vec![5], &w[..5])],
+            },
             LayerPlaintext {
                 name: "l0".into(),
                 tensors: vec![("w".into(), vec![10, 6], &w[..60])],
@@ -99,6 +110,7 @@ fn unmutated_capsule_opens() {
         .unwrap()
         .open_all(&key)
         .unwrap();
-    assert_eq!(tensors.len(), 2);
-    assert_eq!(tensors[1].2[0], 15.0);
+    assert_eq!(tensors.len(), 3);
+    assert_eq!(tensors[0].0, "detector/w");
+    assert_eq!(tensors[2].2[0], 15.0);
 }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use capsule_format::{
-    Capsule, Error, LayerPlaintext, ModelKey, Policy, Preprocessing, SealRequest, seal,
+    Capsule, Detector, DetectorInput, Error, LayerPlaintext, ModelKey, Policy, Preprocessing,
+    SealRequest, seal,
 };
 use ring::digest::{SHA256, digest};
 
@@ -45,9 +46,37 @@ fn values(label: &str, n: usize) -> Vec<f32> {
 
 /// Two layers; layer 0 is exactly two 64-byte chunks plus a 16-byte third.
 fn sample(policy: Policy, with_extras: bool, id: &str) -> Vec<u8> {
+    sample_with(policy, with_extras, false, id)
+}
+
+/// [`sample`], with a one-layer input detector in front when `with_detector` (capsule-v1 §4.6).
+fn sample_with(policy: Policy, with_extras: bool, with_detector: bool, id: &str) -> Vec<u8> {
     let w0 = values("w0", 32);
     let b0 = values("b0", 4);
     let w1 = values("w1", 12);
+    let d0 = values("d0", 20);
+    let mut layers = vec![
+        LayerPlaintext {
+            name: "conv1".into(),
+            tensors: vec![
+                ("conv1.w".into(), vec![8, 4], &w0),
+                ("conv1.b".into(), vec![4], &b0),
+            ],
+        },
+        LayerPlaintext {
+            name: "fc".into(),
+            tensors: vec![("fc.w".into(), vec![3, 4], &w1)],
+        },
+    ];
+    if with_detector {
+        layers.insert(
+            0,
+            LayerPlaintext {
+                name: "detector/gemm".into(),
+                tensors: vec![("detector/gemm.w".into(), vec![2, 10], &d0)],
+            },
+        );
+    }
     let request = SealRequest {
         architecture: serde_json::json!({"inputs": [], "params": [], "nodes": [], "outputs": []}),
         preprocessing: with_extras.then(|| Preprocessing {
@@ -59,21 +88,16 @@ fn sample(policy: Policy, with_extras: bool, id: &str) -> Vec<u8> {
             resize_shorter: None,
         }),
         labels: with_extras.then(|| (0..10).map(|d| d.to_string()).collect()),
+        detector: with_detector.then(|| Detector {
+            architecture: serde_json::json!({"inputs": [], "params": [], "nodes": [], "outputs": []}),
+            input: DetectorInput {
+                scale: 0.3081,
+                offset: 0.1307,
+            },
+        }),
         policy,
         chunk_size: 64,
-        layers: vec![
-            LayerPlaintext {
-                name: "conv1".into(),
-                tensors: vec![
-                    ("conv1.w".into(), vec![8, 4], &w0),
-                    ("conv1.b".into(), vec![4], &b0),
-                ],
-            },
-            LayerPlaintext {
-                name: "fc".into(),
-                tensors: vec![("fc.w".into(), vec![3, 4], &w1)],
-            },
-        ],
+        layers,
     };
     seal(&request, &key("k1"), capsule_id(id), &mut |_| {}).unwrap()
 }
@@ -145,6 +169,7 @@ fn build() -> BTreeMap<&'static str, Vector> {
     let policy = Policy {
         max_queries: Some(5),
         expires: Some("2027-01-31".into()),
+        defense: None,
     };
     out.insert(
         "ok-policy-labels-preprocessing",
@@ -153,6 +178,60 @@ fn build() -> BTreeMap<&'static str, Vector> {
             &k1,
             "ok",
             sample(policy, true, "id2"),
+        ),
+    );
+    let defended = Policy {
+        max_queries: Some(100),
+        expires: None,
+        defense: Some(serde_json::json!({
+            "noise": {"c": 0.5, "prior": null},
+            "output": {"reverse_sigmoid": null, "top_k": null, "label_only": false, "round": 3},
+            "prada": {"delta": 0.95, "action": "deny", "min_distances": 100,
+                      "min_class_distances": 10, "test_every": 10, "trim_sigmas": 3.0,
+                      "max_stored": 3000, "max_distances": 5000, "dg_initial_zero": false,
+                      "storage": "u8"},
+            "detector": {"enabled": true, "threshold": 0.5, "crafted_class": 1,
+                         "scores": "probabilities"}
+        })),
+    };
+    let with_detector = sample_with(defended, true, true, "id4");
+    out.insert(
+        "ok-defense-policy-detector",
+        v(
+            "defense policy and an input detector layer in front of the model's two",
+            &k1,
+            "ok",
+            with_detector.clone(),
+        ),
+    );
+    let late = reheader(
+        &with_detector,
+        |h| {
+            // Move the detector layer behind the model's: tensors and chunks stay in place,
+            // only the order rule of capsule-v1 §4.6 is broken.
+            let layers = h["layers"].as_array_mut().unwrap();
+            let first = layers.remove(0);
+            layers.push(first);
+        },
+        &k1,
+    );
+    out.insert(
+        "invalid-header-detector-after-model",
+        v(
+            "detector layer listed after the model's layers (MAC valid)",
+            &k1,
+            "invalid-header",
+            late,
+        ),
+    );
+    let not_object = reheader(&good, |h| h["policy"]["defense"] = "deny".into(), &k1);
+    out.insert(
+        "invalid-header-defense-not-object",
+        v(
+            "policy.defense is a string, not an object (MAC valid)",
+            &k1,
+            "invalid-header",
+            not_object,
         ),
     );
     out.insert(

@@ -218,6 +218,8 @@ pub(crate) struct LicenceStatus {
     topup_seq: u64,
     last_reported_used: Option<u64>,
     last_reported_at: Option<String>,
+    last_reported_detections: Option<serde_json::Value>,
+    last_reported_detections_at: Option<String>,
 }
 
 /// `GET /v1/licences/{id}`.
@@ -253,6 +255,12 @@ pub(crate) async fn licence_status(
         topup_seq: unsigned(row.topup_seq),
         last_reported_used: row.last_used.map(unsigned),
         last_reported_at: row.last_used_at.map(rfc3339),
+        // Stored by this server after checking it; unreadable only if the file was edited.
+        last_reported_detections: row
+            .detections
+            .as_deref()
+            .and_then(|d| serde_json::from_str(d).ok()),
+        last_reported_detections_at: row.detections_at.map(rfc3339),
     }))
 }
 

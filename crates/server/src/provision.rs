@@ -223,6 +223,52 @@ pub(crate) struct TopUpRequest {
     instance_id: [u8; INSTANCE_ID_LEN],
     #[serde(default)]
     used: Option<u64>,
+    #[serde(default)]
+    detections: Option<Detections>,
+}
+
+/// What the enclave's defenses recorded (provisioning §6.1), as the client reports it.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Detections {
+    prada_alarms: u64,
+    prada_denying: bool,
+    #[serde(default)]
+    first_alarm: Option<FirstAlarm>,
+    detector_refusals: u64,
+    unobserved_queries: u64,
+    resyncs: u64,
+}
+
+/// The first PRADA alarm: the query it was raised at, W, and the sample size.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FirstAlarm {
+    query: u64,
+    w: f64,
+    distances: u64,
+}
+
+impl Detections {
+    /// Counts in range (provisioning §1), W a number in [0, 1].
+    fn check(&self) -> Result<(), ApiError> {
+        for n in [
+            self.prada_alarms,
+            self.detector_refusals,
+            self.unobserved_queries,
+            self.resyncs,
+        ] {
+            count(n)?;
+        }
+        if let Some(a) = &self.first_alarm {
+            count(a.query)?;
+            count(a.distances)?;
+            if !(0.0..=1.0).contains(&a.w) {
+                return Err(ApiError::MalformedRequest);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -239,6 +285,13 @@ pub(crate) async fn topup(
     ApiJson(req): ApiJson<TopUpRequest>,
 ) -> Result<Json<TopUpIssued>, ApiError> {
     let used = req.used.map(count).transpose()?;
+    let detections = match &req.detections {
+        Some(d) => {
+            d.check()?;
+            Some(serde_json::to_string(d).map_err(|_| ApiError::Internal)?)
+        }
+        None => None,
+    };
     let licence = live_licence(&state, &req.licence).await?;
     let instance_hex = hex::encode(req.instance_id);
     match &licence.instance_id {
@@ -256,7 +309,13 @@ pub(crate) async fn topup(
     let row = state
         .inner
         .store
-        .next_topup(&licence.id, &instance_hex, used, now_unix())
+        .next_topup(
+            &licence.id,
+            &instance_hex,
+            used,
+            detections.as_deref(),
+            now_unix(),
+        )
         .await?
         .ok_or(ApiError::InstanceMismatch)?;
     let topup = TopUp {
@@ -273,6 +332,17 @@ pub(crate) async fn topup(
         total_queries = topup.total_queries,
         "top-up issued"
     );
+    if let Some(d) = &req.detections
+        && (d.prada_alarms > 0 || d.detector_refusals > 0 || d.unobserved_queries > 0)
+    {
+        tracing::warn!(
+            licence_id = topup.licence_id,
+            prada_alarms = d.prada_alarms,
+            detector_refusals = d.detector_refusals,
+            unobserved_queries = d.unobserved_queries,
+            "the client's enclave reports detections"
+        );
+    }
     Ok(Json(TopUpIssued {
         token,
         seq: topup.seq,

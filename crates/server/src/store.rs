@@ -61,6 +61,8 @@ pub(crate) struct LicenceStatusRow {
     pub topup_seq: i64,
     pub last_used: Option<i64>,
     pub last_used_at: Option<i64>,
+    pub detections: Option<String>,
+    pub detections_at: Option<i64>,
 }
 
 /// What a setup needs to build the grant, read inside the provisioning transaction.
@@ -238,7 +240,8 @@ impl Store {
         sqlx::query_as(
             "SELECT l.id, l.model_id, m.name AS model_name, l.total_queries, l.expires,
                     l.created_at, l.instance_id, l.platform, l.measurement, l.platform_id,
-                    l.provisioned_at, l.topup_seq, l.last_used, l.last_used_at
+                    l.provisioned_at, l.topup_seq, l.last_used, l.last_used_at,
+                    l.detections, l.detections_at
              FROM licences l JOIN models m ON m.id = l.model_id
              WHERE l.id = ?",
         )
@@ -333,18 +336,24 @@ impl Store {
         licence_id: &str,
         instance_id: &str,
         used: Option<i64>,
+        detections: Option<&str>,
         now: i64,
     ) -> Result<Option<TopUpRow>, sqlx::Error> {
         sqlx::query_as(
             "UPDATE licences
              SET topup_seq = topup_seq + 1,
                  last_used = COALESCE(?, last_used),
-                 last_used_at = CASE WHEN ? IS NULL THEN last_used_at ELSE ? END
+                 last_used_at = CASE WHEN ? IS NULL THEN last_used_at ELSE ? END,
+                 detections = COALESCE(?, detections),
+                 detections_at = CASE WHEN ? IS NULL THEN detections_at ELSE ? END
              WHERE id = ? AND instance_id = ?
              RETURNING topup_seq, total_queries, expires",
         )
         .bind(used)
         .bind(used)
+        .bind(now)
+        .bind(detections)
+        .bind(detections)
         .bind(now)
         .bind(licence_id)
         .bind(instance_id)

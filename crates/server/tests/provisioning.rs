@@ -165,6 +165,73 @@ async fn grants_and_topups_issue_signed_increasing_tokens() {
 }
 
 #[tokio::test]
+async fn topup_detections_are_checked_stored_and_shown() {
+    let f = Fixture::new().await;
+    f.add_model().await;
+    let (licence_id, token) = f.licence(10).await;
+    let nonce = f.nonce(&token).await;
+    let enclave = Enclave::new();
+    let evidence = enclave.evidence(&f.attester(MEASUREMENT), &nonce);
+    let r = f
+        .post("/v1/setup", enclave.setup_body(&token, &nonce, &evidence))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let instance = hex::encode(enclave.instance_id);
+    let path = format!("/v1/licences/{licence_id}");
+    let status = || f.call(Method::GET, &path, true, None);
+    assert_eq!(status().await.body["last_reported_detections"], json!(null));
+
+    let detections = json!({
+        "prada_alarms": 1, "prada_denying": true,
+        "first_alarm": {"query": 110, "w": 0.8583, "distances": 101},
+        "detector_refusals": 2, "unobserved_queries": 0, "resyncs": 0
+    });
+    let r = f
+        .post(
+            "/v1/topup",
+            json!({"licence": token, "instance_id": instance, "used": 7, "detections": detections}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let shown = status().await.body;
+    assert_eq!(shown["last_reported_detections"], detections);
+    assert!(
+        shown["last_reported_detections_at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    // A top-up without detections keeps the last report.
+    let r = f
+        .post(
+            "/v1/topup",
+            json!({"licence": token, "instance_id": instance, "used": 8}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(status().await.body["last_reported_detections"], detections);
+
+    // Malformed detections issue nothing.
+    for bad in [
+        json!({"prada_alarms": 1}),
+        json!({"prada_alarms": -1, "prada_denying": false, "detector_refusals": 0,
+               "unobserved_queries": 0, "resyncs": 0}),
+        json!({"prada_alarms": 0, "prada_denying": false, "detector_refusals": 0,
+               "unobserved_queries": 0, "resyncs": 0, "first_alarm": {"query": 1, "w": 1.5, "distances": 3}}),
+        json!({"prada_alarms": 0, "prada_denying": false, "detector_refusals": 0,
+               "unobserved_queries": 0, "resyncs": 0, "cleared": true}),
+    ] {
+        f.post(
+            "/v1/topup",
+            json!({"licence": token, "instance_id": instance, "detections": bad}),
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "malformed_request");
+    }
+    assert_eq!(status().await.body["topup_seq"], 2);
+}
+
+#[tokio::test]
 async fn model_registration_is_idempotent_and_refuses_another_key() {
     let f = Fixture::new().await;
     f.add_model().await;

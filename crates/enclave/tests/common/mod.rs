@@ -58,9 +58,10 @@ pub fn mnist_capsule_in_chunks(policy: Policy, chunk_size: u32) -> SealedCapsule
         architecture: serde_json::to_value(&imported.graph).unwrap(),
         preprocessing: None,
         labels: None,
+        detector: None,
         policy,
         chunk_size,
-        layers: layers(&imported.graph, &imported.weights),
+        layers: layers(&imported.graph, &imported.weights, ""),
     };
     let key = ModelKey::generate();
     let bytes = capsule_format::seal(
@@ -73,7 +74,12 @@ pub fn mnist_capsule_in_chunks(policy: Policy, chunk_size: u32) -> SealedCapsule
     SealedCapsule { bytes, key }
 }
 
-fn layers<'a>(graph: &Graph, weights: &'a HashMap<String, Tensor>) -> Vec<LayerPlaintext<'a>> {
+/// One layer per node that first reads a weight; names get `prefix`.
+fn layers<'a>(
+    graph: &Graph,
+    weights: &'a HashMap<String, Tensor>,
+    prefix: &str,
+) -> Vec<LayerPlaintext<'a>> {
     let mut assigned = HashSet::new();
     let mut out = Vec::new();
     for node in &graph.nodes {
@@ -82,16 +88,102 @@ fn layers<'a>(graph: &Graph, weights: &'a HashMap<String, Tensor>) -> Vec<LayerP
             .iter()
             .filter_map(|name| weights.get_key_value(name))
             .filter(|(name, _)| assigned.insert(name.as_str()))
-            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.data()))
+            .map(|(name, t)| (format!("{prefix}{name}"), t.shape().to_vec(), t.data()))
             .collect();
         if !tensors.is_empty() {
             out.push(LayerPlaintext {
-                name: node.name.clone(),
+                name: format!("{prefix}{}", node.name),
                 tensors,
             });
         }
     }
     out
+}
+
+/// The bundled MNIST model sealed with a defense policy (its JSON form, spec/policy.md §5)
+/// and, if given, an input detector network in front of it (capsule-v1 §4.6), which sees
+/// the model's input unchanged.
+pub fn defended_capsule(
+    defense: serde_json::Value,
+    detector: Option<&(Graph, HashMap<String, Tensor>)>,
+) -> SealedCapsule {
+    let onnx = std::fs::read(mnist_onnx()).expect("the bundled MNIST model");
+    let imported = capsule_onnx::import(&onnx).expect("MNIST imports");
+    let mut all = Vec::new();
+    if let Some((graph, weights)) = detector {
+        all = layers(graph, weights, capsule_format::DETECTOR_PREFIX);
+    }
+    all.extend(layers(&imported.graph, &imported.weights, ""));
+    let request = SealRequest {
+        architecture: serde_json::to_value(&imported.graph).unwrap(),
+        preprocessing: None,
+        labels: None,
+        detector: detector.map(|(graph, _)| capsule_format::Detector {
+            architecture: serde_json::to_value(graph).unwrap(),
+            input: capsule_format::DetectorInput::IDENTITY,
+        }),
+        policy: Policy {
+            defense: Some(defense),
+            ..Policy::default()
+        },
+        chunk_size: 4096,
+        layers: all,
+    };
+    let key = ModelKey::generate();
+    let bytes = capsule_format::seal(
+        &request,
+        &key,
+        capsule_format::new_capsule_id(),
+        &mut |_| {},
+    )
+    .unwrap();
+    SealedCapsule { bytes, key }
+}
+
+/// An input detector whose decision a test controls: one Gemm that averages the input's
+/// 784 values and subtracts `at`, read as a logit, so it flags exactly the inputs whose
+/// mean is at least `at` (with `scores = "logits"`, one output: spec/policy.md §3.4).
+pub fn mean_detector(at: f32) -> (Graph, HashMap<String, Tensor>) {
+    let graph: Graph = serde_json::from_value(serde_json::json!({
+        "inputs": [{"name": "x", "shape": [null, 1, 28, 28]}],
+        "params": [{"name": "w", "shape": [784, 1]}, {"name": "b", "shape": [1]}],
+        "nodes": [
+            {"name": "flatten", "op": {"op": "Flatten", "axis": 1},
+             "inputs": ["x"], "outputs": ["flat"]},
+            {"name": "score",
+             "op": {"op": "Gemm", "alpha": 1.0, "beta": 1.0, "trans_a": false, "trans_b": false},
+             "inputs": ["flat", "w", "b"], "outputs": ["logit"]}
+        ],
+        "outputs": ["logit"]
+    }))
+    .unwrap();
+    let weights = HashMap::from([
+        (
+            "w".to_string(),
+            Tensor::new(vec![784, 1], vec![1.0 / 784.0; 784]).unwrap(),
+        ),
+        ("b".to_string(), Tensor::new(vec![1], vec![-at]).unwrap()),
+    ]);
+    (graph, weights)
+}
+
+/// The ten real MNIST test digits of `models/samples`, as the model takes them.
+pub fn sample_digits() -> Vec<Tensor> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/samples");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("digit-") && n.ends_with(".npy") && !n.ends_with(".out.npy"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            let t = capsule_engine::npy::read_npy(&std::fs::read(dir.join(n)).unwrap()).unwrap();
+            let data = t.data().to_vec();
+            Tensor::new(vec![1, 1, 28, 28], data).unwrap()
+        })
+        .collect()
 }
 
 /// A test provisioning server's Ed25519 signing key.
@@ -210,4 +302,59 @@ pub fn proc_status_field(pid: u32, key: &str) -> Option<String> {
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .map(|v| v.trim().to_owned())
+}
+
+/// The kennen-io input detector's architecture from the MLCapsule paper (§7.1: two 5x5
+/// convolutions with 10 and 20 filters, max pooling, a 50-unit layer, two outputs, as the
+/// classic PyTorch MNIST network), with fixed pseudo-random weights: a stand-in of the real
+/// size for cost measurements, which decides nothing meaningful.
+pub fn kennen_sized_detector() -> (Graph, HashMap<String, Tensor>) {
+    let conv = serde_json::json!({"op": "Conv", "kernel": [5, 5], "strides": [1, 1],
+        "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1});
+    let pool = serde_json::json!({"op": "MaxPool", "kernel": [2, 2], "strides": [2, 2],
+        "pads": [0, 0, 0, 0], "dilations": [1, 1], "ceil_mode": false});
+    let gemm = serde_json::json!({"op": "Gemm", "alpha": 1.0, "beta": 1.0, "trans_a": false,
+        "trans_b": true});
+    let graph: Graph = serde_json::from_value(serde_json::json!({
+        "inputs": [{"name": "x", "shape": [null, 1, 28, 28]}],
+        "params": [
+            {"name": "c1.w", "shape": [10, 1, 5, 5]}, {"name": "c1.b", "shape": [10]},
+            {"name": "c2.w", "shape": [20, 10, 5, 5]}, {"name": "c2.b", "shape": [20]},
+            {"name": "f1.w", "shape": [50, 320]}, {"name": "f1.b", "shape": [50]},
+            {"name": "f2.w", "shape": [2, 50]}, {"name": "f2.b", "shape": [2]}
+        ],
+        "nodes": [
+            {"name": "conv1", "op": conv, "inputs": ["x", "c1.w", "c1.b"], "outputs": ["a1"]},
+            {"name": "pool1", "op": pool, "inputs": ["a1"], "outputs": ["p1"]},
+            {"name": "relu1", "op": {"op": "Relu"}, "inputs": ["p1"], "outputs": ["r1"]},
+            {"name": "conv2", "op": conv, "inputs": ["r1", "c2.w", "c2.b"], "outputs": ["a2"]},
+            {"name": "pool2", "op": pool, "inputs": ["a2"], "outputs": ["p2"]},
+            {"name": "relu2", "op": {"op": "Relu"}, "inputs": ["p2"], "outputs": ["r2"]},
+            {"name": "flatten", "op": {"op": "Flatten", "axis": 1}, "inputs": ["r2"], "outputs": ["f"]},
+            {"name": "fc1", "op": gemm, "inputs": ["f", "f1.w", "f1.b"], "outputs": ["h"]},
+            {"name": "relu3", "op": {"op": "Relu"}, "inputs": ["h"], "outputs": ["r3"]},
+            {"name": "fc2", "op": gemm, "inputs": ["r3", "f2.w", "f2.b"], "outputs": ["logits"]},
+            {"name": "softmax", "op": {"op": "Softmax", "axis": 1}, "inputs": ["logits"], "outputs": ["p"]}
+        ],
+        "outputs": ["p"]
+    }))
+    .unwrap();
+    let mut state = 0x2545_f491_u32;
+    let weights = graph
+        .params
+        .iter()
+        .map(|p| {
+            let n: usize = p.shape.iter().product();
+            let data = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    (state % 2000) as f32 / 10_000.0 - 0.1
+                })
+                .collect();
+            (p.name.clone(), Tensor::new(p.shape.clone(), data).unwrap())
+        })
+        .collect();
+    (graph, weights)
 }

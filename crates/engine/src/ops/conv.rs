@@ -3,27 +3,39 @@
 //!
 //! One of three strategies per call:
 //! - *depthwise* (`group == C == M`): a direct loop per channel plane. Each
-//!   group's GEMM would have a single row, too thin for a GEMM kernel.
+//!   group's GEMM would have a single row, too thin for a GEMM kernel. The
+//!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
+//!   kernel ([`depthwise3x3_body`]) that computes each output row in one
+//!   vectorised pass over nine shifted input rows.
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a
 //!   `[C/group * kH * kW, OH * OW]` matrix of receptive fields, then one GEMM
-//!   with the weights `[M/group, C/group * kH * kW]` yields its outputs.
+//!   with the weights `[M/group, C/group * kH * kW]` yields its outputs. A
+//!   large image is unrolled a band of output rows at a time
+//!   ([`PANEL_LEN`]), into a buffer reused across bands and calls, so the
+//!   unrolled matrix stays in cache and is never allocated whole.
 //!
-//! The bias is written into the output before the GEMM accumulates onto it
-//! (`beta = 1`), and the activation runs on each output block while it is
-//! still in cache.
+//! The GEMM only writes its output (`beta = 0`); bias and activation are
+//! then applied in one pass over each output block while it is in cache.
+//! With more than one thread, one product is split into tasks that each do
+//! their share of im2col, GEMM, bias and activation ([`Unit`]); with small
+//! products and several batch items or groups, each task takes whole ones.
 
 use std::ops::Range;
-
-use rayon::prelude::*;
 
 use super::elementwise::activate;
 use super::window::Axis;
 use super::{KernelResult, Mismatch};
 use crate::graph::{Activation, ConvAttrs};
-use crate::kernels::{self, MatMut, MatRef};
+use crate::kernels::{self, MatMut, MatRef, fmadd};
 use crate::tensor::{Tensor, volume};
+use crate::threads::{for_each_chunk, for_each_task};
+
+/// Most elements of the im2col matrix unrolled at once (1 MiB of `f32`):
+/// a band stays in cache between im2col and the GEMM's packing. Smaller
+/// bands make the GEMM calls too narrow (measured on ResNet-18).
+const PANEL_LEN: usize = 1 << 18;
 
 /// Runs Conv on X `[N, C, H, W]`, W `[M, C/group, kH, kW]` and B `[M]`.
 pub(crate) fn conv(
@@ -36,7 +48,8 @@ pub(crate) fn conv(
     let shape = vec![geo.batch, geo.out_channels, geo.h.output(), geo.w.output()];
     let len = volume(&shape)
         .ok_or_else(|| Mismatch(format!("the output shape {shape:?} is too large")))?;
-    let mut y = vec![0.0; len];
+    // Every strategy writes every output element.
+    let mut y = crate::buffers::take(len);
     if len > 0 {
         let bias = bias.map(Tensor::data);
         if geo.is_depthwise() {
@@ -166,86 +179,267 @@ fn grouped(
     let depth = group_channels * geo.kernel_len();
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let pointwise = geo.is_pointwise();
-    let col_len = if pointwise {
-        0
-    } else {
+    if !pointwise {
         volume(&[depth, out_plane])
-            .ok_or_else(|| Mismatch("the im2col matrix is too large".into()))?
-    };
+            .ok_or_else(|| Mismatch("the im2col matrix is too large".into()))?;
+    }
     let columns = geo.valid_columns();
+    let out_width = geo.w.output();
+    // Output rows per im2col band: the whole image when it fits.
+    let band = (PANEL_LEN / (depth * out_width).max(1)).clamp(1, geo.h.output());
 
-    // Computes the outputs of `unit` (batch item * group) into `out`.
-    let run = |col: &mut Vec<f32>, unit: usize, out: &mut [f32], parallel_im2col: bool| {
+    // Computes the outputs of `unit` (batch item * group) into `out`,
+    // unrolling into `col`; `threaded` lets it split the work over threads.
+    let run = |col: &mut Vec<f32>, unit: usize, out: &mut [f32], threaded: bool| {
         let (n, g) = (unit / geo.group, unit % geo.group);
         let image =
             &x[(n * geo.channels + g * group_channels) * in_plane..][..group_channels * in_plane];
-        let rhs: &[f32] = if pointwise {
-            image
-        } else {
-            col.resize(col_len, 0.0);
-            im2col(geo, &columns, image, col, parallel_im2col);
-            col
-        };
-        let beta = match bias {
-            Some(b) => {
-                let b = &b[g * group_outputs..][..group_outputs];
-                for (row, &b) in out.chunks_mut(out_plane).zip(b) {
-                    row.fill(b);
-                }
-                1.0
-            }
-            None => 0.0,
-        };
+        let bias = bias.map(|b| &b[g * group_outputs..][..group_outputs]);
         let weights = MatRef::new(&w[g * group_outputs * depth..], group_outputs, depth);
-        let rhs = MatRef::new(rhs, depth, out_plane);
-        kernels::gemm(
-            1.0,
-            weights,
-            rhs,
-            beta,
-            MatMut::new(out, group_outputs, out_plane),
-        );
-        activate(geo.activation, out);
+        let tasks = crate::threads::threads();
+        if threaded && tasks > 1 {
+            let unit = Unit {
+                geo,
+                columns: &columns,
+                image,
+                weights: &w[g * group_outputs * depth..][..group_outputs * depth],
+                bias,
+                depth,
+                band,
+            };
+            if pointwise && group_outputs >= ROW_SPLIT_MIN * tasks {
+                unit.by_channels(out, tasks);
+            } else {
+                unit.by_columns(out, tasks);
+            }
+            return;
+        }
+        if pointwise {
+            let rhs = MatRef::new(image, depth, out_plane);
+            let c = MatMut::new(out, group_outputs, out_plane);
+            kernels::gemm(1.0, weights, rhs, 0.0, c);
+            finish(out, out_plane, 0..out_plane, bias, geo.activation);
+            return;
+        }
+        for first_row in (0..geo.h.output()).step_by(band) {
+            let rows = first_row..(first_row + band).min(geo.h.output());
+            let cols = rows.len() * out_width;
+            grow(col, depth * cols);
+            let col = &mut col[..depth * cols];
+            im2col(geo, &columns, image, rows.clone(), col);
+            let rhs = MatRef::new(col, depth, cols);
+            let first = rows.start * out_width;
+            let c = MatMut::strided(&mut out[first..], group_outputs, cols, out_plane);
+            kernels::gemm(1.0, weights, rhs, 0.0, c);
+            let done = first..first + cols;
+            finish(out, out_plane, done, bias, geo.activation);
+        }
     };
 
     let units = geo.batch * geo.group;
     let unit_len = group_outputs * out_plane;
     if units > 1 && !kernels::splits_itself(group_outputs, depth, out_plane) {
-        // Small products: one rayon task per unit, each GEMM single-threaded.
-        y.par_chunks_mut(unit_len)
-            .enumerate()
-            .for_each_init(Vec::new, |col, (unit, out)| run(col, unit, out, false));
+        // Small products: one task per unit, each GEMM single-threaded.
+        for_each_chunk(y, unit_len, Vec::new, |col, unit, out| {
+            run(col, unit, out, false)
+        });
     } else {
-        // Large products: matrixmultiply threads each GEMM; rayon fills im2col.
-        let mut col = Vec::new();
+        // Large products: one at a time, each split over the threads
+        // (whose tasks have scratch of their own).
         for (unit, out) in y.chunks_mut(unit_len).enumerate() {
-            run(&mut col, unit, out, true);
+            if crate::threads::threads() > 1 {
+                run(&mut Vec::new(), unit, out, true);
+            } else {
+                with_scratch(|scratch| run(&mut scratch.columns, unit, out, true));
+            }
         }
     }
     Ok(())
 }
 
-/// Unrolls `image` (`[C/group, H, W]`) into `col`, whose row
-/// `(c * kH + ki) * kW + kj` holds, for every output cell, the input the
-/// kernel tap `(ki, kj)` of channel `c` reads there (0 in the padding).
+/// Fewest output channels per task for which a pointwise product is split
+/// by channels (each task then packs the whole image for the GEMM; fewer
+/// channels than this and splitting the image's columns is cheaper).
+const ROW_SPLIT_MIN: usize = 64;
+
+/// One batch item and group of a GEMM-strategy Conv, to be computed by
+/// several tasks at once, each doing its share of im2col, GEMM, bias and
+/// activation (one fork-join per unit).
+struct Unit<'a> {
+    geo: &'a Geometry,
+    columns: &'a [Range<usize>],
+    /// `[C/group, H, W]`.
+    image: &'a [f32],
+    /// `[M/group, depth]`.
+    weights: &'a [f32],
+    bias: Option<&'a [f32]>,
+    depth: usize,
+    /// Output rows per im2col band.
+    band: usize,
+}
+
+impl Unit<'_> {
+    /// Pointwise: each task computes a block of output channels, which is
+    /// a contiguous block of `out`.
+    fn by_channels(&self, out: &mut [f32], tasks: usize) {
+        let out_plane = self.geo.out_plane();
+        let outputs = out.len() / out_plane;
+        let per_task = outputs.div_ceil(tasks);
+        for_each_chunk(
+            out,
+            per_task * out_plane,
+            || (),
+            |(), block, out| {
+                let rows = out.len() / out_plane;
+                let first = block * per_task;
+                let weights = MatRef::new(&self.weights[first * self.depth..], rows, self.depth);
+                let rhs = MatRef::new(self.image, self.depth, out_plane);
+                kernels::gemm_single(1.0, weights, rhs, 0.0, MatMut::new(out, rows, out_plane));
+                for (r, row) in out.chunks_mut(out_plane).enumerate() {
+                    let b = self.bias.map_or(0.0, |b| b[first + r]);
+                    kernels::bias_activate(row, b, self.geo.activation);
+                }
+            },
+        );
+    }
+
+    /// Each task computes a range of output columns (pointwise) or of
+    /// output rows (im2col, band by band) for every channel, into a
+    /// buffer of its own, then copies it out with bias and activation.
+    fn by_columns(&self, out: &mut [f32], tasks: usize) {
+        let geo = self.geo;
+        let out_plane = geo.out_plane();
+        let pointwise = geo.is_pointwise();
+        // Work is split in steps of whole output rows for im2col.
+        let (steps, step_len) = if pointwise {
+            (out_plane, 1)
+        } else {
+            (geo.h.output(), geo.w.output())
+        };
+        let per_task = steps.div_ceil(tasks);
+        let ranges: Vec<Range<usize>> = (0..steps)
+            .step_by(per_task)
+            .map(|s| s..(s + per_task).min(steps))
+            .collect();
+        // Each task's segments of every output row (channel).
+        let mut segments: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::new()).collect();
+        for row in out.chunks_mut(out_plane) {
+            let mut rest = row;
+            for (task, range) in ranges.iter().enumerate() {
+                let (segment, tail) = rest.split_at_mut(range.len() * step_len);
+                segments[task].push(segment);
+                rest = tail;
+            }
+        }
+        let work: Vec<_> = ranges.into_iter().zip(segments).collect();
+        for_each_task(work, |(range, mut segments)| {
+            with_scratch(|scratch| {
+                let sub = if pointwise { range.len() } else { self.band };
+                for first in range.clone().step_by(sub.max(1)) {
+                    let steps = first..(first + sub).min(range.end);
+                    let cols = steps.len() * step_len;
+                    let rhs = if pointwise {
+                        MatRef::strided(&self.image[first..], self.depth, cols, out_plane)
+                    } else {
+                        grow(&mut scratch.columns, self.depth * cols);
+                        let col = &mut scratch.columns[..self.depth * cols];
+                        im2col(geo, self.columns, self.image, steps.clone(), col);
+                        MatRef::new(col, self.depth, cols)
+                    };
+                    let outputs = segments.len();
+                    grow(&mut scratch.product, outputs * cols);
+                    let product = &mut scratch.product[..outputs * cols];
+                    let weights = MatRef::new(self.weights, outputs, self.depth);
+                    kernels::gemm_single(
+                        1.0,
+                        weights,
+                        rhs,
+                        0.0,
+                        MatMut::new(product, outputs, cols),
+                    );
+                    let at = (steps.start - range.start) * step_len;
+                    for (r, (segment, row)) in
+                        segments.iter_mut().zip(product.chunks(cols)).enumerate()
+                    {
+                        let segment = &mut segment[at..at + cols];
+                        segment.copy_from_slice(row);
+                        let b = self.bias.map_or(0.0, |b| b[r]);
+                        kernels::bias_activate(segment, b, geo.activation);
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Working memory of one task of [`Unit::by_columns`].
+#[derive(Default)]
+struct Scratch {
+    columns: Vec<f32>,
+    product: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// Runs `f` with this thread's [`Scratch`], or a fresh one if it is in
+/// use further up this thread's stack (a task stolen while waiting).
+fn with_scratch(f: impl FnOnce(&mut Scratch)) {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut Scratch::default()),
+    });
+}
+
+/// Makes `buffer` at least `len` long; it never shrinks, so that the
+/// next, larger use does not zero it again.
+fn grow(buffer: &mut Vec<f32>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+}
+
+/// Adds the bias and applies the activation to columns `cols` of every
+/// `row_len`-long row (output channel) of `out`, while they are in cache.
+fn finish(
+    out: &mut [f32],
+    row_len: usize,
+    cols: Range<usize>,
+    bias: Option<&[f32]>,
+    activation: Activation,
+) {
+    if bias.is_none() && activation == Activation::None {
+        return;
+    }
+    for (r, row) in out.chunks_mut(row_len).enumerate() {
+        let b = bias.map_or(0.0, |b| b[r]);
+        kernels::bias_activate(&mut row[cols.clone()], b, activation);
+    }
+}
+
+/// Unrolls output rows `rows` of `image` (`[C/group, H, W]`) into `col`,
+/// whose row `(c * kH + ki) * kW + kj` holds, for every output cell of
+/// those rows, the input the kernel tap `(ki, kj)` of channel `c` reads
+/// there (0 in the padding).
 fn im2col(
     geo: &Geometry,
     columns: &[Range<usize>],
     image: &[f32],
+    rows: Range<usize>,
     col: &mut [f32],
-    parallel: bool,
 ) {
     let (width, out_width) = (geo.w.input(), geo.w.output());
     let in_plane = geo.in_plane();
     let stride = geo.w.stride();
-    let fill = |(r, row): (usize, &mut [f32])| {
+    let fill = |r: usize, row: &mut [f32]| {
         let (c, tap) = (r / geo.kernel_len(), r % geo.kernel_len());
         let (ki, kj) = (tap / geo.w.kernel(), tap % geo.w.kernel());
         let plane = &image[c * in_plane..][..in_plane];
-        let rows = geo.h.valid_outputs(ki);
+        let valid_rows = geo.h.valid_outputs(ki);
         let cols = columns[kj].clone();
-        for (oh, out) in row.chunks_mut(out_width).enumerate() {
-            if !rows.contains(&oh) || cols.is_empty() {
+        for (oh, out) in rows.clone().zip(row.chunks_mut(out_width)) {
+            if !valid_rows.contains(&oh) || cols.is_empty() {
                 out.fill(0.0);
                 continue;
             }
@@ -263,11 +457,9 @@ fn im2col(
             }
         }
     };
-    let out_plane = geo.out_plane();
-    if parallel {
-        col.par_chunks_mut(out_plane).enumerate().for_each(fill);
-    } else {
-        col.chunks_mut(out_plane).enumerate().for_each(fill);
+    let row_len = rows.len() * out_width;
+    for (r, row) in col.chunks_mut(row_len).enumerate() {
+        fill(r, row);
     }
 }
 
@@ -276,46 +468,295 @@ fn im2col(
 ///
 /// For each output row, every kernel tap adds a weighted, shifted input row
 /// segment: with stride 1 that is a vectorisable `y += w * x` over slices.
+/// 3x3 kernels with one cell of padding take [`kernels::depthwise3x3`].
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());
     let (kw, stride) = (geo.w.kernel(), geo.w.stride());
     let columns = geo.valid_columns();
-    y.par_chunks_mut(out_plane)
-        .enumerate()
-        .for_each(|(p, out)| {
-            let c = p % geo.channels;
-            let plane = &x[p * in_plane..][..in_plane];
-            let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
-            out.fill(bias.map_or(0.0, |b| b[c]));
-            for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
-                let span = geo.h.span(oh);
-                for t in 0..span.taps {
-                    let ki = span.first_tap + t;
-                    let src = &plane[(span.first + t * geo.h.dilation()) * width..][..width];
-                    for (kj, cols) in columns.iter().enumerate() {
-                        if cols.is_empty() {
-                            continue;
+    let fast = geo.h.is_3x3_pad1() && geo.w.is_3x3_pad1() && geo.h.stride() == stride;
+    for_each_chunk(y, out_plane, Vec::new, |scratch, p, out| {
+        let c = p % geo.channels;
+        let plane = &x[p * in_plane..][..in_plane];
+        let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
+        let b = bias.map_or(0.0, |b| b[c]);
+        if fast {
+            kernels::depthwise3x3(plane, width, stride, taps, b, out, out_width, scratch);
+            activate(geo.activation, out);
+            return;
+        }
+        out.fill(b);
+        for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
+            let span = geo.h.span(oh);
+            for t in 0..span.taps {
+                let ki = span.first_tap + t;
+                let src = &plane[(span.first + t * geo.h.dilation()) * width..][..width];
+                for (kj, cols) in columns.iter().enumerate() {
+                    if cols.is_empty() {
+                        continue;
+                    }
+                    let weight = taps[ki * kw + kj];
+                    let first = geo.w.input_index(cols.start, kj);
+                    let dst = &mut out_row[cols.clone()];
+                    if stride == 1 {
+                        let src = &src[first..first + dst.len()];
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d += weight * v;
                         }
-                        let weight = taps[ki * kw + kj];
-                        let first = geo.w.input_index(cols.start, kj);
-                        let dst = &mut out_row[cols.clone()];
-                        if stride == 1 {
-                            let src = &src[first..first + dst.len()];
-                            for (d, &v) in dst.iter_mut().zip(src) {
-                                *d += weight * v;
-                            }
-                        } else {
-                            let src = src[first..].iter().step_by(stride);
-                            for (d, &v) in dst.iter_mut().zip(src) {
-                                *d += weight * v;
-                            }
+                    } else {
+                        let src = src[first..].iter().step_by(stride);
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d += weight * v;
                         }
                     }
                 }
             }
-            activate(geo.activation, out);
-        });
+        }
+        activate(geo.activation, out);
+    });
+}
+
+/// One plane of a 3x3 depthwise convolution with one cell of padding on
+/// every side and stride 1 or 2 along both axes: `out` (`[OH, OW]`, with
+/// `OW = out_width`) gets `bias` plus the nine taps of `taps` (row-major)
+/// over `plane` (`[H, W]`, `W = width`). `scratch` is working memory.
+///
+/// Each output row is one pass over nine input slices of length `OW`, one
+/// per tap, that the loop reads in lockstep: with stride 1 they are the
+/// three input rows shifted by -1, 0 and +1 (the two edge columns are done
+/// apart); with stride 2 the input rows are first split into even and odd
+/// columns (with the padding) so that the slices are contiguous too.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise3x3_body<const FMA: bool>(
+    plane: &[f32],
+    width: usize,
+    stride: usize,
+    taps: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    out_width: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let height = plane.len() / width;
+    let taps: &[f32; 9] = taps.try_into().expect("a 3x3 kernel");
+    if out_width < FLAT_BELOW {
+        depthwise3x3_flat::<FMA>(plane, width, stride, taps, bias, out, out_width, scratch);
+        return;
+    }
+    if stride == 1 {
+        // Input rows -1 and H are padding: a zero row stands in for them.
+        scratch.clear();
+        scratch.resize(width, 0.0);
+        let zeros = &scratch[..];
+        let row = |r: usize| -> &[f32] {
+            if r == 0 || r > height {
+                zeros
+            } else {
+                &plane[(r - 1) * width..][..width]
+            }
+        };
+        for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+            let rows = [row(oh), row(oh + 1), row(oh + 2)];
+            let out_row = &mut out_row[..width];
+            if width >= 2 {
+                let n = width - 2;
+                let at = |r: usize, shift: usize| &rows[r][shift..shift + n];
+                nine_taps::<FMA>(
+                    &mut out_row[1..1 + n],
+                    [
+                        at(0, 0),
+                        at(0, 1),
+                        at(0, 2),
+                        at(1, 0),
+                        at(1, 1),
+                        at(1, 2),
+                        at(2, 0),
+                        at(2, 1),
+                        at(2, 2),
+                    ],
+                    taps,
+                    bias,
+                );
+            }
+            // Edge columns: the taps that land in the padding are skipped.
+            let last = width - 1;
+            let mut left = bias;
+            let mut right = bias;
+            for (ki, r) in rows.iter().enumerate() {
+                left = fmadd::<FMA>(taps[ki * 3 + 1], r[0], left);
+                if width >= 2 {
+                    left = fmadd::<FMA>(taps[ki * 3 + 2], r[1], left);
+                    right = fmadd::<FMA>(taps[ki * 3], r[last - 1], right);
+                    right = fmadd::<FMA>(taps[ki * 3 + 1], r[last], right);
+                }
+            }
+            out_row[0] = left;
+            if width >= 2 {
+                out_row[last] = right;
+            }
+        }
+        return;
+    }
+    // Stride 2. Padded row r (input row r - 1; rows 0 and H + 1 are zero)
+    // becomes `even` (padded columns 0, 2, .., 2 OW: OW + 1 cells) then
+    // `odd` (padded columns 1, 3, .., 2 OW - 1: OW cells). Output column j
+    // then reads even[j], odd[j] and even[j + 1].
+    let pitch = 2 * out_width + 1;
+    scratch.clear();
+    scratch.resize(pitch * (height + 2), 0.0);
+    for (r, src) in plane.chunks_exact(width).enumerate() {
+        let dst = &mut scratch[(r + 1) * pitch..][..pitch];
+        let (even, odd) = dst.split_at_mut(out_width + 1);
+        // Padded column c is input column c - 1.
+        deinterleave(src, odd, &mut even[1..]);
+    }
+    let scratch = &scratch[..];
+    for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+        let padded = |ki: usize| &scratch[(2 * oh + ki) * pitch..][..pitch];
+        let rows = [padded(0), padded(1), padded(2)];
+        let at = |r: usize, offset: usize| &rows[r][offset..offset + out_width];
+        let (even, odd, next) = (0, out_width + 1, 1);
+        nine_taps::<FMA>(
+            out_row,
+            [
+                at(0, even),
+                at(0, odd),
+                at(0, next),
+                at(1, even),
+                at(1, odd),
+                at(1, next),
+                at(2, even),
+                at(2, odd),
+                at(2, next),
+            ],
+            taps,
+            bias,
+        );
+    }
+}
+
+/// Output rows narrower than this go through [`depthwise3x3_flat`].
+const FLAT_BELOW: usize = 32;
+
+/// [`depthwise3x3_body`] for narrow planes (14x14, 7x7), whose rows are
+/// too short to fill vectors: the padded input is laid out so that all
+/// output cells, as one flat array with a few padding columns, read the
+/// nine taps at fixed offsets; one loop then covers the whole plane and
+/// the valid columns are copied out.
+///
+/// With stride 1 the layout is the padded plane, `W + 2` wide. With
+/// stride 2 it is its four sub-planes of even or odd rows and columns,
+/// `OW + 1` wide each, so that the taps are contiguous again.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise3x3_flat<const FMA: bool>(
+    plane: &[f32],
+    width: usize,
+    stride: usize,
+    taps: &[f32; 9],
+    bias: f32,
+    out: &mut [f32],
+    out_width: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let height = plane.len() / width;
+    let out_height = out.len() / out_width;
+    // `pitch`: row length of the layout and of the flat output; `source`:
+    // layout length; `offsets`: where each tap's stream starts in it.
+    let (pitch, source, offsets) = if stride == 1 {
+        let q = width + 2;
+        let offsets = [0, 1, 2, q, q + 1, q + 2, 2 * q, 2 * q + 1, 2 * q + 2];
+        (q, (height + 2) * q, offsets)
+    } else {
+        let q = out_width + 1;
+        let sub = (out_height + 1) * q;
+        // Sub-planes: even rows even columns (ee), even-odd (eo), odd-even
+        // (oe), odd-odd (oo), in that order.
+        let (ee, eo, oe, oo) = (0, sub, 2 * sub, 3 * sub);
+        let offsets = [ee, eo, ee + 1, oe, oo, oe + 1, ee + q, eo + q, ee + q + 1];
+        (q, 4 * sub, offsets)
+    };
+    let flat = out_height * pitch - (pitch - out_width);
+    scratch.clear();
+    scratch.resize(source + flat, 0.0);
+    let (layout, ext) = scratch.split_at_mut(source);
+    if stride == 1 {
+        for (r, src) in plane.chunks_exact(width).enumerate() {
+            layout[(r + 1) * pitch + 1..][..width].copy_from_slice(src);
+        }
+    } else {
+        let sub = source / 4;
+        // Padded row r is input row r - 1; padded column c is input column
+        // c - 1. Sub-plane row a of the even planes is padded row 2a.
+        for (r, src) in plane.chunks_exact(width).enumerate() {
+            let padded = r + 1;
+            let base = (padded % 2) * 2 * sub + (padded / 2) * pitch;
+            let (evens, odds) = layout[base..].split_at_mut(sub);
+            // Even padded columns 2b are input columns 2b - 1.
+            deinterleave(src, &mut odds[..pitch], &mut evens[1..pitch]);
+        }
+    }
+    let layout = &*layout;
+    let at = |t: usize| &layout[offsets[t]..][..flat];
+    nine_taps::<FMA>(
+        ext,
+        [
+            at(0),
+            at(1),
+            at(2),
+            at(3),
+            at(4),
+            at(5),
+            at(6),
+            at(7),
+            at(8),
+        ],
+        taps,
+        bias,
+    );
+    for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+        out_row.copy_from_slice(&ext[oh * pitch..][..out_width]);
+    }
+}
+
+/// Copies the cells of `src` at even indices into `evens` and those at odd
+/// indices into `odds`, as far as each reaches. Pairs, not `step_by`, so
+/// that the loops vectorise.
+#[inline(always)]
+fn deinterleave(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
+    let (pairs, rest) = src.as_chunks::<2>();
+    for (e, pair) in evens.iter_mut().zip(pairs) {
+        *e = pair[0];
+    }
+    for (o, pair) in odds.iter_mut().zip(pairs) {
+        *o = pair[1];
+    }
+    if let (Some(&last), Some(e)) = (rest.first(), evens.get_mut(pairs.len())) {
+        *e = last;
+    }
+}
+
+/// `out[j] = bias + sum_t taps[t] * src[t][j]`, with three partial sums
+/// (one per kernel row) so that the loop is not one long dependency chain.
+#[inline(always)]
+fn nine_taps<const FMA: bool>(out: &mut [f32], src: [&[f32]; 9], taps: &[f32; 9], bias: f32) {
+    let n = out.len();
+    let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = src;
+    let (s0, s1, s2) = (&s0[..n], &s1[..n], &s2[..n]);
+    let (s3, s4, s5) = (&s3[..n], &s4[..n], &s5[..n]);
+    let (s6, s7, s8) = (&s6[..n], &s7[..n], &s8[..n]);
+    let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = *taps;
+    for j in 0..n {
+        let top = fmadd::<FMA>(
+            w2,
+            s2[j],
+            fmadd::<FMA>(w1, s1[j], fmadd::<FMA>(w0, s0[j], bias)),
+        );
+        let mid = fmadd::<FMA>(w5, s5[j], fmadd::<FMA>(w4, s4[j], w3 * s3[j]));
+        let bottom = fmadd::<FMA>(w8, s8[j], fmadd::<FMA>(w7, s7[j], w6 * s6[j]));
+        out[j] = top + mid + bottom;
+    }
 }
 
 #[cfg(test)]
@@ -461,6 +902,11 @@ mod tests {
             case([1, 5, 7, 7], 5, 5, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             case([3, 4, 9, 8], 4, 4, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
             case([2, 3, 9, 9], 3, 3, [3, 2], [1, 3], [2, 0, 1, 2], [2, 2]),
+            // 3x3 depthwise, pad 1, stride 1 and 2, rows wider than a vector
+            case([2, 3, 20, 37], 3, 3, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            case([1, 2, 21, 40], 2, 2, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
+            case([1, 2, 1, 1], 2, 2, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            case([1, 2, 2, 3], 2, 2, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
             // depthwise with a channel multiplier goes through im2col
             case([2, 3, 6, 6], 6, 3, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             // kernel as large as the padded input
@@ -476,9 +922,12 @@ mod tests {
 
     #[test]
     fn big_products_take_the_threaded_path() {
-        // 64 x 576 x 1024: matrixmultiply threads it, units run in sequence.
+        // 64 x 576 x 1024: the GEMM threads it (given threads), units run
+        // in sequence.
         let c = case([2, 64, 32, 32], 64, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]);
-        assert!(kernels::splits_itself(64, 64 * 9, 1024));
+        if crate::threads::threads() > 1 {
+            assert!(kernels::splits_itself(64, 64 * 9, 1024));
+        }
         check(&c, 5);
     }
 

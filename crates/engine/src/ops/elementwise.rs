@@ -43,10 +43,46 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 
 /// Applies a fused activation in place.
 pub(crate) fn activate(activation: Activation, data: &mut [f32]) {
-    match activation {
-        Activation::None => {}
-        Activation::Relu => data.iter_mut().for_each(|v| *v = relu(*v)),
-        Activation::Clip { min, max } => data.iter_mut().for_each(|v| *v = clip(*v, min, max)),
+    if activation != Activation::None {
+        crate::kernels::bias_activate(data, 0.0, activation);
+    }
+}
+
+/// Relu or Clip as a node: in place when the executor hands the value over.
+pub(crate) fn activation(x: Cow<'_, Tensor>, activation: Activation) -> Tensor {
+    match x {
+        Cow::Owned(mut x) => {
+            activate(activation, x.data_mut());
+            x
+        }
+        Cow::Borrowed(x) => match activation {
+            Activation::None => x.clone(),
+            Activation::Relu => map(Cow::Borrowed(x), relu),
+            Activation::Clip { min, max } => map(Cow::Borrowed(x), |v| clip(v, min, max)),
+        },
+    }
+}
+
+/// `data[i] = activation(data[i] + bias)`; adding a zero bias is skipped,
+/// so that `-0.0` stays `-0.0`. Compiled per instruction set by
+/// `kernels::bias_activate`.
+#[inline(always)]
+pub(crate) fn bias_activate_body<const FMA: bool>(
+    data: &mut [f32],
+    bias: f32,
+    activation: Activation,
+) {
+    match (activation, bias == 0.0) {
+        (Activation::None, true) => {}
+        (Activation::None, false) => data.iter_mut().for_each(|v| *v += bias),
+        (Activation::Relu, true) => data.iter_mut().for_each(|v| *v = relu(*v)),
+        (Activation::Relu, false) => data.iter_mut().for_each(|v| *v = relu(*v + bias)),
+        (Activation::Clip { min, max }, true) => {
+            data.iter_mut().for_each(|v| *v = clip(*v, min, max))
+        }
+        (Activation::Clip { min, max }, false) => {
+            data.iter_mut().for_each(|v| *v = clip(*v + bias, min, max))
+        }
     }
 }
 
@@ -60,10 +96,16 @@ pub(crate) fn binary(
     match (a, b) {
         (Cow::Owned(mut a), b) if a.shape() == plan.shape() => {
             update(a.data_mut(), b.data(), &plan, f);
+            if let Cow::Owned(b) = b {
+                crate::buffers::give(b.into_parts().1);
+            }
             Ok(a)
         }
         (a, Cow::Owned(mut b)) if b.shape() == plan.shape() => {
             update(b.data_mut(), a.data(), &plan.swapped(), move |y, x| f(x, y));
+            if let Cow::Owned(a) = a {
+                crate::buffers::give(a.into_parts().1);
+            }
             Ok(b)
         }
         (a, b) => {

@@ -2,12 +2,11 @@
 //! (numpy `matmul`). Both end in [`kernels::gemm`]; transposes are strides,
 //! never copies.
 
-use rayon::prelude::*;
-
 use super::broadcast::Broadcast;
 use super::{KernelResult, Mismatch};
 use crate::kernels::{self, MatMut, MatRef};
 use crate::tensor::{Tensor, volume};
+use crate::threads::for_each_chunk;
 
 /// Gemm's attributes.
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +39,8 @@ pub(crate) fn gemm(attrs: GemmAttrs, a: &Tensor, b: &Tensor, c: Option<&Tensor>)
     let shape = vec![m, n];
     let len = volume(&shape)
         .ok_or_else(|| Mismatch(format!("the output shape {shape:?} is too large")))?;
-    let mut y = vec![0.0; len];
+    // Written whole below: C broadcast then beta = 1, or beta = 0.
+    let mut y = crate::buffers::take(len);
     let mut beta = 0.0;
     if let Some(c) = c {
         let plan = Broadcast::new(c.shape(), &shape)
@@ -141,9 +141,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> KernelResult {
             .zip(pairs)
             .for_each(|(out, p)| product(p, out));
     } else {
-        y.par_chunks_mut(y_len)
-            .zip(pairs)
-            .for_each(|(out, p)| product(p, out));
+        for_each_chunk(&mut y, y_len, || (), |(), i, out| product(pairs[i], out));
     }
     Ok(Tensor::from_parts(shape, y))
 }

@@ -18,7 +18,10 @@ mod window;
 use std::borrow::Cow;
 use std::ops::RangeInclusive;
 
-use crate::graph::Op;
+pub(crate) use conv::depthwise3x3_body;
+pub(crate) use elementwise::bias_activate_body;
+
+use crate::graph::{Activation, Op};
 use crate::tensor::Tensor;
 
 /// Why a kernel cannot run on its operands: what was expected and what came.
@@ -50,13 +53,17 @@ pub(crate) fn arity(op: &Op) -> RangeInclusive<usize> {
 
 /// Runs `op` on `inputs`.
 pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
-    use elementwise::{binary, clip, map, relu, sigmoid};
+    use elementwise::{activation, binary, map, sigmoid};
     match op {
-        Op::Conv(attrs) => match inputs.as_slice() {
-            [x, w] => conv::conv(attrs, x, w, None),
-            [x, w, b] => conv::conv(attrs, x, w, Some(b)),
-            _ => Err(wrong_arity(op, inputs.len())),
-        },
+        Op::Conv(attrs) => {
+            let y = match inputs.as_slice() {
+                [x, w] => conv::conv(attrs, x, w, None),
+                [x, w, b] => conv::conv(attrs, x, w, Some(b)),
+                _ => Err(wrong_arity(op, inputs.len())),
+            };
+            recycle(inputs);
+            y
+        }
         &Op::Gemm {
             alpha,
             beta,
@@ -69,34 +76,45 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
                 trans_a,
                 trans_b,
             };
-            match inputs.as_slice() {
+            let y = match inputs.as_slice() {
                 [a, b] => gemm::gemm(attrs, a, b, None),
                 [a, b, c] => gemm::gemm(attrs, a, b, Some(c)),
                 _ => Err(wrong_arity(op, inputs.len())),
-            }
+            };
+            recycle(inputs);
+            y
         }
         Op::MatMul => {
             let [a, b] = operands(op, inputs)?;
             gemm::matmul(&a, &b)
         }
-        Op::Relu => Ok(map(single(op, inputs)?, relu)),
-        &Op::Clip { min, max } => Ok(map(single(op, inputs)?, |x| clip(x, min, max))),
+        Op::Relu => Ok(activation(single(op, inputs)?, Activation::Relu)),
+        &Op::Clip { min, max } => Ok(activation(
+            single(op, inputs)?,
+            Activation::Clip { min, max },
+        )),
         Op::Sigmoid => Ok(map(single(op, inputs)?, sigmoid)),
         Op::Tanh => Ok(map(single(op, inputs)?, f32::tanh)),
         Op::MaxPool(attrs) => {
             let x = single(op, inputs)?;
-            pool::max_pool(attrs, &x)
+            let y = pool::max_pool(attrs, &x);
+            recycle(vec![x]);
+            y
         }
         Op::AveragePool {
             pool,
             count_include_pad,
         } => {
             let x = single(op, inputs)?;
-            pool::average_pool(pool, *count_include_pad, &x)
+            let y = pool::average_pool(pool, *count_include_pad, &x);
+            recycle(vec![x]);
+            y
         }
         Op::GlobalAveragePool => {
             let x = single(op, inputs)?;
-            pool::global_average_pool(&x)
+            let y = pool::global_average_pool(&x);
+            recycle(vec![x]);
+            y
         }
         Op::Add => {
             let [a, b] = operands(op, inputs)?;
@@ -119,6 +137,16 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
         Op::Reshape { shape, allowzero } => shape::reshape(shape, *allowzero, single(op, inputs)?),
         Op::Softmax { axis } => softmax::softmax(*axis, single(op, inputs)?),
         Op::Identity => Ok(single(op, inputs)?.into_owned()),
+    }
+}
+
+/// Offers the buffers of the operands the executor handed over (and the
+/// kernel did not reuse) to later kernels of this run.
+fn recycle(inputs: Vec<Cow<'_, Tensor>>) {
+    for input in inputs {
+        if let Cow::Owned(t) = input {
+            crate::buffers::give(t.into_parts().1);
+        }
     }
 }
 

@@ -6,12 +6,11 @@
 //! the window's in-bounds cells, or with `count_include_pad` by its cells
 //! inside the padded extent (a `ceil_mode` window is clipped there).
 
-use rayon::prelude::*;
-
 use super::window::{Axis, Span};
 use super::{KernelResult, Mismatch};
 use crate::graph::PoolAttrs;
 use crate::tensor::{Tensor, volume};
+use crate::threads::{for_each_chunk, map_range};
 
 /// MaxPool. A window with no cell in the input (possible only with
 /// dilation) yields `f32::MIN`, as onnxruntime's does.
@@ -59,10 +58,10 @@ pub(crate) fn global_average_pool(x: &Tensor) -> KernelResult {
         vec![f32::NAN; planes]
     } else {
         debug_assert_eq!(volume(spatial), Some(size));
-        x.data()
-            .par_chunks(size)
-            .map(|plane| plane.iter().sum::<f32>() / size as f32)
-            .collect()
+        let data = x.data();
+        map_range(planes, |p| {
+            data[p * size..][..size].iter().sum::<f32>() / size as f32
+        })
     };
     Ok(Tensor::from_parts(out_shape, y))
 }
@@ -120,10 +119,13 @@ fn pool(attrs: &PoolAttrs, x: &Tensor, reduce: impl Fn(&Window<'_>) -> f32 + Syn
     let rows: Vec<Span> = (0..h.output()).map(|o| h.span(o)).collect();
     let cols: Vec<Span> = (0..w.output()).map(|o| w.span(o)).collect();
     let in_plane = height * width;
-    let mut y = vec![0.0; len];
-    y.par_chunks_mut(h.output() * w.output())
-        .enumerate()
-        .for_each(|(p, out)| {
+    // Every output cell is written below.
+    let mut y = crate::buffers::take(len);
+    for_each_chunk(
+        &mut y,
+        h.output() * w.output(),
+        || (),
+        |(), p, out| {
             let plane = &x.data()[p * in_plane..][..in_plane];
             for (out_row, &rows) in out.chunks_mut(w.output()).zip(&rows) {
                 for (o, &cols) in out_row.iter_mut().zip(&cols) {
@@ -137,7 +139,8 @@ fn pool(attrs: &PoolAttrs, x: &Tensor, reduce: impl Fn(&Window<'_>) -> f32 + Syn
                     });
                 }
             }
-        });
+        },
+    );
     Ok(Tensor::from_parts(shape, y))
 }
 

@@ -118,6 +118,16 @@ impl Axis {
         self.kernel == 1 && self.stride == 1 && self.padded == self.input
     }
 
+    /// True for 3 undilated taps with one cell of padding at each end and
+    /// stride 1 or 2: the windows `depthwise3x3_body` computes.
+    pub(crate) fn is_3x3_pad1(&self) -> bool {
+        self.kernel == 3
+            && self.dilation == 1
+            && self.pad_begin == 1
+            && self.padded == self.input + 2
+            && (self.stride == 1 || self.stride == 2)
+    }
+
     /// The taps of output cell `o` (`o < output`).
     pub(crate) fn span(&self, o: usize) -> Span {
         let start = o * self.stride;

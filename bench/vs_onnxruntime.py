@@ -1,0 +1,124 @@
+"""The comparison behind bench/vs-onnxruntime (run that script, not this file).
+
+For each model, batch size and thread count: onnxruntime times the model in
+this process, `mlcapsule bench --plain-only --json` times it in a child
+process, and the two take turns for several rounds so that a busy machine
+slows both alike. Each round gives a median per engine; the table shows the
+median of those medians and their ratio. Outputs are compared once per
+model and batch size through `mlcapsule run --output`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+DEFAULT_MODELS = ["build/models/mobilenetv2.onnx", "build/models/resnet18.onnx", "build/models/vgg16.onnx"]
+TOLERANCE = 1e-4
+
+
+def session(path, threads):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def input_for(sess, batch):
+    info = sess.get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in info.shape[1:]]
+    return info.name, np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def time_ort(sess, feed, runs):
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def time_ours(mlcapsule, path, threads, batch, runs):
+    out = subprocess.run(
+        [mlcapsule, "bench", "--model", path, "--threads", str(threads), "--batch", str(batch),
+         "--runs", str(runs), "--plain-only", "--json"],
+        check=True, capture_output=True, text=True)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    return line["median_ms"]
+
+
+def check_outputs(mlcapsule, path, sess, name, x):
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, outp = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
+        np.save(inp, x)
+        subprocess.run([mlcapsule, "run", path, inp, "--output", outp], check=True, capture_output=True)
+        ours = np.load(outp)
+    ref = sess.run(None, {name: x})[0]
+    if ours.shape != ref.shape:
+        return float("inf")
+    return float(np.max(np.abs(ours - ref) / np.maximum(np.abs(ref), 1.0)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", help="ONNX files [default: build/models/{mobilenetv2,resnet18,vgg16}.onnx, those present]")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts [1,2]")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes [1,8]")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per case [5]")
+    p.add_argument("--seconds", type=float, default=1.0, help="time each engine spends per round [1.0]")
+    p.add_argument("--mlcapsule", default="target/release/mlcapsule")
+    args = p.parse_args()
+    models = args.models or [m for m in DEFAULT_MODELS if os.path.exists(m)]
+    if not models:
+        sys.exit("no models: run scripts/models.sh, or name ONNX files")
+    threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+
+    print(f"onnxruntime {ort.__version__}, {args.rounds} alternating rounds per case; ms are medians")
+    print(f"{'model':<14} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9}  outputs")
+    failed = False
+    for path in models:
+        model = os.path.splitext(os.path.basename(path))[0]
+        for batch in batches:
+            checked = None
+            for t in threads:
+                sess = session(path, t)
+                name, x = input_for(sess, batch)
+                feed = {name: x}
+                if checked is None:
+                    checked = check_outputs(args.mlcapsule, path, sess, name, x)
+                    failed |= not checked <= TOLERANCE
+                sess.run(None, feed)
+                start = time.perf_counter()
+                sess.run(None, feed)
+                once = (time.perf_counter() - start) * 1e3
+                runs = max(3, min(50, int(args.seconds * 1e3 / max(once, 1e-3))))
+                ort_ms, ours_ms = [], []
+                for r in range(args.rounds):
+                    # Alternate which engine goes first.
+                    order = [0, 1] if r % 2 == 0 else [1, 0]
+                    for which in order:
+                        if which == 0:
+                            ort_ms.append(time_ort(sess, feed, runs))
+                        else:
+                            ours_ms.append(time_ours(args.mlcapsule, path, t, batch, runs))
+                o, u = statistics.median(ort_ms), statistics.median(ours_ms)
+                verdict = f"max rel err {checked:.1e} {'ok' if checked <= TOLERANCE else 'FAIL'}"
+                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f}  {verdict}", flush=True)
+                del sess
+    if failed:
+        sys.exit(f"outputs differ from onnxruntime by more than {TOLERANCE}")
+
+
+if __name__ == "__main__":
+    main()

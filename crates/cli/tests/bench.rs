@@ -1,0 +1,65 @@
+//! CI's smoke run of `mlcapsule bench`: the smallest case, JSON lines with
+//! the keys other tools read. Timings are not checked: benchmarks are not
+//! tests.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("the mlcapsule binary runs");
+    assert!(
+        out.status.success(),
+        "mlcapsule bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
+#[test]
+fn quick_json_has_every_mode_and_key() {
+    let lines = bench(&["--quick", "--json"]);
+    let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["plain", "sealed-streaming", "sealed-cached"]);
+    for line in &lines {
+        assert_eq!(line["case"], "dense 256x256");
+        assert_eq!(line["batch"], 1);
+        assert!(line["threads"].as_u64().unwrap() >= 1);
+        let (min, median, max) = (
+            line["min_ms"].as_f64().unwrap(),
+            line["median_ms"].as_f64().unwrap(),
+            line["max_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 <= min && min <= median && median <= max, "{line}");
+    }
+    assert!(lines[1]["aes_bound_ms"].as_f64().unwrap() > 0.0);
+    assert!(lines[1]["ratio_to_plain"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn a_user_model_in_plain_mode_only() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
+    let lines = bench(&[
+        "--model",
+        model,
+        "--threads",
+        "1",
+        "--batch",
+        "2",
+        "--runs",
+        "2",
+        "--plain-only",
+        "--json",
+    ]);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["case"], "mnist-cnn");
+    assert_eq!(lines[0]["mode"], "plain");
+    assert_eq!(lines[0]["threads"], 1);
+    assert_eq!(lines[0]["batch"], 2);
+}

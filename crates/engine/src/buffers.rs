@@ -1,0 +1,109 @@
+//! Output buffers recycled within one run of a plan.
+//!
+//! Every kernel that computes into a new tensor would otherwise get a
+//! freshly zeroed allocation per node, and the zeroing alone is a pass over
+//! memory as long as the output. Instead, [`Plan::run`](crate::Plan::run)
+//! hands the buffers of values it frees to a small per-thread bin, and
+//! kernels that overwrite every element of their output [`take`] from it.
+//! When a run ends the bin keeps at most [`KEEP_BYTES`] of its smallest
+//! buffers for the next run on the same thread (a batch-1 network's
+//! intermediates) and frees the rest.
+
+use std::cell::RefCell;
+
+/// Most buffers the bin holds.
+const CAPACITY: usize = 8;
+
+/// Most bytes the bin keeps between runs.
+const KEEP_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static BIN: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` values whose contents are unspecified (zeros, or an
+/// earlier value of this run): the caller must overwrite every element.
+pub(crate) fn take(len: usize) -> Vec<f32> {
+    let reused = BIN.with_borrow_mut(|bin| {
+        let best = bin
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i)?;
+        Some(bin.swap_remove(best))
+    });
+    match reused {
+        Some(mut v) => {
+            if v.len() >= len {
+                v.truncate(len);
+            } else {
+                v.resize(len, 0.0);
+            }
+            v
+        }
+        None => vec![0.0; len],
+    }
+}
+
+/// Offers `buffer` for reuse by a later [`take`] in this run.
+pub(crate) fn give(buffer: Vec<f32>) {
+    if buffer.capacity() == 0 {
+        return;
+    }
+    BIN.with_borrow_mut(|bin| {
+        if bin.len() == CAPACITY {
+            // Keep the largest buffers: they are the costly ones to zero.
+            let smallest = (0..bin.len()).min_by_key(|&i| bin[i].capacity());
+            match smallest {
+                Some(i) if bin[i].capacity() < buffer.capacity() => bin[i] = buffer,
+                _ => {}
+            }
+        } else {
+            bin.push(buffer);
+        }
+    });
+}
+
+/// Frees all but [`KEEP_BYTES`] of the smallest buffers (at the end of a run).
+pub(crate) fn trim() {
+    BIN.with_borrow_mut(|bin| {
+        bin.sort_unstable_by_key(Vec::capacity);
+        let mut kept = 0usize;
+        bin.retain(|v| {
+            kept = kept.saturating_add(v.capacity() * size_of::<f32>());
+            kept <= KEEP_BYTES
+        });
+    });
+}
+
+/// Frees every buffer in the bin.
+#[cfg(test)]
+fn clear() {
+    BIN.with_borrow_mut(Vec::clear);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_the_smallest_buffer_that_fits() {
+        clear();
+        give(vec![1.0; 100]);
+        give(vec![2.0; 10]);
+        give(vec![3.0; 50]);
+        let v = take(20);
+        assert_eq!(v.len(), 20);
+        assert_eq!(v[0], 3.0);
+        let w = take(200);
+        assert_eq!(w, vec![0.0; 200]);
+        clear();
+        assert_eq!(take(5), vec![0.0; 5]);
+        give(vec![1.0; KEEP_BYTES / 4 + 1]);
+        give(vec![1.0; 7]);
+        trim();
+        assert_eq!(take(7), vec![1.0; 7]);
+        assert_eq!(take(8), vec![0.0; 8]);
+    }
+}

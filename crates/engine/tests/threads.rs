@@ -1,0 +1,104 @@
+//! One thread or several: the same network gives the same outputs. Its own
+//! test binary, because [`set_threads`] is process-wide.
+
+use std::collections::HashMap;
+
+use capsule_engine::{
+    Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo, set_threads,
+    threads,
+};
+
+fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
+    Node {
+        name: name.into(),
+        op,
+        inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        outputs: vec![name.into()],
+    }
+}
+
+fn conv(kernel: usize, stride: usize, group: usize) -> Op {
+    Op::Conv(ConvAttrs {
+        kernel: [kernel, kernel],
+        strides: [stride, stride],
+        pads: [kernel / 2; 4],
+        dilations: [1, 1],
+        group,
+        activation: Activation::None,
+    })
+}
+
+fn values(shape: &[usize], seed: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data = (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    Tensor::new(shape.to_vec(), data).unwrap()
+}
+
+/// Big enough that every kernel takes its threaded path: a 3x3 conv
+/// (im2col), a 3x3 depthwise with stride 2, a pointwise conv with ReLU6, a
+/// max pool and a dense layer.
+fn network() -> (Graph, HashMap<String, Tensor>) {
+    let params = [
+        ("a.w", vec![32, 16, 3, 3]),
+        ("a.b", vec![32]),
+        ("dw.w", vec![32, 1, 3, 3]),
+        ("pw.w", vec![64, 32, 1, 1]),
+        ("fc.w", vec![10, 64 * 16 * 16]),
+    ];
+    let graph = Graph {
+        inputs: vec![ValueInfo {
+            name: "x".into(),
+            shape: vec![None, Some(16), Some(32), Some(32)],
+        }],
+        params: params
+            .iter()
+            .map(|(name, shape)| ParamInfo {
+                name: name.to_string(),
+                shape: shape.clone(),
+            })
+            .collect(),
+        nodes: vec![
+            node("a", conv(3, 1, 1), &["x", "a.w", "a.b"]),
+            node("relu", Op::Relu, &["a"]),
+            node("dw", conv(3, 2, 32), &["relu", "dw.w"]),
+            node("pw", conv(1, 1, 1), &["dw", "pw.w"]),
+            node("clip", Op::Clip { min: 0.0, max: 6.0 }, &["pw"]),
+            node("flat", Op::Flatten { axis: 1 }, &["clip"]),
+            node(
+                "fc",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["flat", "fc.w"],
+            ),
+        ],
+        outputs: vec!["fc".into()],
+    };
+    let weights = params
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| (name.to_string(), values(shape, i + 1)))
+        .collect();
+    (graph, weights)
+}
+
+#[test]
+fn one_thread_and_two_agree() {
+    let (graph, weights) = network();
+    let model = Model::new(graph, weights).unwrap();
+    let x = values(&[2, 16, 32, 32], 9);
+    set_threads(2);
+    let two = model.run(std::slice::from_ref(&x)).unwrap();
+    set_threads(1);
+    assert_eq!(threads(), 1);
+    let one = model.run(&[x]).unwrap();
+    assert_eq!(one[0].shape(), &[2, 10]);
+    for (a, b) in one[0].data().iter().zip(two[0].data()) {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}

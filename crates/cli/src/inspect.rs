@@ -87,7 +87,16 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         println!("outputs      {}", graph.outputs.join(", "));
         println!("nodes        {}", graph.nodes.len());
     }
-    println!("parameters   {}", header.param_count());
+    let detector_parameters: u64 = header
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with(capsule_format::DETECTOR_PREFIX))
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
+    println!(
+        "parameters   {}",
+        header.param_count() - detector_parameters
+    );
     match &header.preprocessing {
         Some(p) => println!(
             "images       {}x{}, {} channel(s), scale {}, mean {:?}, std {:?}{}",
@@ -133,12 +142,7 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         println!(
             "detector     {} layers, {} parameters, {}; sees input x {} + {}",
             header.detector_layers(),
-            header
-                .tensors
-                .iter()
-                .filter(|t| t.name.starts_with(capsule_format::DETECTOR_PREFIX))
-                .map(|t| t.shape.iter().product::<usize>())
-                .sum::<usize>(),
+            detector_parameters,
             network.map_or("graph not readable".into(), |g| format!(
                 "{} nodes",
                 g.nodes.len()

@@ -2,13 +2,15 @@
 //! a PNG plot and a JSON report into `--out`.
 //!
 //! The full runs take minutes on 2 cores and are not tests; `--quick` runs each in seconds
-//! for the smoke test `tests/lab.rs`:
+//! for the smoke test `tests/lab.rs` (floors not expected there):
 //!
 //! ```text
-//! mlcapsule lab mia              # Figure 4: membership inference vs noise strength c
-//! mlcapsule lab prada            # PRADA: benign streams, JbDA and random-query attacks
-//! mlcapsule lab kennen --export models/detector   # kennen-io detector, exported
+//! mlcapsule lab mia      # Figure 4 on Fashion-MNIST: MIA vs noise strength c   (~2-5 min)
+//! mlcapsule lab prada    # PRADA: benign streams, JbDA and random queries       (~4 min)
+//! mlcapsule lab kennen --export models/detector   # kennen-io + detector        (~14 min)
 //! ```
+//!
+//! (Times measured with a debug build on 2 shared cores; a release build is faster.)
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

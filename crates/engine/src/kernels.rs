@@ -107,22 +107,6 @@ impl<'a> MatMut<'a> {
             row_stride: cols,
         }
     }
-
-    /// The `rows x cols` matrix whose rows start `row_stride` apart in
-    /// `data` (a block of columns of a wider matrix).
-    pub(crate) fn strided(
-        data: &'a mut [f32],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-    ) -> MatMut<'a> {
-        MatMut {
-            data,
-            rows,
-            cols,
-            row_stride,
-        }
-    }
 }
 
 /// Smallest product (in multiply-adds) worth splitting over threads.

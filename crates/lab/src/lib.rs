@@ -14,7 +14,7 @@
 //!   exported to our engine's IR ([`kennen::detector_graph`]).
 //!
 //! Every network the lab trains exports to `capsule_engine`'s IR ([`models::Cnn::to_engine`]),
-//! where it runs bit-for-bit the same computation as in candle to within 1e-4.
+//! where it computes the same outputs as in candle to within 1e-4 (tested).
 //!
 //! ```no_run
 //! use capsule_lab::{data::Dataset, mia};

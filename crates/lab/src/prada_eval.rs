@@ -294,13 +294,13 @@ pub fn run(data: &Dataset, config: &PradaConfig) -> Result<PradaReport, Error> {
 
     // Calibration: δ = min W over benign training-image streams, rounded down.
     let probe = PradaPolicy::new(0.01, PradaAction::Record);
-    let spare_classes = labels_of(&target, &spare.pixels)?;
     let mut calibration = Vec::new();
     for (i, order) in orders(&spare, config.streams, config.benign_queries, &mut rng)
         .into_iter()
         .enumerate()
     {
-        let (x, c) = gather(&spare, &spare_classes, &order);
+        let x = spare.select(&order)?.pixels;
+        let c = labels_of(&target, &x)?;
         calibration.push(stream(&format!("calibration {}", i + 1), &probe, &x, &c)?);
     }
     let min_w = calibration

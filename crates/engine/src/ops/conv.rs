@@ -188,74 +188,50 @@ fn grouped(
     // Output rows per im2col band: the whole image when it fits.
     let band = (PANEL_LEN / (depth * out_width).max(1)).clamp(1, geo.h.output());
 
-    // Computes the outputs of `unit` (batch item * group) into `out`,
-    // unrolling into `col`; `threaded` lets it split the work over threads.
-    let run = |col: &mut Vec<f32>, unit: usize, out: &mut [f32], threaded: bool| {
+    // Computes the outputs of `unit` (batch item * group) into `out` with
+    // `tasks` tasks.
+    let run = |unit: usize, out: &mut [f32], tasks: usize| {
         let (n, g) = (unit / geo.group, unit % geo.group);
         let image =
             &x[(n * geo.channels + g * group_channels) * in_plane..][..group_channels * in_plane];
-        let bias = bias.map(|b| &b[g * group_outputs..][..group_outputs]);
-        let weights = MatRef::new(&w[g * group_outputs * depth..], group_outputs, depth);
-        let tasks = crate::threads::threads();
-        if threaded && tasks > 1 {
-            let unit = Unit {
-                geo,
-                columns: &columns,
-                image,
-                weights: &w[g * group_outputs * depth..][..group_outputs * depth],
-                bias,
-                depth,
-                band,
-            };
-            if pointwise && group_outputs >= ROW_SPLIT_MIN * tasks {
-                unit.by_channels(out, tasks);
-            } else {
-                unit.by_columns(out, tasks);
-            }
-            return;
-        }
-        if pointwise {
-            let rhs = MatRef::new(image, depth, out_plane);
-            let c = MatMut::new(out, group_outputs, out_plane);
-            kernels::gemm(1.0, weights, rhs, 0.0, c);
-            finish(out, out_plane, 0..out_plane, bias, geo.activation);
-            return;
-        }
-        for first_row in (0..geo.h.output()).step_by(band) {
-            let rows = first_row..(first_row + band).min(geo.h.output());
-            let cols = rows.len() * out_width;
-            grow(col, depth * cols);
-            let col = &mut col[..depth * cols];
-            im2col(geo, &columns, image, rows.clone(), col);
-            let rhs = MatRef::new(col, depth, cols);
-            let first = rows.start * out_width;
-            let c = MatMut::strided(&mut out[first..], group_outputs, cols, out_plane);
-            kernels::gemm(1.0, weights, rhs, 0.0, c);
-            let done = first..first + cols;
-            finish(out, out_plane, done, bias, geo.activation);
-        }
+        let unit = Unit {
+            geo,
+            columns: &columns,
+            image,
+            weights: &w[g * group_outputs * depth..][..group_outputs * depth],
+            bias: bias.map(|b| &b[g * group_outputs..][..group_outputs]),
+            depth,
+            band,
+        };
+        let by_channels = tasks > 1 && pointwise && group_outputs >= ROW_SPLIT_MIN * tasks;
+        unit.tiles(out, tasks, by_channels);
     };
 
     let units = geo.batch * geo.group;
     let unit_len = group_outputs * out_plane;
-    if units > 1 && !kernels::splits_itself(group_outputs, depth, out_plane) {
-        // Small products: one task per unit, each GEMM single-threaded.
-        for_each_chunk(y, unit_len, Vec::new, |col, unit, out| {
-            run(col, unit, out, false)
-        });
+    let threads = crate::threads::threads();
+    // Enough units to share evenly, or products too small to split.
+    let by_units = (units >= threads && units.is_multiple_of(threads)) || units >= 4 * threads;
+    if units > 1 && (by_units || !kernels::splits_itself(group_outputs, depth, out_plane)) {
+        // One task per unit, each single-threaded.
+        for_each_chunk(y, unit_len, || (), |(), unit, out| run(unit, out, 1));
     } else {
-        // Large products: one at a time, each split over the threads
-        // (whose tasks have scratch of their own).
+        // One unit at a time, each split over the threads.
         for (unit, out) in y.chunks_mut(unit_len).enumerate() {
-            if crate::threads::threads() > 1 {
-                run(&mut Vec::new(), unit, out, true);
-            } else {
-                with_scratch(|scratch| run(&mut scratch.columns, unit, out, true));
-            }
+            run(unit, out, threads);
         }
     }
     Ok(())
 }
+
+/// Most elements of a task's GEMM output buffer for pointwise products
+/// (256 KiB): it stays in cache until copied out.
+const TILE_LEN: usize = 1 << 16;
+
+/// Deepest pointwise product cut into tiles: with few input channels the
+/// product is bound by writing its output, with more the GEMM's repacking
+/// of the weights for every tile costs more than the tiles save.
+const TILE_MAX_DEPTH: usize = 64;
 
 /// Fewest output channels per task for which a pointwise product is split
 /// by channels (each task then packs the whole image for the GEMM; fewer
@@ -279,62 +255,78 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
-    /// Pointwise: each task computes a block of output channels, which is
-    /// a contiguous block of `out`.
-    fn by_channels(&self, out: &mut [f32], tasks: usize) {
-        let out_plane = self.geo.out_plane();
-        let outputs = out.len() / out_plane;
-        let per_task = outputs.div_ceil(tasks);
-        for_each_chunk(
-            out,
-            per_task * out_plane,
-            || (),
-            |(), block, out| {
-                let rows = out.len() / out_plane;
-                let first = block * per_task;
-                let weights = MatRef::new(&self.weights[first * self.depth..], rows, self.depth);
-                let rhs = MatRef::new(self.image, self.depth, out_plane);
-                kernels::gemm_single(1.0, weights, rhs, 0.0, MatMut::new(out, rows, out_plane));
-                for (r, row) in out.chunks_mut(out_plane).enumerate() {
-                    let b = self.bias.map_or(0.0, |b| b[first + r]);
-                    kernels::bias_activate(row, b, self.geo.activation);
-                }
-            },
-        );
-    }
-
-    /// Each task computes a range of output columns (pointwise) or of
-    /// output rows (im2col, band by band) for every channel, into a
-    /// buffer of its own, then copies it out with bias and activation.
-    fn by_columns(&self, out: &mut [f32], tasks: usize) {
+    /// Computes the unit with `tasks` tasks, each taking a block of output
+    /// channels (`by_channels`, pointwise only: each task then reads the
+    /// whole image) or of output columns (pointwise) or rows (im2col) for
+    /// every channel. A task works through its block a few columns at a
+    /// time: im2col for them, the GEMM into a small buffer of its own, then
+    /// one pass that copies it out with bias and activation, so every
+    /// output element is written to memory once.
+    fn tiles(&self, out: &mut [f32], tasks: usize, by_channels: bool) {
         let geo = self.geo;
         let out_plane = geo.out_plane();
+        let outputs = out.len() / out_plane;
         let pointwise = geo.is_pointwise();
-        // Work is split in steps of whole output rows for im2col.
+        // Columns are counted in steps: single cells (pointwise) or whole
+        // output rows (im2col).
         let (steps, step_len) = if pointwise {
             (out_plane, 1)
         } else {
             (geo.h.output(), geo.w.output())
         };
-        let per_task = steps.div_ceil(tasks);
-        let ranges: Vec<Range<usize>> = (0..steps)
-            .step_by(per_task)
-            .map(|s| s..(s + per_task).min(steps))
-            .collect();
-        // Each task's segments of every output row (channel).
-        let mut segments: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::new()).collect();
-        for row in out.chunks_mut(out_plane) {
-            let mut rest = row;
-            for (task, range) in ranges.iter().enumerate() {
-                let (segment, tail) = rest.split_at_mut(range.len() * step_len);
-                segments[task].push(segment);
-                rest = tail;
+        let split = |len: usize, parts: usize| -> Vec<Range<usize>> {
+            let per = len.div_ceil(parts.max(1)).max(1);
+            (0..len)
+                .step_by(per)
+                .map(|s| s..(s + per).min(len))
+                .collect()
+        };
+        let (channel_blocks, column_blocks) = if by_channels {
+            (split(outputs, tasks), split(steps, 1))
+        } else {
+            (split(outputs, 1), split(steps, tasks))
+        };
+        // Each tile's segment of each of its output rows (channels).
+        let mut work: Vec<Tile<'_>> = Vec::new();
+        for channels in &channel_blocks {
+            for columns in &column_blocks {
+                work.push(Tile {
+                    channels: channels.clone(),
+                    columns: columns.clone(),
+                    segments: Vec::new(),
+                });
             }
         }
-        let work: Vec<_> = ranges.into_iter().zip(segments).collect();
-        for_each_task(work, |(range, mut segments)| {
+        for (channel, row) in out.chunks_mut(out_plane).enumerate() {
+            let mut rest = row;
+            for tile in work.iter_mut() {
+                if tile.channels.contains(&channel) {
+                    let (segment, tail) = rest.split_at_mut(tile.columns.len() * step_len);
+                    tile.segments.push(segment);
+                    rest = tail;
+                }
+            }
+        }
+        for_each_task(work, |tile| {
+            let Tile {
+                channels,
+                columns: range,
+                mut segments,
+            } = tile;
             with_scratch(|scratch| {
-                let sub = if pointwise { range.len() } else { self.band };
+                let count = channels.len();
+                let sub = if pointwise && self.depth <= TILE_MAX_DEPTH {
+                    (TILE_LEN / count).max(16).min(range.len().max(1))
+                } else if pointwise {
+                    range.len()
+                } else {
+                    self.band
+                };
+                let weights = MatRef::new(
+                    &self.weights[channels.start * self.depth..],
+                    count,
+                    self.depth,
+                );
                 for first in range.clone().step_by(sub.max(1)) {
                     let steps = first..(first + sub).min(range.end);
                     let cols = steps.len() * step_len;
@@ -346,24 +338,16 @@ impl Unit<'_> {
                         im2col(geo, self.columns, self.image, steps.clone(), col);
                         MatRef::new(col, self.depth, cols)
                     };
-                    let outputs = segments.len();
-                    grow(&mut scratch.product, outputs * cols);
-                    let product = &mut scratch.product[..outputs * cols];
-                    let weights = MatRef::new(self.weights, outputs, self.depth);
-                    kernels::gemm_single(
-                        1.0,
-                        weights,
-                        rhs,
-                        0.0,
-                        MatMut::new(product, outputs, cols),
-                    );
+                    grow(&mut scratch.product, count * cols);
+                    let product = &mut scratch.product[..count * cols];
+                    kernels::gemm_single(1.0, weights, rhs, 0.0, MatMut::new(product, count, cols));
                     let at = (steps.start - range.start) * step_len;
                     for (r, (segment, row)) in
                         segments.iter_mut().zip(product.chunks(cols)).enumerate()
                     {
                         let segment = &mut segment[at..at + cols];
                         segment.copy_from_slice(row);
-                        let b = self.bias.map_or(0.0, |b| b[r]);
+                        let b = self.bias.map_or(0.0, |b| b[channels.start + r]);
                         kernels::bias_activate(segment, b, geo.activation);
                     }
                 }
@@ -372,7 +356,15 @@ impl Unit<'_> {
     }
 }
 
-/// Working memory of one task of [`Unit::by_columns`].
+/// One task of [`Unit::tiles`]: output channels `channels`, column steps
+/// `columns`, and the part of each of those channels' rows it writes.
+struct Tile<'o> {
+    channels: Range<usize>,
+    columns: Range<usize>,
+    segments: Vec<&'o mut [f32]>,
+}
+
+/// Working memory of one task of [`Unit::tiles`].
 #[derive(Default)]
 struct Scratch {
     columns: Vec<f32>,
@@ -397,24 +389,6 @@ fn with_scratch(f: impl FnOnce(&mut Scratch)) {
 fn grow(buffer: &mut Vec<f32>, len: usize) {
     if buffer.len() < len {
         buffer.resize(len, 0.0);
-    }
-}
-
-/// Adds the bias and applies the activation to columns `cols` of every
-/// `row_len`-long row (output channel) of `out`, while they are in cache.
-fn finish(
-    out: &mut [f32],
-    row_len: usize,
-    cols: Range<usize>,
-    bias: Option<&[f32]>,
-    activation: Activation,
-) {
-    if bias.is_none() && activation == Activation::None {
-        return;
-    }
-    for (r, row) in out.chunks_mut(row_len).enumerate() {
-        let b = bias.map_or(0.0, |b| b[r]);
-        kernels::bias_activate(&mut row[cols.clone()], b, activation);
     }
 }
 
@@ -929,6 +903,12 @@ mod tests {
             assert!(kernels::splits_itself(64, 64 * 9, 1024));
         }
         check(&c, 5);
+        // Pointwise with many output channels: split by channels.
+        let c = case([1, 32, 16, 16], 160, 1, [1, 1], [1, 1], [0; 4], [1, 1]);
+        check(&c, 6);
+        // Pointwise with few: split by columns, several tiles per task.
+        let c = case([1, 64, 64, 64], 96, 1, [1, 1], [1, 1], [0; 4], [1, 1]);
+        check(&c, 7);
     }
 
     #[test]

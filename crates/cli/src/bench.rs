@@ -4,9 +4,12 @@
 //! Every case runs in three modes on the same engine, inputs and threads:
 //! - `plain`: the weights in memory ([`capsule_engine::Model`]);
 //! - `sealed-streaming`: a real capsule sealed in memory; every query opens
-//!   each layer's chunks ([`capsule_format::Unsealer::open_layer`]) just
-//!   before the first node that reads it and zeroizes it after the last,
-//!   as the paper's enclave does;
+//!   each layer's chunks just before the first node that reads it and
+//!   zeroizes it after the last, dense layers chunk by chunk into their
+//!   output, with the enclave's own code
+//!   ([`capsule_enclave::StreamingModel`], the enclave's layer stream fed
+//!   from memory instead of the host's frames), optionally under
+//!   `--memory-budget`;
 //! - `sealed-cached`: the capsule unsealed once
 //!   ([`capsule_enclave::SealedModel`]), as the enclave keeps a model.
 //!
@@ -20,17 +23,17 @@
 //! unseals in this process), and accuracy checks (`mlcapsule run` and the
 //! `reference_models` tests compare outputs with onnxruntime).
 
+mod defenses;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use capsule_engine::{
-    Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Plan, Tensor, ValueInfo, WeightSource,
-};
+use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
 use capsule_format::{
-    Capsule, LayerPlaintext, ModelKey, Policy, SealRequest, Unsealer, seal as seal_capsule,
+    Capsule, LayerPlaintext, ModelKey, Policy, SealRequest, seal as seal_capsule,
 };
 use clap::Args;
 
@@ -82,6 +85,13 @@ pub struct BenchArgs {
     /// Only the cases whose name contains this text (e.g. "dense 4096", "resnet").
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
+    /// Cap the streaming mode's plaintext weight memory (bytes, or e.g. 64MiB, 1GB),
+    /// as `mlcapsule run --memory-budget` caps the enclave's.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    memory_budget: Option<u64>,
+    /// Only the defenses' per-query costs inside the enclave (noising, detector, PRADA).
+    #[arg(long)]
+    defenses_only: bool,
 }
 
 /// The row families of the paper's tables.
@@ -220,12 +230,16 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .as_ref()
             .is_none_or(|only| name.contains(only.as_str()))
     };
+    if args.defenses_only {
+        layer_cases.clear();
+        networks.clear();
+    }
     layer_cases.retain(|case| selected(&case.name));
     let runs = if args.quick { Some(3) } else { args.runs };
     for case in &layer_cases {
         // The paper's layer tables are at batch 1.
         let configs: Vec<(usize, usize)> = threads.iter().map(|&t| (t, 1)).collect();
-        bench_case(case, modes, &configs, runs, &mut out)?;
+        bench_case(case, modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     for path in &networks {
         if !selected(&path.to_string_lossy()) {
@@ -236,9 +250,14 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|&b| threads.iter().map(move |&t| (t, b)))
             .collect();
-        bench_case(&case, modes, &configs, runs, &mut out)?;
+        bench_case(&case, modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     out.finish();
+    // The defenses' costs: in the default run (or alone), not for a user's model.
+    if (!custom && !args.networks_only && selected("defense")) || args.defenses_only {
+        let (stored, rounds) = if args.quick { (100, 1) } else { (3000, 30) };
+        defenses::run(stored, args.runs.unwrap_or(rounds), args.json)?;
+    }
     Ok(())
 }
 
@@ -249,6 +268,7 @@ fn bench_case(
     modes: &[Mode],
     configs: &[(usize, usize)],
     runs: Option<usize>,
+    budget: Option<u64>,
     out: &mut Report,
 ) -> anyhow::Result<()> {
     let plain = Model::new(case.graph.clone(), case.weights.clone())
@@ -259,10 +279,6 @@ fn bench_case(
         None
     };
     let capsule = sealed.as_ref().map(Sealed::capsule).transpose()?;
-    let unsealer = match (&sealed, &capsule) {
-        (Some(s), Some(c)) => Some(c.unseal(&s.key)?),
-        _ => None,
-    };
     let cached = match (&sealed, &capsule) {
         (Some(s), Some(c)) => Some(
             capsule_enclave::SealedModel::open(c, &s.key)
@@ -271,8 +287,11 @@ fn bench_case(
         _ => None,
     };
 
-    let mut stream = match (&sealed, &capsule, &unsealer) {
-        (Some(s), Some(c), Some(u)) => Some(LayerStream::new(c, u, s.plan.graph())),
+    let mut stream = match (&sealed, &capsule) {
+        (Some(s), Some(c)) => Some(
+            capsule_enclave::StreamingModel::open(c, &s.key, budget)
+                .context("cannot open the benchmark capsule")?,
+        ),
         _ => None,
     };
     for &(threads, batch) in configs {
@@ -284,9 +303,9 @@ fn bench_case(
             let start = Instant::now();
             let output = match mode {
                 Mode::Plain => plain.run(&inputs)?,
-                Mode::Streaming => match (&sealed, &mut stream) {
-                    (Some(s), Some(source)) => s.stream(source, &inputs)?,
-                    _ => bail!("the streaming mode needs the sealed case"),
+                Mode::Streaming => match &mut stream {
+                    Some(model) => model.run(&inputs)?,
+                    None => bail!("the streaming mode needs the sealed case"),
                 },
                 Mode::Cached => cached.as_ref().expect("cached").run(&inputs)?,
             };
@@ -317,7 +336,15 @@ fn bench_case(
             }
         }
         let weight_bytes = case.graph.param_count() * size_of::<f32>();
-        out.case(case, threads, batch, weight_bytes, &timings);
+        let held = stream.as_ref().map(|m| m.peak_weight_bytes());
+        out.case(
+            case,
+            threads,
+            batch,
+            weight_bytes,
+            &timings,
+            held.zip(Some(budget)),
+        );
     }
     Ok(())
 }
@@ -326,7 +353,6 @@ fn bench_case(
 struct Sealed {
     bytes: Vec<u8>,
     key: ModelKey,
-    plan: Plan,
 }
 
 impl Sealed {
@@ -350,197 +376,11 @@ impl Sealed {
             &mut |_| {},
         )
         .context("cannot seal the benchmark case")?;
-        let plan = Plan::new(case.graph.clone())?;
-        Ok(Sealed { bytes, key, plan })
+        Ok(Sealed { bytes, key })
     }
 
     fn capsule(&self) -> anyhow::Result<Capsule<'_>> {
         Capsule::parse(&self.bytes).context("the benchmark capsule does not parse")
-    }
-
-    /// One query that unseals every layer when it is first needed. The
-    /// capsule was parsed and its header checked once, outside the query,
-    /// as the enclave does when it loads a model.
-    fn stream(
-        &self,
-        source: &mut LayerStream<'_>,
-        inputs: &[Tensor],
-    ) -> anyhow::Result<Vec<Tensor>> {
-        source.node = 0;
-        let outputs = self.plan.run(inputs, source);
-        source.evict_all();
-        Ok(outputs?)
-    }
-}
-
-/// The streaming [`WeightSource`]: unseals a layer before the first node
-/// that reads it, zeroizes it after the last one. Decoded weights go into
-/// buffers kept from query to query (at most the layers in use at once),
-/// as an enclave would keep its working memory.
-struct LayerStream<'a> {
-    capsule: &'a Capsule<'a>,
-    unsealer: &'a Unsealer,
-    /// Param index by name.
-    param_index: HashMap<&'a str, usize>,
-    /// Per param: its layer.
-    param_layer: Vec<usize>,
-    /// Per layer: the params it holds.
-    layer_params: Vec<Vec<usize>>,
-    /// Per node: the layers it reads.
-    node_layers: Vec<Vec<usize>>,
-    /// Per layer: the last node that reads it.
-    last_reader: Vec<usize>,
-    /// Per param: its value while its layer is unsealed.
-    loaded: Vec<Option<Tensor>>,
-    /// Zeroized buffers of evicted weights, for the next layers.
-    spare: Vec<Vec<f32>>,
-    /// Index of the node about to run.
-    node: usize,
-}
-
-impl<'a> LayerStream<'a> {
-    fn new(capsule: &'a Capsule<'a>, unsealer: &'a Unsealer, graph: &'a Graph) -> LayerStream<'a> {
-        let header = unsealer.header();
-        let layer_of: HashMap<&str, usize> = header
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t.layer))
-            .collect();
-        let param_index: HashMap<&str, usize> = graph
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.name.as_str(), i))
-            .collect();
-        let param_layer: Vec<usize> = graph
-            .params
-            .iter()
-            .map(|p| layer_of.get(p.name.as_str()).copied().unwrap_or(usize::MAX))
-            .collect();
-        let mut layer_params = vec![Vec::new(); header.layers.len()];
-        for (p, &l) in param_layer.iter().enumerate() {
-            if let Some(params) = layer_params.get_mut(l) {
-                params.push(p);
-            }
-        }
-        let mut last_reader = vec![0; header.layers.len()];
-        let node_layers = graph
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(j, node)| {
-                let mut layers: Vec<usize> = node
-                    .inputs
-                    .iter()
-                    .filter_map(|name| param_index.get(name.as_str()))
-                    .map(|&p| param_layer[p])
-                    .filter(|&l| l < last_reader.len())
-                    .collect();
-                layers.dedup();
-                for &l in &layers {
-                    last_reader[l] = j;
-                }
-                layers
-            })
-            .collect();
-        LayerStream {
-            capsule,
-            unsealer,
-            param_index,
-            param_layer,
-            layer_params,
-            node_layers,
-            last_reader,
-            loaded: vec![None; graph.params.len()],
-            spare: Vec::new(),
-            node: 0,
-        }
-    }
-
-    fn evict(&mut self, layer: usize) {
-        for &p in &self.layer_params[layer] {
-            if let Some(t) = self.loaded[p].take() {
-                // Zeroize, as the enclave does; `black_box` keeps the writes.
-                let (_, mut data) = t.into_parts();
-                data.fill(0.0);
-                std::hint::black_box(&data);
-                self.spare.push(data);
-            }
-        }
-    }
-
-    fn evict_all(&mut self) {
-        for layer in 0..self.layer_params.len() {
-            self.evict(layer);
-        }
-    }
-}
-
-impl WeightSource for LayerStream<'_> {
-    fn prepare(&mut self, _node: &Node) -> Result<(), capsule_engine::Error> {
-        let layers = self.node_layers.get(self.node).cloned().unwrap_or_default();
-        for layer in layers {
-            let first = self.layer_params[layer][0];
-            if self.loaded[first].is_some() {
-                continue;
-            }
-            let plaintext = self
-                .unsealer
-                .open_layer(layer, self.capsule.sealed_layer(layer))
-                .map_err(|e| capsule_engine::Error::InvalidWeights {
-                    reason: format!("layer {layer} does not unseal: {e}"),
-                })?;
-            // Decodes each tensor (capsule-v1 §4.3: little-endian f32 at
-            // its offset) into a spare buffer; `layer_tensors` would
-            // allocate afresh every query.
-            for entry in self
-                .unsealer
-                .header()
-                .tensors
-                .iter()
-                .filter(|t| t.layer == layer)
-            {
-                let Some(&p) = self.param_index.get(entry.name.as_str()) else {
-                    continue;
-                };
-                let len = entry.shape.iter().product::<usize>();
-                let start = usize::try_from(entry.offset).unwrap_or(usize::MAX);
-                let bytes = plaintext
-                    .get(start..)
-                    .and_then(|b| b.get(..len * 4))
-                    .ok_or_else(|| capsule_engine::Error::InvalidWeights {
-                        reason: format!("tensor '{}' lies outside its layer", entry.name),
-                    })?;
-                let mut data = self.spare.pop().unwrap_or_default();
-                data.clear();
-                data.extend(
-                    bytes
-                        .as_chunks::<4>()
-                        .0
-                        .iter()
-                        .map(|b| f32::from_le_bytes(*b)),
-                );
-                self.loaded[p] = Some(Tensor::new(entry.shape.clone(), data)?);
-            }
-        }
-        Ok(())
-    }
-
-    fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
-        debug_assert!(self.param_layer[index] != usize::MAX);
-        self.loaded.get(index)?.as_ref()
-    }
-
-    fn release(&mut self, _node: &Node) {
-        let done: Vec<usize> = self.node_layers[self.node]
-            .iter()
-            .copied()
-            .filter(|&l| self.last_reader[l] == self.node)
-            .collect();
-        for layer in done {
-            self.evict(layer);
-        }
-        self.node += 1;
     }
 }
 
@@ -778,6 +618,7 @@ impl Report {
         batch: usize,
         weight_bytes: usize,
         timings: &[Timing],
+        held: Option<(u64, Option<u64>)>,
     ) {
         let plain = timings
             .iter()
@@ -802,6 +643,10 @@ impl Report {
                 }
                 if t.mode == Mode::Streaming {
                     line["aes_bound_ms"] = round(aes_ms).into();
+                    if let Some((held, budget)) = held {
+                        line["peak_weight_bytes"] = held.into();
+                        line["memory_budget"] = budget.into();
+                    }
                     if let Some(paper) = case.family.paper() {
                         line["paper_ratio"] = paper.into();
                     }
@@ -866,6 +711,14 @@ impl Report {
             c_ratio
         );
         println!("{line}");
+        if let Some((held, Some(budget))) = held {
+            println!(
+                "{:<24} streaming held at most {} of plaintext weights at once (budget {})",
+                "",
+                mib(held),
+                mib(budget)
+            );
+        }
     }
 
     fn finish(&self) {
@@ -887,6 +740,58 @@ fn ms(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.1}")
+    }
+}
+
+/// Bytes in MiB, one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+/// A byte count: digits, optionally followed by a unit (`k`/`KB` = 1000, `KiB` = 1024,
+/// and so on up to `G`/`GiB`), as `--memory-budget` takes it.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size: give bytes, or e.g. 64MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}': use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("'{text}' is not a usable size"))
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("64 mib"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("3 lots").unwrap_err().contains("unknown unit"));
     }
 }
 

@@ -126,8 +126,17 @@ pub fn warn_if_sim(platform: &str) {
     }
 }
 
-fn spawn(dirs: &ClientDirs, instance: Option<[u8; 16]>) -> anyhow::Result<EnclaveProcess> {
-    let enclave = EnclaveProcess::spawn(&default_enclave_binary(), &dirs.platform(), instance)?;
+fn spawn(
+    dirs: &ClientDirs,
+    instance: Option<[u8; 16]>,
+    memory_budget: Option<u64>,
+) -> anyhow::Result<EnclaveProcess> {
+    let enclave = EnclaveProcess::spawn_with_budget(
+        &default_enclave_binary(),
+        &dirs.platform(),
+        instance,
+        memory_budget,
+    )?;
     warn_if_sim(&enclave.info().platform);
     Ok(enclave)
 }
@@ -168,7 +177,7 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
     let nonce: Nonce = api.post("/v1/setup/nonce", &json!({"licence": licence}))?;
     let nonce_bytes = hex::decode(&nonce.nonce).context("the server sent a malformed nonce")?;
 
-    let mut enclave = spawn(&args.dirs, None)?;
+    let mut enclave = spawn(&args.dirs, None, None)?;
     let info = enclave.info().clone();
     let enclave_key = enclave.setup_key()?;
     let evidence = enclave.attest(&nonce_bytes)?;
@@ -214,10 +223,11 @@ fn open_instance(
     state: &StateDir,
     instance: &Instance,
     capsule: &Capsule<'_>,
+    memory_budget: Option<u64>,
 ) -> anyhow::Result<(EnclaveProcess, Status)> {
     let (_, sealed) = state.load(&instance.capsule_id)?;
     let defense = state.load_defense(&instance.capsule_id)?;
-    let mut enclave = spawn(dirs, Some(instance.instance_bytes()?))?;
+    let mut enclave = spawn(dirs, Some(instance.instance_bytes()?), memory_budget)?;
     let status = enclave.load_with_defense(&sealed, capsule, defense.as_deref())?;
     Ok((enclave, status))
 }
@@ -238,21 +248,26 @@ fn keep_defense_state(
 
 /// Runs one batch through the enclave of the capsule's instance: offline. The defense
 /// state that comes with the answer (or a counted refusal) is stored before either is
-/// returned (enclave-protocol §7.4).
+/// returned (enclave-protocol §7.4). `memory_budget` caps the enclave's plaintext weight
+/// memory (§8.1). Also returns the enclave process's peak resident memory after the
+/// query, as the host reads it (`VmHWM`), where it can.
 pub fn run(
     capsule_path: &Path,
     bytes: &[u8],
     batch: &Tensor,
     dirs: &ClientDirs,
-) -> anyhow::Result<(Tensor, Status)> {
+    memory_budget: Option<u64>,
+) -> anyhow::Result<(Tensor, Status, Option<u64>)> {
     let capsule = Capsule::parse(bytes).with_context(|| format!("{}", capsule_path.display()))?;
     let capsule_id = hex::encode(capsule.header().capsule_id);
     let state = dirs.state();
     let (instance, _) = state.load(&capsule_id)?;
-    let (mut enclave, _) = open_instance(dirs, &state, &instance, &capsule)?;
+    let (mut enclave, _) = open_instance(dirs, &state, &instance, &capsule, memory_budget)?;
     let result = enclave.query(&capsule, batch);
+    let peak_rss = enclave.peak_rss();
     keep_defense_state(&mut enclave, &state, &capsule_id)?;
-    Ok(result?)
+    let (output, status) = result?;
+    Ok((output, status, peak_rss))
 }
 
 /// What the defenses recorded, in words, for `status`.
@@ -330,7 +345,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         let bytes = read_capsule(&path)
             .with_context(|| "pass the capsule's new path: mlcapsule status MODEL.capsule")?;
         let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
-        let (_, status) = open_instance(&args.dirs, &state, &instance, &capsule)?;
+        let (_, status) = open_instance(&args.dirs, &state, &instance, &capsule, None)?;
         if !args.json {
             println!(
                 "{}: {} of {} queries used, {} left; expires {}; licence {}; instance {}; platform {}{}",
@@ -386,7 +401,7 @@ pub fn topup(args: TopupArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| instance.capsule_path.clone());
     let bytes = read_capsule(&path)?;
     let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
-    let (mut enclave, before) = open_instance(&args.dirs, &state, &instance, &capsule)?;
+    let (mut enclave, before) = open_instance(&args.dirs, &state, &instance, &capsule, None)?;
     let server = args
         .server
         .clone()

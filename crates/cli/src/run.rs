@@ -33,6 +33,11 @@ pub struct RunArgs {
     /// Write the model's raw output tensor (the whole batch) as a .npy file.
     #[arg(long, value_name = "OUT.npy")]
     output: Option<PathBuf>,
+    /// Through the enclave: cap the plaintext weights it holds at once (bytes, or e.g.
+    /// 64MiB); larger dense layers are computed chunk by chunk. Also reports the enclave
+    /// process's peak resident memory.
+    #[arg(long, value_name = "BYTES", value_parser = crate::bench::parse_bytes)]
+    memory_budget: Option<u64>,
     #[command(flatten)]
     dirs: ClientDirs,
 }
@@ -47,6 +52,7 @@ impl RunArgs {
             top_k: 3,
             json: false,
             output: None,
+            memory_budget: None,
             dirs,
         }
     }
@@ -107,12 +113,19 @@ impl Loaded {
         }
     }
 
-    /// Runs one batch; through the enclave, also returns the budget after it.
-    fn run(&self, batch: Tensor, dirs: &ClientDirs) -> anyhow::Result<(Tensor, Option<Status>)> {
+    /// Runs one batch; through the enclave, also returns the budget after it and the
+    /// enclave's peak resident memory.
+    fn run(
+        &self,
+        batch: Tensor,
+        dirs: &ClientDirs,
+        memory_budget: Option<u64>,
+    ) -> anyhow::Result<(Tensor, Option<(Status, Option<u64>)>)> {
         let mut outputs = match self {
             Loaded::Enclave { path, bytes, .. } => {
-                let (output, status) = client::run(path, bytes, &batch, dirs)?;
-                return Ok((output, Some(status)));
+                let (output, status, peak_rss) =
+                    client::run(path, bytes, &batch, dirs, memory_budget)?;
+                return Ok((output, Some((status, peak_rss))));
             }
             Loaded::Sealed(m) => m.run(&[batch])?,
             Loaded::Plain(m) => m.run(&[batch])?,
@@ -214,12 +227,27 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut shape = vec![batch];
     shape.extend(row_shape.unwrap_or_default());
-    let (output, status) = model.run(Tensor::new(shape, rows)?, &args.dirs)?;
+    if args.memory_budget.is_some() && !matches!(model, Loaded::Enclave { .. }) {
+        bail!("--memory-budget applies to capsules run through the enclave; drop --key");
+    }
+    let started = std::time::Instant::now();
+    let (output, status) = model.run(Tensor::new(shape, rows)?, &args.dirs, args.memory_budget)?;
+    let elapsed = started.elapsed();
     let output = &output;
     // On stderr, after the results, so that stdout stays machine-readable.
     let report_budget = || {
-        if let Some(s) = &status {
+        if let Some((s, peak_rss)) = &status {
             eprintln!("{} of {} queries used, {} left", s.used, s.total, s.left);
+            if let Some(budget) = args.memory_budget {
+                let rss = peak_rss.map_or("unknown".to_string(), |b| {
+                    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+                });
+                eprintln!(
+                    "weight memory budget {:.1} MiB: enclave peak resident memory {rss} (VmHWM), {:.0} ms from start to answer",
+                    budget as f64 / f64::from(1 << 20),
+                    elapsed.as_secs_f64() * 1e3
+                );
+            }
         }
     };
 

@@ -2,16 +2,16 @@
 //! provider's defenses (spec/policy.md) authenticated in its header, and with `--detector`,
 //! the input detector network sealed beside the model (capsule-v1 §4.6).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
+use capsule_enclave::seal_layers;
 use capsule_engine::{Graph, Model, Tensor};
 use capsule_format::{
-    DETECTOR_PREFIX, Detector, DetectorInput, LayerPlaintext, ModelKey, Policy, Preprocessing,
-    SealRequest,
+    DETECTOR_PREFIX, Detector, DetectorInput, ModelKey, Policy, Preprocessing, SealRequest,
 };
 use clap::{Args, ValueEnum};
 
@@ -289,10 +289,10 @@ pub fn main(args: SealArgs) -> anyhow::Result<()> {
 
     let mut all_layers = Vec::new();
     if let Some(d) = &detector {
-        all_layers = layers(&d.graph, &d.weights, DETECTOR_PREFIX);
+        all_layers = seal_layers(&d.graph, &d.weights, DETECTOR_PREFIX);
     }
     let detector_layers = all_layers.len();
-    all_layers.extend(layers(&graph, &weights, ""));
+    all_layers.extend(seal_layers(&graph, &weights, ""));
     let request = SealRequest {
         architecture: serde_json::to_value(&graph)?,
         preprocessing,
@@ -534,34 +534,6 @@ fn unit_input(preprocessing: Option<&Preprocessing>) -> anyhow::Result<DetectorI
         scale: (f64::from(p.std[0]) / unit) as f32,
         offset: (f64::from(p.mean[0]) / unit) as f32,
     })
-}
-
-/// Groups the weights into layers: each layer holds the params that a node is
-/// the first to read, named after that node, in graph order; layer and tensor names get
-/// `prefix` (the detector's, capsule-v1 §4.6, or none).
-fn layers<'a>(
-    graph: &Graph,
-    weights: &'a HashMap<String, Tensor>,
-    prefix: &str,
-) -> Vec<LayerPlaintext<'a>> {
-    let mut assigned = HashSet::new();
-    let mut out = Vec::new();
-    for node in &graph.nodes {
-        let tensors: Vec<_> = node
-            .inputs
-            .iter()
-            .filter_map(|name| weights.get_key_value(name))
-            .filter(|(name, _)| assigned.insert(name.as_str()))
-            .map(|(name, t)| (format!("{prefix}{name}"), t.shape().to_vec(), t.data()))
-            .collect();
-        if !tensors.is_empty() {
-            out.push(LayerPlaintext {
-                name: format!("{prefix}{}", node.name),
-                tensors,
-            });
-        }
-    }
-    out
 }
 
 fn is_iso_date(s: &str) -> bool {

@@ -24,7 +24,8 @@ fn bench(args: &[&str]) -> Vec<serde_json::Value> {
 
 #[test]
 fn quick_json_has_every_mode_and_key() {
-    let lines = bench(&["--quick", "--json"]);
+    let all = bench(&["--quick", "--json"]);
+    let (defenses, lines): (Vec<_>, Vec<_>) = all.into_iter().partition(|l| l["mode"] == "enclave");
     let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
     assert_eq!(modes, ["plain", "sealed-streaming", "sealed-cached"]);
     for line in &lines {
@@ -40,6 +41,36 @@ fn quick_json_has_every_mode_and_key() {
     }
     assert!(lines[1]["aes_bound_ms"].as_f64().unwrap() > 0.0);
     assert!(lines[1]["ratio_to_plain"].as_f64().unwrap() > 0.0);
+
+    // The defenses' costs inside the enclave, each beside its floor.
+    let cases: Vec<&str> = defenses
+        .iter()
+        .map(|l| l["case"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cases,
+        [
+            "defense detector (kennen-io size)",
+            "defense prada",
+            "defense noising + output policies",
+            "defense seal defense state"
+        ]
+    );
+    for line in &defenses {
+        assert!(line["median_ms"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    assert_eq!(defenses[1]["stored"], 100);
+    assert!(defenses[3]["state_bytes"].as_u64().unwrap() > 100 * 784 / 2);
+    for line in &defenses[..3] {
+        assert!(line["floor_ms"].as_f64().is_some(), "{line}");
+    }
+}
+
+#[test]
+fn defenses_alone() {
+    let lines = bench(&["--defenses-only", "--quick", "--json"]);
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().all(|l| l["mode"] == "enclave"), "{lines:?}");
 }
 
 #[test]

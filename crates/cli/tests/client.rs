@@ -268,6 +268,51 @@ fn licence_runs_offline_exactly_its_budget_then_tops_up() {
 }
 
 #[test]
+fn a_memory_budget_runs_the_same_and_one_too_small_is_refused_uncounted() {
+    let world = World::new();
+    let server = Server::start(&world.path("server"));
+    let token = server.licence(&world, 5);
+    stdout(&setup(&world, &server.url, &token, "state"));
+    drop(server);
+
+    let classify_with = |budget: Option<&str>| {
+        let mut args = vec![
+            "run".to_string(),
+            world.capsule.display().to_string(),
+            repo()
+                .join("models/samples/digit-7-0.png")
+                .display()
+                .to_string(),
+            "--json".into(),
+        ];
+        if let Some(budget) = budget {
+            args.extend(["--memory-budget".to_string(), budget.to_string()]);
+        }
+        args.extend(world.client("state"));
+        run_owned(&args)
+    };
+    let plain = stdout(&classify_with(None));
+    let out = classify_with(Some("8MiB"));
+    assert_eq!(
+        stdout(&out),
+        plain,
+        "the budget changes nothing in the answer"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("peak resident memory"), "{stderr}");
+
+    let out = classify_with(Some("1000"));
+    fails_with(&out, "raise --memory-budget to at least");
+    fails_with(&out, "needs");
+    let s = status(&world, "state");
+    assert_eq!(
+        s[0]["status"]["used"].as_u64(),
+        Some(2),
+        "the refusal is not counted"
+    );
+}
+
+#[test]
 fn wrong_and_reused_licence_tokens_are_refused() {
     let world = World::new();
     let server = Server::start(&world.path("server"));

@@ -6,7 +6,9 @@
 //! target/release/examples/boundary_overhead [QUERIES]
 //! ```
 //!
-//! Each enclave query is a `Query` frame, the `SendLayers` answer, every
+//! `StreamingModel::run` is the enclave's layer stream fed from memory: it
+//! unseals every layer per query, as the enclave does, without the pipe and
+//! the counter. Each enclave query is a `Query` frame, the `SendLayers` answer, every
 //! layer's sealed chunks, unsealing, the run, a durable counter increment
 //! (an `fdatasync` of the counter file) and the `Output` frame. A `Status`
 //! round trip shows the bare cost of crossing the pipe twice.
@@ -16,7 +18,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use capsule_enclave::SealedModel;
+use capsule_enclave::{SealedModel, StreamingModel};
 use capsule_format::{Capsule, Policy};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -52,6 +54,12 @@ fn main() {
     let model = SealedModel::open(&capsule, &sealed.key).unwrap();
     let in_process = time(n, |i| {
         model.run(std::slice::from_ref(&inputs[i])).unwrap();
+    });
+
+    // The enclave's own layer stream, fed from memory: every query unseals every layer.
+    let mut streaming = StreamingModel::open(&capsule, &sealed.key, None).unwrap();
+    let in_process_streaming = time(n, |i| {
+        streaming.run(std::slice::from_ref(&inputs[i])).unwrap();
     });
 
     let dir = tempfile::tempdir().unwrap();
@@ -95,6 +103,7 @@ fn main() {
         sealed.bytes.len() - capsule.prefix().len()
     );
     println!("  in-process SealedModel::run   {in_process:>10.1?}");
+    println!("  in-process StreamingModel::run{in_process_streaming:>10.1?}");
     println!("  EnclaveProcess::query         {through_enclave:>10.1?}");
     println!("  Status round trip (pipe only) {round_trip:>10.1?}");
     println!("  unseal every layer            {unseal:>10.1?}");

@@ -32,7 +32,7 @@ pub struct DefenseCosts {
     pub prada_stored: usize,
     /// Noising and the output policies on one posterior.
     pub release: Option<Duration>,
-    /// Sealing the defense state after a query (JSON, then the platform's sealing).
+    /// Sealing the defense state after a query (postcard, then the platform's sealing).
     pub seal: Option<Duration>,
     /// Opening the defense state, once per `Load`.
     pub unseal: Option<Duration>,
@@ -59,8 +59,14 @@ pub fn measure_defense_costs(
     let open = |layout: &Layout, layers: std::ops::Range<usize>| -> Result<Weights, Error> {
         let mut weights = Weights::new(layout.plan().graph().params.len());
         for layer in layers {
-            let plaintext = unsealer.open_layer(layer, capsule.sealed_layer(layer))?;
-            layout.install(&unsealer, layer, &plaintext, &mut weights)?;
+            if !layout.unread(layer) {
+                layout.install_sealed(
+                    &unsealer,
+                    layer,
+                    capsule.sealed_layer(layer),
+                    &mut weights,
+                )?;
+            }
         }
         Ok(weights)
     };

@@ -78,8 +78,8 @@ pub(crate) struct Counted {
 
 /// Associated data of the sealed defense state, followed by the instance id (§7.4).
 const DEFENSE_AAD: &[u8] = b"mlcapsule/v1 defense";
-/// The version of the sealed defense state's JSON.
-const DEFENSE_VERSION: u32 = 1;
+/// The version of the sealed defense state's encoding (2: postcard; 1 was JSON).
+const DEFENSE_VERSION: u32 = 2;
 
 /// What a loaded capsule's policy asks of every query (spec/policy.md §4).
 pub(crate) struct Defenses {
@@ -347,7 +347,10 @@ impl Guard {
 
     fn unseal(policy: &DefensePolicy, bytes: &[u8], binding: &Binding<'_>) -> Option<Guard> {
         let plaintext = binding.attester.unseal(&binding.aad(), bytes).ok()?;
-        let state: SealedDefense = serde_json::from_slice(&plaintext).ok()?;
+        let (state, rest): (SealedDefense, _) = postcard::take_from_bytes(&plaintext).ok()?;
+        if !rest.is_empty() {
+            return None;
+        }
         if state.version != DEFENSE_VERSION || state.capsule_id != *binding.capsule_id {
             return None;
         }
@@ -368,7 +371,7 @@ impl Guard {
 
     /// Seals the state (§7.4).
     pub fn seal(&self, binding: &Binding<'_>) -> Result<Vec<u8>, Error> {
-        let plaintext = serde_json::to_vec(&SealedDefenseRef {
+        let plaintext = postcard::to_stdvec(&SealedDefenseRef {
             version: DEFENSE_VERSION,
             capsule_id: binding.capsule_id,
             stamp: self.stamp,

@@ -71,6 +71,24 @@ impl EnclaveProcess {
         EnclaveProcess::spawn_with_version(enclave_bin, platform_dir, instance, PROTOCOL_VERSION)
     }
 
+    /// [`EnclaveProcess::spawn`] with a cap on the plaintext weight memory the enclave
+    /// holds at once during a query (enclave-protocol §8.1 `--memory-budget`); `None` for
+    /// no cap.
+    pub fn spawn_with_budget(
+        enclave_bin: &Path,
+        platform_dir: &Path,
+        instance: Option<[u8; 16]>,
+        memory_budget: Option<u64>,
+    ) -> Result<EnclaveProcess, Error> {
+        EnclaveProcess::start(
+            enclave_bin,
+            platform_dir,
+            instance,
+            PROTOCOL_VERSION,
+            memory_budget,
+        )
+    }
+
     /// [`EnclaveProcess::spawn`], offering protocol version `version` (for tests of §5.1).
     #[doc(hidden)]
     pub fn spawn_with_version(
@@ -79,12 +97,25 @@ impl EnclaveProcess {
         instance: Option<[u8; 16]>,
         version: u32,
     ) -> Result<EnclaveProcess, Error> {
+        EnclaveProcess::start(enclave_bin, platform_dir, instance, version, None)
+    }
+
+    fn start(
+        enclave_bin: &Path,
+        platform_dir: &Path,
+        instance: Option<[u8; 16]>,
+        version: u32,
+        memory_budget: Option<u64>,
+    ) -> Result<EnclaveProcess, Error> {
         let mut command = Command::new(enclave_bin);
         command.arg("--platform").arg(platform_dir);
         match instance {
             None => command.arg("--new-instance"),
             Some(id) => command.arg("--instance").arg(hex::encode(id)),
         };
+        if let Some(bytes) = memory_budget {
+            command.arg("--memory-budget").arg(bytes.to_string());
+        }
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -139,6 +170,16 @@ impl EnclaveProcess {
     /// The enclave's process id.
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The enclave process's peak resident memory so far, in bytes: `VmHWM` in
+    /// `/proc/<pid>/status`, which the host may read although the enclave is not
+    /// dumpable. `None` where there is no such file.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 
     /// `SetupKey` (§5.2): the enclave makes a key pair and returns its public half.

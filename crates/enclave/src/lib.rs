@@ -73,6 +73,7 @@
 mod cost;
 mod defense;
 mod error;
+mod grouping;
 pub mod hardening;
 mod host;
 mod ledger;
@@ -84,7 +85,8 @@ mod stream;
 pub use cost::{DefenseCosts, measure_defense_costs};
 pub use defense::{Detection, detection_counter_id};
 pub use error::{Error, WireDetails};
+pub use grouping::seal_layers;
 pub use host::{ENCLAVE_ENV, EnclaveProcess, default_enclave_binary};
-pub use model::SealedModel;
+pub use model::{SealedModel, StreamingModel};
 pub use protocol::{DefenseStatus, PROTOCOL_VERSION, PradaStatus, Ready, Status};
 pub use session::{MAX_DEFENSE_STATE, Session};

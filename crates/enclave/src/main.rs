@@ -2,7 +2,7 @@
 //! (`spec/enclave-protocol.md` §1, §8).
 //!
 //! ```text
-//! mlcapsule-enclave --platform DIR (--new-instance | --instance HEX)
+//! mlcapsule-enclave --platform DIR (--new-instance | --instance HEX) [--memory-budget BYTES]
 //! ```
 //!
 //! Start-up, in this order: measure its own binary; open the platform; create
@@ -21,13 +21,14 @@ use capsule_attest::{SimPlatform, measure_file};
 use capsule_enclave::{Detection, Error, Session, detection_counter_id, hardening, protocol};
 use ring::rand::{SecureRandom, SystemRandom};
 
-const USAGE: &str = "usage: mlcapsule-enclave --platform DIR (--new-instance | --instance HEX)\n\
+const USAGE: &str = "usage: mlcapsule-enclave --platform DIR (--new-instance | --instance HEX) [--memory-budget BYTES]\n\
                      This program is started by 'mlcapsule'; it speaks a binary protocol on stdin/stdout.";
 
 enum Mode {
     Serve {
         platform: PathBuf,
         instance: Option<[u8; 16]>,
+        memory_budget: Option<u64>,
     },
     Selftest,
 }
@@ -35,7 +36,11 @@ enum Mode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match parse_args(&args) {
-        Ok(Mode::Serve { platform, instance }) => serve(&platform, instance),
+        Ok(Mode::Serve {
+            platform,
+            instance,
+            memory_budget,
+        }) => serve(&platform, instance, memory_budget),
         Ok(Mode::Selftest) => selftest(),
         Err(message) => {
             eprintln!("mlcapsule-enclave: {message}\n{USAGE}");
@@ -51,6 +56,7 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
     let mut platform = None;
     let mut instance = None;
     let mut new_instance = false;
+    let mut memory_budget = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -66,6 +72,15 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
                     .map_err(|_| format!("--instance '{hex_id}' is not 32 hexadecimal digits"))?;
                 instance = Some(id);
             }
+            "--memory-budget" => {
+                let bytes = it.next().ok_or("--memory-budget needs a number of bytes")?;
+                let bytes = bytes
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| format!("--memory-budget '{bytes}' is not a number of bytes"))?;
+                memory_budget = Some(bytes);
+            }
             other => return Err(format!("unknown argument '{other}'")),
         }
     }
@@ -74,16 +89,18 @@ fn parse_args(args: &[String]) -> Result<Mode, String> {
         (true, None) => Ok(Mode::Serve {
             platform,
             instance: None,
+            memory_budget,
         }),
         (false, Some(id)) => Ok(Mode::Serve {
             platform,
             instance: Some(id),
+            memory_budget,
         }),
         _ => Err("give exactly one of --new-instance and --instance HEX".into()),
     }
 }
 
-fn serve(platform: &Path, instance: Option<[u8; 16]>) -> ExitCode {
+fn serve(platform: &Path, instance: Option<[u8; 16]>, memory_budget: Option<u64>) -> ExitCode {
     // Our own handles on stdin/stdout: unbuffered by std, and taken before
     // hardening (duplicating a descriptor is allowed after it anyway).
     let (input, output, hook_output) = match (
@@ -107,7 +124,7 @@ fn serve(platform: &Path, instance: Option<[u8; 16]>) -> ExitCode {
     }));
     let mut output = output;
     let mut session = match start(platform, instance) {
-        Ok(session) => session,
+        Ok(session) => session.with_memory_budget(memory_budget),
         Err(e) => {
             let _ = protocol::write_error(&mut output, &e);
             return ExitCode::FAILURE;

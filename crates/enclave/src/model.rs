@@ -1,27 +1,66 @@
 //! From an authenticated header to a runnable model: where each weight lives
-//! ([`Layout`]), the weights themselves in zeroizing storage ([`Weights`]),
-//! and [`SealedModel`], the in-process way to open a capsule.
+//! ([`Layout`]), the weights themselves in zeroizing, reusable storage
+//! ([`Weights`]), and the in-process ways to open a capsule: [`SealedModel`]
+//! (unsealed once) and [`StreamingModel`] (unsealed on every query, as the
+//! enclave does).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
-use capsule_engine::{Graph, ParamInfo, Plan, Tensor, WeightSource};
+use capsule_engine::{Graph, ParamInfo, Plan, Staged, StreamedGemm, Tensor, WeightSource};
 use capsule_format::{Capsule, DETECTOR_PREFIX, Header, ModelKey, Unsealer};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
+use crate::stream::{LayerStream, MemoryFeed, StreamFailure};
 
 /// The public graph of a capsule, compiled, and where each of its weights is
 /// sealed: which layer, and which nodes need which layers when.
 pub(crate) struct Layout {
     plan: Plan,
-    /// Param index of each sealed tensor, by name.
-    param_of: HashMap<String, usize>,
     /// Param indices held by each layer.
     layer_params: Vec<Vec<usize>>,
     /// The last node that reads each layer; `None` if no node does.
     layer_last_use: Vec<Option<usize>>,
     /// The highest layer each node reads; `None` if it reads no weight.
     node_needs: Vec<Option<usize>>,
+    /// Each layer's tensors, in plaintext order (capsule-v1 §4.3).
+    layer_tensors: Vec<Vec<LayerTensor>>,
+    /// Layers a dense node can compute chunk by chunk, never holding them whole.
+    streamable: Vec<Option<Streamable>>,
+    /// The graph cut around the streamable nodes.
+    staged: Staged,
+    /// Plaintext bytes per chunk (capsule-v1 §4.4).
+    chunk_size: u64,
+    /// Layer names, for errors.
+    layer_names: Vec<String>,
+    /// Each layer's plaintext bytes and chunks (capsule-v1 §4.4).
+    plaintext_len: Vec<u64>,
+    chunk_counts: Vec<u64>,
+}
+
+/// One tensor of a layer's plaintext.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerTensor {
+    /// Its param in this layout's graph; `None` for a tensor this layout does not read.
+    pub param: Option<usize>,
+    pub shape: Vec<usize>,
+    /// Where it starts in the layer's plaintext, in bytes.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub bytes: u64,
+}
+
+/// A layer that only one Gemm node reads, as its B (and C): the node can
+/// take B row by row as the chunks are opened ([`StreamedGemm`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Streamable {
+    pub node: usize,
+    pub gemm: StreamedGemm,
+    /// B's position in the layer's tensors.
+    pub b: usize,
+    /// C's param, if the node has one.
+    pub c: Option<usize>,
 }
 
 impl Layout {
@@ -109,25 +148,110 @@ impl Layout {
         }
 
         let mut layer_last_use = vec![None; header.layers.len()];
+        let mut layer_readers = vec![0usize; header.layers.len()];
         let mut node_needs = Vec::with_capacity(graph.nodes.len());
         for (j, node) in graph.nodes.iter().enumerate() {
             let mut needs = None;
+            let mut read = Vec::new();
             for input in &node.inputs {
                 if let Some(&(index, _)) = declared.get(input.as_str())
                     && let Some(layer) = layer_of_param[index]
                 {
                     layer_last_use[layer] = Some(j);
                     needs = needs.max(Some(layer));
+                    if !read.contains(&layer) {
+                        read.push(layer);
+                    }
                 }
+            }
+            for layer in read {
+                layer_readers[layer] += 1;
             }
             node_needs.push(needs);
         }
+
+        let mut layer_tensors = vec![Vec::new(); header.layers.len()];
+        for t in &header.tensors {
+            let name = match (prefix, t.name.strip_prefix(DETECTOR_PREFIX)) {
+                (Some(_), Some(_)) | (None, None) => Some(t.name.as_str()),
+                _ => None,
+            };
+            layer_tensors[t.layer].push(LayerTensor {
+                param: name.and_then(|n| param_of.get(n).copied()),
+                shape: t.shape.clone(),
+                offset: t.offset,
+                bytes: 4 * t.shape.iter().product::<usize>() as u64,
+            });
+        }
+        for (layer, tensors) in layer_tensors.iter_mut().enumerate() {
+            tensors.sort_by_key(|t| t.offset);
+            // capsule-v1 §4.3: the tensors exactly fill the plaintext, in order.
+            let mut end = 0;
+            for t in tensors.iter() {
+                if t.offset != end {
+                    return Err(invalid(format!(
+                        "the tensors of layer '{}' do not fill its plaintext",
+                        header.layers[layer].name
+                    )));
+                }
+                end += t.bytes;
+            }
+            if end != header.layers[layer].plaintext_len {
+                return Err(invalid(format!(
+                    "the tensors of layer '{}' do not fill its plaintext",
+                    header.layers[layer].name
+                )));
+            }
+        }
+
+        let mut streamable = vec![None; header.layers.len()];
+        for (j, node) in graph.nodes.iter().enumerate() {
+            let param = |i: usize| {
+                node.inputs
+                    .get(i)
+                    .and_then(|name| declared.get(name.as_str()))
+                    .map(|&(index, _)| index)
+            };
+            let Some(b) = param(1) else { continue };
+            let c = param(2);
+            let Some(layer) = layer_of_param[b] else {
+                continue;
+            };
+            let own = layer_params[layer].iter().all(|&p| p == b || Some(p) == c)
+                && c.is_none_or(|c| layer_of_param[c] == Some(layer))
+                && layer_tensors[layer].iter().all(|t| t.param.is_some())
+                && layer_readers[layer] == 1
+                && param(0).is_none();
+            let gemm = StreamedGemm::of(node, &graph.params[b], c.map(|c| &graph.params[c]));
+            if let (true, Some(gemm)) = (own, gemm) {
+                let b = layer_tensors[layer]
+                    .iter()
+                    .position(|t| t.param == Some(b))
+                    .expect("B is a tensor of its layer");
+                streamable[layer] = Some(Streamable {
+                    node: j,
+                    gemm,
+                    b,
+                    c,
+                });
+            }
+        }
+        let own: Vec<usize> = streamable.iter().flatten().map(|s| s.node).collect();
+        let staged = Staged::new(graph, &own);
         Ok(Layout {
             plan,
-            param_of,
             layer_params,
             layer_last_use,
             node_needs,
+            layer_tensors,
+            streamable,
+            staged,
+            chunk_size: u64::from(header.chunk_size),
+            layer_names: header.layers.iter().map(|l| l.name.clone()).collect(),
+            plaintext_len: header.layers.iter().map(|l| l.plaintext_len).collect(),
+            chunk_counts: (0..header.layers.len())
+                .map(|l| header.chunk_count(l))
+                .collect(),
         })
     }
 
@@ -155,26 +279,142 @@ impl Layout {
         self.layer_last_use[layer].is_none()
     }
 
-    /// Decodes layer `layer`'s plaintext into `weights` (capsule-v1 §4.3).
-    pub fn install(
+    /// Layer `layer`'s tensors, in plaintext order.
+    pub fn tensors(&self, layer: usize) -> &[LayerTensor] {
+        &self.layer_tensors[layer]
+    }
+
+    /// The graph cut around the nodes that can stream their weights.
+    pub fn staged(&self) -> &Staged {
+        &self.staged
+    }
+
+    /// How layer `layer` streams, if a dense node can take it chunk by chunk.
+    pub fn streamable(&self, layer: usize) -> Option<&Streamable> {
+        self.streamable.get(layer)?.as_ref()
+    }
+
+    /// The layer node `node` streams, if it is a streamable dense node.
+    pub fn streamed_layer_of(&self, node: usize) -> Option<usize> {
+        self.streamable
+            .iter()
+            .position(|s| s.is_some_and(|s| s.node == node))
+    }
+
+    /// Which layers of `layers` a query of batch `batch` computes chunk by chunk, on
+    /// `threads` threads, and the most weight memory it then holds at once (plaintext
+    /// weights and the buffers chunks are opened into).
+    ///
+    /// A streamable layer streams when the batch is at most
+    /// [`capsule_engine::STREAMED_GEMM_EXACT_ROWS`] (then its output is bit for bit the
+    /// plain Gemm's, and it is faster: its weights are read once, from cache), or under a
+    /// memory budget. Fails, naming the layer that needs the most, when `budget` is less
+    /// than the query needs.
+    pub fn query_plan(
+        &self,
+        layers: Range<usize>,
+        batch: usize,
+        budget: Option<u64>,
+        threads: usize,
+    ) -> Result<(Vec<bool>, u64), Error> {
+        let stream_all = batch <= capsule_engine::STREAMED_GEMM_EXACT_ROWS || budget.is_some();
+        let streamed: Vec<bool> = (0..self.streamable.len())
+            .map(|l| stream_all && layers.contains(&l) && self.streamable[l].is_some())
+            .collect();
+        // Layers arrive in order: layer l is whole in memory from the first node that
+        // needs a layer at or after it, to its last reader.
+        let mut whole_from = vec![None; streamed.len()];
+        for (j, needs) in self.node_needs.iter().enumerate() {
+            if let Some(needs) = *needs {
+                for slot in whole_from.iter_mut().take(needs + 1) {
+                    slot.get_or_insert(j);
+                }
+            }
+        }
+        let mut worst = (0u64, None::<(usize, u64)>);
+        for j in 0..self.node_needs.len() {
+            let mut need = 0u64;
+            let mut biggest: Option<(usize, u64)> = None;
+            for l in layers.clone() {
+                let (Some(from), Some(last)) = (whole_from[l], self.layer_last_use[l]) else {
+                    continue;
+                };
+                let bytes = if streamed[l] {
+                    if self.streamable[l].is_some_and(|s| s.node == j) {
+                        self.stream_memory(l, threads)
+                    } else {
+                        continue;
+                    }
+                } else if (from..=last).contains(&j) {
+                    self.layer_tensors[l].iter().map(|t| t.bytes).sum()
+                } else {
+                    continue;
+                };
+                need += bytes;
+                if biggest.is_none_or(|(_, b)| bytes > b) {
+                    biggest = Some((l, bytes));
+                }
+            }
+            if need > worst.0 {
+                worst = (need, biggest);
+            }
+        }
+        if let (Some(budget), (need, Some((layer, bytes)))) = (budget, worst)
+            && need > budget
+        {
+            let how = if streamed[layer] {
+                "computed chunk by chunk"
+            } else {
+                "whole: only a Gemm with transB streams"
+            };
+            return Err(Error::QueryFailed {
+                reason: format!(
+                    "the weight memory budget of {budget} bytes is too small: layer '{}' needs {bytes} bytes ({how}), {need} bytes with the layers in use beside it; nothing was counted, raise --memory-budget to at least {need}",
+                    self.layer_names[layer]
+                ),
+            });
+        }
+        Ok((streamed, worst.0))
+    }
+
+    /// Weight memory a streamed layer holds while its node runs on `threads` threads:
+    /// one opened chunk per thread, the rows that straddle chunks, and its other tensors.
+    pub fn stream_memory(&self, layer: usize, threads: usize) -> u64 {
+        let Some(s) = &self.streamable[layer] else {
+            return 0;
+        };
+        let chunks = self.chunk_counts[layer];
+        let group = (threads.max(1) as u64).min(chunks);
+        let chunk = self.chunk_size.min(self.plaintext_len[layer]);
+        let row = 4 * s.gemm.row_len() as u64;
+        let others: u64 = (self.layer_tensors[layer].iter().enumerate())
+            .filter(|&(i, _)| i != s.b)
+            .map(|(_, t)| t.bytes)
+            .sum();
+        group * chunk + (group + 1) * row + others
+    }
+
+    /// Unseals layer `layer` whole from its sealed stream into `weights`, the chunks in
+    /// parallel (capsule-v1 §4.3, §6).
+    pub fn install_sealed(
         &self,
         unsealer: &Unsealer,
         layer: usize,
-        plaintext: &[u8],
+        sealed: &[u8],
         weights: &mut Weights,
     ) -> Result<(), Error> {
-        for (name, shape, values) in unsealer.layer_tensors(layer, plaintext) {
-            let mut tensor = Tensor::new(shape, values).map_err(Error::Engine)?;
-            // Layout::new mapped every sealed name to a param.
-            match self.param_of.get(&name) {
-                Some(&index) => weights.put(index, tensor),
-                None => tensor.data_mut().zeroize(),
-            }
+        let mut buffers = weights.buffers(self, layer);
+        let chunks = unsealer.header().chunk_count(layer);
+        if let Err(e) = crate::stream::open_whole(unsealer, layer, 0..chunks, sealed, &mut buffers)
+        {
+            weights.give_back(self, layer, buffers);
+            return Err(Error::Format(e));
         }
-        Ok(())
+        weights.install(self, layer, buffers)
     }
 
-    /// Zeroizes and drops the weights of layer `layer`.
+    /// Zeroizes the weights of layer `layer`; their buffers are kept for the next
+    /// query, or freed under a memory budget.
     pub fn evict(&self, layer: usize, weights: &mut Weights) {
         for &index in &self.layer_params[layer] {
             weights.clear(index);
@@ -182,38 +422,142 @@ impl Layout {
     }
 }
 
-/// Weight tensors by param index; every value is zeroized before it is freed.
-pub(crate) struct Weights(Vec<Option<Tensor>>);
+/// Weight tensors by param index, and the buffers they are unsealed into.
+///
+/// Every value is zeroized when its layer is evicted, when a query ends and on drop.
+/// Unless it [frees](Weights::freeing) them, it keeps each zeroized buffer for the next
+/// query, so that a query does not page in fresh memory for every layer: the enclave's
+/// weight memory then stays as large as the model.
+pub(crate) struct Weights {
+    tensors: Vec<Option<Tensor>>,
+    /// Zeroized buffers by param index, for the next time its layer is opened.
+    spare: Vec<Vec<f32>>,
+    keep_spare: bool,
+    /// One buffer per thread for streamed chunks, zeroized after each use.
+    pub scratch: Vec<Zeroizing<Vec<f32>>>,
+    /// Sealed chunks read from the host, a few at a time (ciphertext only).
+    pub sealed: Vec<u8>,
+    /// Plaintext weight bytes held now, and the most held at once.
+    held: u64,
+    peak: u64,
+}
 
 impl Weights {
     /// Room for `n` params, none present.
     pub fn new(n: usize) -> Weights {
-        Weights((0..n).map(|_| None).collect())
+        Weights {
+            tensors: (0..n).map(|_| None).collect(),
+            spare: vec![Vec::new(); n],
+            keep_spare: true,
+            scratch: Vec::new(),
+            sealed: Vec::new(),
+            held: 0,
+            peak: 0,
+        }
     }
 
-    fn put(&mut self, index: usize, tensor: Tensor) {
-        self.clear(index);
-        self.0[index] = Some(tensor);
+    /// Frees buffers when their layer is evicted instead of keeping them (under a
+    /// memory budget).
+    pub fn freeing(mut self) -> Weights {
+        self.keep_spare = false;
+        self
+    }
+
+    /// The most plaintext weight memory held at once so far, scratch included.
+    pub fn peak(&self) -> u64 {
+        self.peak
+    }
+
+    /// Notes `extra` bytes of scratch held on top of the installed weights.
+    pub fn note_scratch(&mut self, extra: u64) {
+        self.peak = self.peak.max(self.held + extra);
+    }
+
+    /// Buffers for layer `layer`'s tensors, in plaintext order: kept ones, or zeroed.
+    pub fn buffers(&mut self, layout: &Layout, layer: usize) -> Vec<Vec<f32>> {
+        layout
+            .tensors(layer)
+            .iter()
+            .map(|t| self.buffer(t.param, t.bytes as usize / 4))
+            .collect()
+    }
+
+    /// A buffer of `len` values for param `param`.
+    pub fn buffer(&mut self, param: Option<usize>, len: usize) -> Vec<f32> {
+        match param.map(|p| std::mem::take(&mut self.spare[p])) {
+            Some(buf) if buf.len() == len => buf,
+            _ => vec![0.0; len],
+        }
+    }
+
+    /// Zeroizes layer `layer`'s buffers that were not installed, and keeps or frees them.
+    pub fn give_back(&mut self, layout: &Layout, layer: usize, buffers: Vec<Vec<f32>>) {
+        for (t, buf) in layout.tensors(layer).iter().zip(buffers) {
+            match t.param {
+                Some(index) => self.retire(index, buf),
+                None => drop(Zeroizing::new(buf)),
+            }
+        }
+    }
+
+    /// Installs layer `layer`'s opened tensors.
+    pub fn install(
+        &mut self,
+        layout: &Layout,
+        layer: usize,
+        buffers: Vec<Vec<f32>>,
+    ) -> Result<(), Error> {
+        for (t, mut buf) in layout.tensors(layer).iter().zip(buffers) {
+            let Some(index) = t.param else {
+                buf.zeroize();
+                continue;
+            };
+            self.clear(index);
+            self.held += t.bytes;
+            self.tensors[index] = Some(Tensor::new(t.shape.clone(), buf).map_err(Error::Engine)?);
+        }
+        self.peak = self.peak.max(self.held);
+        Ok(())
+    }
+
+    /// Zeroizes a buffer of param `index` that is done, and keeps it for the next query
+    /// or frees it.
+    pub fn retire(&mut self, index: usize, mut buf: Vec<f32>) {
+        if self.keep_spare {
+            // Keeps the length: the next query opens into it without a pass of its own.
+            buf.fill(0.0);
+            std::hint::black_box(&buf);
+            self.spare[index] = buf;
+        } else {
+            buf.zeroize();
+        }
     }
 
     fn clear(&mut self, index: usize) {
-        if let Some(mut tensor) = self.0[index].take() {
-            tensor.data_mut().zeroize();
+        if let Some(tensor) = self.tensors[index].take() {
+            self.held -= 4 * tensor.len() as u64;
+            let (_, data) = tensor.into_parts();
+            self.retire(index, data);
+        }
+    }
+
+    /// Zeroizes every weight still installed.
+    pub fn clear_all(&mut self) {
+        for index in 0..self.tensors.len() {
+            self.clear(index);
         }
     }
 }
 
 impl Drop for Weights {
     fn drop(&mut self) {
-        for index in 0..self.0.len() {
-            self.clear(index);
-        }
+        self.clear_all();
     }
 }
 
 impl WeightSource for Weights {
     fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
-        self.0.get(index)?.as_ref()
+        self.tensors.get(index)?.as_ref()
     }
 }
 
@@ -237,8 +581,14 @@ impl SealedModel {
         let mut weights = Weights::new(layout.plan().graph().params.len());
         // The developer mode runs the model alone: the detector's layers stay sealed.
         for layer in header.detector_layers()..header.layers.len() {
-            let plaintext = unsealer.open_layer(layer, capsule.sealed_layer(layer))?;
-            layout.install(&unsealer, layer, &plaintext, &mut weights)?;
+            if !layout.unread(layer) {
+                layout.install_sealed(
+                    &unsealer,
+                    layer,
+                    capsule.sealed_layer(layer),
+                    &mut weights,
+                )?;
+            }
         }
         Ok(SealedModel {
             header,
@@ -272,5 +622,298 @@ struct Resident<'a>(&'a Weights);
 impl WeightSource for Resident<'_> {
     fn param(&self, index: usize, info: &ParamInfo) -> Option<&Tensor> {
         self.0.param(index, info)
+    }
+}
+
+/// A capsule opened with its model key whose weights are unsealed on every query, layer
+/// by layer, exactly as the enclave unseals what the host streams to it (the same
+/// [`LayerStream`], fed from memory instead of frames): each layer just before the first
+/// node that reads it, zeroized after the last; dense layers chunk by chunk into their
+/// output; under an optional budget on the weight memory held at once.
+///
+/// For the provider's benchmarks (`mlcapsule bench`): what it times is what the enclave
+/// runs, without the process boundary and the counter. Runs the model alone, without the
+/// detector or the policy, like [`SealedModel`].
+pub struct StreamingModel<'c> {
+    capsule: &'c Capsule<'c>,
+    unsealer: Unsealer,
+    layout: Layout,
+    weights: Weights,
+    budget: Option<u64>,
+}
+
+impl<'c> StreamingModel<'c> {
+    /// Verifies `capsule`'s header with `key` and prepares its layout; unseals nothing.
+    /// `budget` caps the plaintext weight memory a query holds at once, in bytes.
+    pub fn open(
+        capsule: &'c Capsule<'c>,
+        key: &ModelKey,
+        budget: Option<u64>,
+    ) -> Result<StreamingModel<'c>, Error> {
+        let unsealer = capsule.unseal(key)?;
+        let layout = Layout::new(unsealer.header())?;
+        let mut weights = Weights::new(layout.plan().graph().params.len());
+        if budget.is_some() {
+            weights = weights.freeing();
+        }
+        Ok(StreamingModel {
+            capsule,
+            unsealer,
+            layout,
+            weights,
+            budget,
+        })
+    }
+
+    /// Runs one batch, unsealing every layer it reads. Fails like the enclave when the
+    /// budget is too small for the model.
+    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Error> {
+        let header = self.unsealer.header();
+        let layers = header.detector_layers()..header.layers.len();
+        let batch = inputs
+            .first()
+            .and_then(|x| x.shape().first())
+            .copied()
+            .unwrap_or(1);
+        let (streamed, _) = self.layout.query_plan(
+            layers.clone(),
+            batch,
+            self.budget,
+            capsule_engine::threads(),
+        )?;
+        let mut stream = LayerStream::new(
+            MemoryFeed::new(self.capsule),
+            &self.unsealer,
+            &self.layout,
+            layers,
+            &mut self.weights,
+            streamed,
+        );
+        let result = stream.run(inputs);
+        match stream.finish() {
+            Ok(()) => result.map_err(Error::Engine),
+            Err(StreamFailure::Broken(e) | StreamFailure::Rejected(e)) => Err(e),
+            Err(StreamFailure::Gone) => Err(Error::Internal {
+                reason: "a capsule in memory cannot go away".into(),
+            }),
+        }
+    }
+
+    /// The most plaintext weight memory a query held at once so far, in bytes.
+    pub fn peak_weight_bytes(&self) -> u64 {
+        self.weights.peak()
+    }
+
+    /// The model's public graph.
+    pub fn graph(&self) -> &Graph {
+        self.layout.plan().graph()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use capsule_engine::{Activation, ConvAttrs, Model, Node, Op, ValueInfo};
+    use capsule_format::{Policy, SealRequest};
+
+    use super::*;
+
+    fn ramp(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|i| ((i * 7 + seed * 13) % 29) as f32 / 14.0 - 1.0)
+            .collect();
+        Tensor::new(shape.to_vec(), data).unwrap()
+    }
+
+    fn node(name: &str, op: Op, inputs: &[&str], out: &str) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.into()],
+        }
+    }
+
+    /// x [?, 2, 5, 5] -> Conv(w, b) -> Flatten -> Gemm(fc, fc.b) -> Relu -> Gemm(out):
+    /// odd sizes, so that chunks cut rows and tensors anywhere. `fc` is `n x 75`.
+    fn model(n: usize) -> (Graph, HashMap<String, Tensor>) {
+        let gemm = Op::Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: true,
+        };
+        let conv = Op::Conv(ConvAttrs {
+            kernel: [3, 3],
+            strides: [1, 1],
+            pads: [1, 1, 1, 1],
+            dilations: [1, 1],
+            group: 1,
+            activation: Activation::None,
+        });
+        let param = |name: &str, shape: &[usize]| ParamInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+        };
+        let graph = Graph {
+            inputs: vec![ValueInfo {
+                name: "x".into(),
+                shape: vec![None, Some(2), Some(5), Some(5)],
+            }],
+            params: vec![
+                param("w", &[3, 2, 3, 3]),
+                param("b", &[3]),
+                param("fc", &[n, 75]),
+                param("fc.b", &[n]),
+                param("out", &[7, n]),
+            ],
+            nodes: vec![
+                node("conv", conv, &["x", "w", "b"], "c"),
+                node("flat", Op::Flatten { axis: 1 }, &["c"], "f"),
+                node("fc", gemm.clone(), &["f", "fc", "fc.b"], "h"),
+                node("relu", Op::Relu, &["h"], "r"),
+                node("out", gemm, &["r", "out"], "y"),
+            ],
+            outputs: vec!["y".into()],
+        };
+        let weights = graph
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), ramp(&p.shape, i)))
+            .collect();
+        (graph, weights)
+    }
+
+    fn seal(
+        graph: &Graph,
+        weights: &HashMap<String, Tensor>,
+        chunk_size: u32,
+    ) -> (Vec<u8>, ModelKey) {
+        let request = SealRequest {
+            architecture: serde_json::to_value(graph).unwrap(),
+            preprocessing: None,
+            labels: None,
+            detector: None,
+            policy: Policy::default(),
+            chunk_size,
+            layers: crate::grouping::seal_layers(graph, weights, ""),
+        };
+        let key = ModelKey::generate();
+        let bytes = capsule_format::seal(
+            &request,
+            &key,
+            capsule_format::new_capsule_id(),
+            &mut |_| {},
+        )
+        .unwrap();
+        (bytes, key)
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.data().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn streaming_gives_the_plain_bits_for_any_chunk_size() {
+        let (graph, weights) = model(29);
+        let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+        // 64: the smallest; 66: not a multiple of 4; 300: one fc row (75 floats); 4096:
+        // several rows; default: one chunk per layer.
+        for chunk_size in [64, 66, 300, 1000, capsule_format::DEFAULT_CHUNK_SIZE] {
+            let (bytes, key) = seal(&graph, &weights, chunk_size);
+            let capsule = Capsule::parse(&bytes).unwrap();
+            let mut streaming = StreamingModel::open(&capsule, &key, None).unwrap();
+            let cached = SealedModel::open(&capsule, &key).unwrap();
+            // Batch 9 takes the plan (not streamed), the others the streamed Gemm.
+            for (batch, seed) in [(1, 1), (3, 2), (9, 3), (1, 4)] {
+                let x = ramp(&[batch, 2, 5, 5], seed);
+                let want = plain.run(std::slice::from_ref(&x)).unwrap();
+                let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+                let resident = cached.run(std::slice::from_ref(&x)).unwrap();
+                assert_eq!(
+                    bits(&got[0]),
+                    bits(&want[0]),
+                    "chunk {chunk_size}, batch {batch}"
+                );
+                assert_eq!(bits(&resident[0]), bits(&want[0]));
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_larger_than_the_budget_is_computed_in_pieces() {
+        let (graph, weights) = model(301);
+        let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+        let (bytes, key) = seal(&graph, &weights, 1000);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let fc_bytes = 301 * 75 * 4;
+        let budget = 16 * 1024;
+        assert!(fc_bytes > 5 * budget);
+        let mut streaming = StreamingModel::open(&capsule, &key, Some(budget)).unwrap();
+        for batch in [1, 2] {
+            let x = ramp(&[batch, 2, 5, 5], batch);
+            let want = plain.run(std::slice::from_ref(&x)).unwrap();
+            let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+            assert_eq!(bits(&got[0]), bits(&want[0]), "batch {batch}");
+        }
+        // Above the exact batch the streamed Gemm still runs, to rounding.
+        let x = ramp(&[12, 2, 5, 5], 5);
+        let want = plain.run(std::slice::from_ref(&x)).unwrap();
+        let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+        for (a, b) in got[0].data().iter().zip(want[0].data()) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        let peak = streaming.peak_weight_bytes();
+        assert!(0 < peak && peak <= budget, "held {peak} bytes");
+    }
+
+    #[test]
+    fn a_budget_below_the_smallest_workable_size_names_the_layer() {
+        let (graph, weights) = model(301);
+        let (bytes, key) = seal(&graph, &weights, 1000);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        // Streamed, `out` (7 x 301) needs a chunk per thread and its straddling rows:
+        // more than `fc`, whose rows are shorter.
+        let mut streaming = StreamingModel::open(&capsule, &key, Some(4000)).unwrap();
+        let err = streaming.run(&[ramp(&[1, 2, 5, 5], 1)]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::QueryFailed { .. }), "{err:?}");
+        assert!(text.contains("layer 'out' needs"), "{text}");
+        assert!(text.contains("raise --memory-budget to at least"), "{text}");
+        let mut enough = StreamingModel::open(&capsule, &key, Some(16 * 1024)).unwrap();
+        assert!(enough.run(&[ramp(&[1, 2, 5, 5], 1)]).is_ok());
+    }
+
+    #[test]
+    fn a_tampered_chunk_fails_naming_its_layer_and_chunk() {
+        let (graph, weights) = model(29);
+        let (bytes, key) = seal(&graph, &weights, 256);
+        let original = Capsule::parse(&bytes).unwrap();
+        let capsule = &original;
+        // fc (streamed) is layer 1, out (whole) layer 2; each has several chunks.
+        for (layer, name) in [(1, "fc"), (2, "out"), (0, "conv")] {
+            let start = capsule.sealed_layer(layer).as_ptr() as usize - bytes.as_ptr() as usize;
+            let mut tampered = bytes.clone();
+            let chunk = if layer == 0 { 0 } else { 1 };
+            tampered[start + chunk * (256 + capsule_format::TAG_LEN) + 5] ^= 0x40;
+            let capsule = Capsule::parse(&tampered).unwrap();
+            // Streamed chunk by chunk (batch 1, or any batch under a budget) or whole.
+            for (budget, batch) in [(None, 1), (None, 9), (Some(64 * 1024), 9)] {
+                let mut streaming = StreamingModel::open(&capsule, &key, budget).unwrap();
+                let err = streaming.run(&[ramp(&[batch, 2, 5, 5], 1)]).unwrap_err();
+                match err {
+                    Error::Format(capsule_format::Error::ChunkFailed { layer: l, chunk: c }) => {
+                        assert_eq!((l.as_str(), c), (name, chunk as u64), "{budget:?} {batch}")
+                    }
+                    other => panic!("layer {layer}: {other:?}"),
+                }
+                // The untampered model runs on.
+                let mut good = StreamingModel::open(&original, &key, budget).unwrap();
+                assert!(good.run(&[ramp(&[batch, 2, 5, 5], 1)]).is_ok());
+            }
+        }
     }
 }

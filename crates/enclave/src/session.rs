@@ -16,13 +16,13 @@ use serde::Serialize;
 use crate::defense::{Binding, Counted, Defenses, Guard, Verdict};
 use crate::error::Error;
 use crate::ledger::{Ledger, today_utc};
-use crate::model::Layout;
+use crate::model::{Layout, Weights};
 use crate::protocol::{
     self, AttestRequest, DefenseStamp, Empty, EnclavePublic, Frame, FrameReader, Hello,
     LoadRequest, MAX_NONCE_LEN, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest,
     Provisioned, QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
 };
-use crate::stream::{LayerStream, StreamFailure};
+use crate::stream::{FrameFeed, LayerStream, StreamFailure};
 
 /// Largest sealed defense state the enclave keeps: with a 16 MiB capsule header it still
 /// fits in one `Load` frame (§2, §7.4).
@@ -39,6 +39,8 @@ pub struct Session {
     setup_key: Option<EnclaveKey>,
     ledger: Option<Ledger>,
     loaded: Option<Loaded>,
+    /// The most plaintext weight memory a query may hold at once, in bytes.
+    memory_budget: Option<u64>,
 }
 
 /// A capsule whose header MAC was checked with the licence's model key.
@@ -49,6 +51,10 @@ struct Loaded {
     defenses: Defenses,
     /// The defenses' state, when they keep one.
     guard: Option<Guard>,
+    /// The buffers the model's and the detector's layers are unsealed into, kept from
+    /// query to query (zeroized between uses).
+    model_weights: Weights,
+    detector_weights: Weights,
 }
 
 /// A reply frame, ready to write.
@@ -111,7 +117,17 @@ impl Session {
             setup_key: None,
             ledger: None,
             loaded: None,
+            memory_budget: None,
         }
+    }
+
+    /// Caps the plaintext weight memory a query holds at once at `bytes` (§8.1
+    /// `--memory-budget`): dense layers larger than that are computed chunk by chunk,
+    /// buffers are freed after each layer instead of kept, and a query the budget cannot
+    /// hold is refused, naming the layer, before anything is counted.
+    pub fn with_memory_budget(mut self, bytes: Option<u64>) -> Session {
+        self.memory_budget = bytes;
+        self
     }
 
     /// Gives the session the instance's detection counters: monotonic counters that each
@@ -334,12 +350,27 @@ impl Session {
         } else {
             None
         };
+        let pool = |layout: &Layout| {
+            let weights = Weights::new(layout.plan().graph().params.len());
+            if self.memory_budget.is_some() {
+                weights.freeing()
+            } else {
+                weights
+            }
+        };
+        let model_weights = pool(&layout);
+        let detector_weights = match &defenses.detector {
+            Some(stage) => pool(&stage.layout),
+            None => Weights::new(0),
+        };
         self.ledger = Some(ledger);
         self.loaded = Some(Loaded {
             unsealer,
             layout,
             defenses,
             guard,
+            model_weights,
+            detector_weights,
         });
         Reply::new(MessageType::StatusReport, &self.status()?)
     }
@@ -365,6 +396,8 @@ impl Session {
             layout,
             defenses,
             guard,
+            model_weights,
+            detector_weights,
         } = loaded;
         if let Some(guard) = guard.as_ref() {
             guard.admit(counted)?;
@@ -381,15 +414,38 @@ impl Session {
             Some(stage) => Some(stage.input_for(&inputs[0])?),
             None => None,
         };
+        // The model's layers: without a detector stage its stream drains the detector's.
+        let layers = match &defenses.detector {
+            Some(_) => defenses.model_layers.clone(),
+            None => 0..defenses.model_layers.end,
+        };
+        let threads = capsule_engine::threads();
+        let budget = self.memory_budget;
+        let (model_streamed, _) = layout.query_plan(layers.clone(), n as usize, budget, threads)?;
+        let detector_streamed = match &defenses.detector {
+            Some(stage) => {
+                stage
+                    .layout
+                    .query_plan(stage.layers.clone(), n as usize, budget, threads)?
+                    .0
+            }
+            None => Vec::new(),
+        };
         protocol::write_frame(output, MessageType::SendLayers, &Empty {}, &[])
             .map_err(|_| Failure::Gone)?;
 
         // 1. The input detector, on the capsule's first layers (policy §4 step 1).
         let detection = match (&defenses.detector, detector_input) {
             (Some(stage), Some(x)) => {
-                let mut stream =
-                    LayerStream::new(frames, unsealer, &stage.layout, stage.layers.clone());
-                let result = stage.layout.plan().run(&[x], &mut stream);
+                let mut stream = LayerStream::new(
+                    FrameFeed::new(frames),
+                    unsealer,
+                    &stage.layout,
+                    stage.layers.clone(),
+                    detector_weights,
+                    detector_streamed,
+                );
+                let result = stream.run(&[x]);
                 match stream.finish() {
                     Ok(()) => result
                         .map_err(|e| Error::QueryFailed {
@@ -406,14 +462,16 @@ impl Session {
             _ => Ok(Verdict::Pass),
         };
         // 2. The model (step 2), unless the detector refused: then its layers are drained
-        // unopened. Without a detector stage the model's stream drains the detector's layers.
-        let layers = match &defenses.detector {
-            Some(_) => defenses.model_layers.clone(),
-            None => 0..defenses.model_layers.end,
-        };
-        let mut stream = LayerStream::new(frames, unsealer, layout, layers);
-        let result =
-            matches!(detection, Ok(Verdict::Pass)).then(|| layout.plan().run(inputs, &mut stream));
+        // unopened.
+        let mut stream = LayerStream::new(
+            FrameFeed::new(frames),
+            unsealer,
+            layout,
+            layers,
+            model_weights,
+            model_streamed,
+        );
+        let result = matches!(detection, Ok(Verdict::Pass)).then(|| stream.run(inputs));
         match stream.finish() {
             Ok(()) => {}
             Err(StreamFailure::Gone) => return Err(Failure::Gone),

@@ -1,18 +1,33 @@
 //! The paper's "MLCapsule layer" (`spec/enclave-protocol.md` §5.6): during a
 //! query the host streams every layer's sealed chunks, and the enclave unseals
-//! each layer just before the first node that reads it runs, and zeroizes it
+//! each layer just before the first node that reads it, and zeroizes it
 //! right after the last one has.
 //!
 //! [`LayerStream`] is the engine's [`WeightSource`] for one query: its
-//! `prepare` hook pulls `Layer` frames from the host until the layers the
-//! next node reads are there, its `release` hook evicts the layers no later
-//! node reads. So at any time only the layers in use are in plaintext, in
-//! the enclave's own zeroizing buffers.
+//! `prepare` hook pulls chunks until the layers the next node reads are
+//! there, its `release` hook evicts the layers no later node reads. So at any
+//! time only the layers in use are in plaintext, in the enclave's own
+//! zeroizing buffers ([`Weights`]), which it reuses from query to query.
+//!
+//! Chunks are independent AEAD messages: they are opened a group at a time,
+//! in parallel, each straight into the tensor it belongs to (one copy of the
+//! ciphertext, then decryption in place: no plaintext copy, no conversion
+//! pass). A dense layer that only one Gemm reads is never whole in memory:
+//! each opened chunk's rows of B are multiplied into the output at once, in a
+//! per-thread buffer that is wiped after each chunk ([`StreamedGemm`]).
+//!
+//! The chunks come from a [`Feed`]: the host's `Layer` frames in the
+//! enclave ([`FrameFeed`]), or a capsule in memory for the provider's
+//! benchmarks ([`MemoryFeed`]); everything after the feed is the same code.
 
+use std::collections::HashMap;
 use std::io::Read;
+use std::ops::Range;
 
-use capsule_engine::{Node, ParamInfo, Tensor, WeightSource};
-use capsule_format::{TAG_LEN, Unsealer};
+use capsule_engine::{Node, ParamInfo, StreamedGemm, Tensor, WeightSource};
+use capsule_format::{Capsule, TAG_LEN, Unsealer};
+use rayon::prelude::*;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
 use crate::model::{Layout, Weights};
@@ -28,77 +43,54 @@ pub(crate) enum StreamFailure {
     Rejected(Error),
 }
 
-/// The weights of one query, pulled from the host layer by layer.
-///
-/// A stream covers a range of the capsule's layers: all of them, or the input detector's
-/// (the first ones, capsule-v1 §4.6) and then the model's, one stream after the other.
-pub(crate) struct LayerStream<'a, R> {
-    frames: &'a mut FrameReader<R>,
-    unsealer: &'a Unsealer,
-    layout: &'a Layout,
-    weights: Weights,
-    /// Layers fully received (the next one expected is this index).
-    received: usize,
-    /// One past the last layer of this stream.
-    end: usize,
-    /// Index of the node about to run or running.
-    node: usize,
-    /// The sealed bytes of the layer being received (ciphertext only).
-    sealed: Vec<u8>,
-    failure: Option<StreamFailure>,
+/// Where a query's sealed chunks come from, in capsule order.
+pub(crate) trait Feed {
+    /// How many chunks of a whole layer to take at once on `threads` threads: their
+    /// sealed bytes are held together.
+    fn group(&self, threads: usize) -> u64;
+
+    /// The sealed bytes of chunks `chunks` of layer `layer`, back to back (capsule-v1
+    /// §4.4). With `keep` false the caller does not need them (they may be skipped).
+    fn chunks<'s>(
+        &'s mut self,
+        header: &capsule_format::Header,
+        layer: usize,
+        chunks: Range<u64>,
+        keep: bool,
+        buf: &'s mut Vec<u8>,
+    ) -> Result<Option<&'s [u8]>, StreamFailure>;
 }
 
-impl<'a, R: Read> LayerStream<'a, R> {
-    /// A stream of layers `layers` of the capsule `unsealer` opens, whose weights
-    /// `layout` reads (it must read none outside the range). The host sends the
-    /// range's first layer next.
-    pub fn new(
-        frames: &'a mut FrameReader<R>,
-        unsealer: &'a Unsealer,
-        layout: &'a Layout,
-        layers: std::ops::Range<usize>,
-    ) -> LayerStream<'a, R> {
-        LayerStream {
-            frames,
-            unsealer,
-            layout,
-            weights: Weights::new(layout.plan().graph().params.len()),
-            received: layers.start,
-            end: layers.end,
-            node: 0,
-            sealed: Vec::new(),
-            failure: None,
-        }
+/// The host's `Layer` frames (enclave-protocol §5.6), checked one by one.
+pub(crate) struct FrameFeed<'a, R> {
+    frames: &'a mut FrameReader<R>,
+}
+
+impl<'a, R> FrameFeed<'a, R> {
+    pub fn new(frames: &'a mut FrameReader<R>) -> FrameFeed<'a, R> {
+        FrameFeed { frames }
+    }
+}
+
+impl<R: Read> Feed for FrameFeed<'_, R> {
+    fn group(&self, threads: usize) -> u64 {
+        threads.max(1) as u64
     }
 
-    /// Reads the rest of the stream (every layer must be sent, whatever
-    /// happened), zeroizes what is left, and says whether it all went well.
-    pub fn finish(mut self) -> Result<(), StreamFailure> {
-        while self.received < self.end {
-            if let Some(StreamFailure::Gone | StreamFailure::Broken(_)) = &self.failure {
-                break;
-            }
-            // Whatever the run did not read is not needed: drain it unopened.
-            if let Err(failure) = self.receive(false) {
-                self.failure = Some(failure);
-            }
-        }
-        match self.failure.take() {
-            None => Ok(()),
-            Some(failure) => Err(failure),
-        }
-    }
-
-    /// Receives the next layer's chunks; with `keep`, unseals it into the weights.
-    fn receive(&mut self, keep: bool) -> Result<(), StreamFailure> {
-        let layer = self.received;
-        let header = self.unsealer.header();
-        let chunks = header.chunk_count(layer);
+    fn chunks<'s>(
+        &'s mut self,
+        header: &capsule_format::Header,
+        layer: usize,
+        chunks: Range<u64>,
+        keep: bool,
+        buf: &'s mut Vec<u8>,
+    ) -> Result<Option<&'s [u8]>, StreamFailure> {
+        let count = header.chunk_count(layer);
         let chunk_size = u64::from(header.chunk_size);
         let plaintext_len = header.layers[layer].plaintext_len;
-        self.sealed.clear();
-        for chunk in 0..chunks {
-            let plain = if chunk + 1 < chunks {
+        buf.clear();
+        for chunk in chunks {
+            let plain = if chunk + 1 < count {
                 chunk_size
             } else {
                 plaintext_len - chunk * chunk_size
@@ -129,29 +121,408 @@ impl<'a, R: Read> LayerStream<'a, R> {
                 )));
             }
             if keep {
-                self.sealed.extend_from_slice(frame.blob);
+                buf.extend_from_slice(frame.blob);
             }
         }
+        Ok(keep.then_some(buf.as_slice()))
+    }
+}
+
+/// A capsule in memory: every chunk is already there.
+pub(crate) struct MemoryFeed<'c> {
+    capsule: &'c Capsule<'c>,
+}
+
+impl<'c> MemoryFeed<'c> {
+    pub fn new(capsule: &'c Capsule<'c>) -> MemoryFeed<'c> {
+        MemoryFeed { capsule }
+    }
+}
+
+impl Feed for MemoryFeed<'_> {
+    fn group(&self, _threads: usize) -> u64 {
+        u64::MAX
+    }
+
+    fn chunks<'s>(
+        &'s mut self,
+        header: &capsule_format::Header,
+        layer: usize,
+        chunks: Range<u64>,
+        keep: bool,
+        _buf: &'s mut Vec<u8>,
+    ) -> Result<Option<&'s [u8]>, StreamFailure> {
+        if !keep {
+            return Ok(None);
+        }
+        let sealed = self.capsule.sealed_layer(layer);
+        let step = header.chunk_size as usize + TAG_LEN;
+        let start = (chunks.start as usize)
+            .saturating_mul(step)
+            .min(sealed.len());
+        let end = (chunks.end as usize).saturating_mul(step).min(sealed.len());
+        Ok(Some(&sealed[start..end]))
+    }
+}
+
+/// The weights of one query, pulled from a [`Feed`] layer by layer.
+///
+/// A stream covers a range of the capsule's layers: all of them, or the input detector's
+/// (the first ones, capsule-v1 §4.6) and then the model's, one stream after the other.
+pub(crate) struct LayerStream<'a, F> {
+    feed: F,
+    unsealer: &'a Unsealer,
+    layout: &'a Layout,
+    weights: &'a mut Weights,
+    /// Per layer: computed chunk by chunk by its dense node in this query.
+    streamed: Vec<bool>,
+    /// Layers fully received (the next one expected is this index).
+    received: usize,
+    /// One past the last layer of this stream.
+    end: usize,
+    /// Index of the node about to run or running.
+    node: usize,
+    failure: Option<StreamFailure>,
+}
+
+impl<'a, F: Feed> LayerStream<'a, F> {
+    /// A stream of layers `layers` of the capsule `unsealer` opens, whose weights
+    /// `layout` reads (it must read none outside the range), into `weights`; the layers
+    /// `streamed` says (from [`Layout::query_plan`]) are computed chunk by chunk. The
+    /// feed gives the range's first layer next.
+    pub fn new(
+        feed: F,
+        unsealer: &'a Unsealer,
+        layout: &'a Layout,
+        layers: Range<usize>,
+        weights: &'a mut Weights,
+        streamed: Vec<bool>,
+    ) -> LayerStream<'a, F> {
+        LayerStream {
+            feed,
+            unsealer,
+            layout,
+            weights,
+            streamed,
+            received: layers.start,
+            end: layers.end,
+            node: 0,
+            failure: None,
+        }
+    }
+
+    /// Runs the layout's graph on `inputs` with this stream's weights.
+    pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, capsule_engine::Error> {
+        let layout = self.layout;
+        if self.streamed.iter().any(|&s| s) {
+            layout
+                .staged()
+                .run(inputs, self, &mut |j, operands, stream| {
+                    let a = operands.first().ok_or_else(stream_failed)?;
+                    stream.dense(j, a)
+                })
+        } else {
+            layout.plan().run(inputs, self)
+        }
+    }
+
+    /// Reads the rest of the stream (every layer must be sent, whatever
+    /// happened), zeroizes what is left, and says whether it all went well.
+    pub fn finish(mut self) -> Result<(), StreamFailure> {
+        while self.received < self.end {
+            if let Some(StreamFailure::Gone | StreamFailure::Broken(_)) = &self.failure {
+                break;
+            }
+            // Whatever the run did not read is not needed: drain it unopened.
+            if let Err(failure) = self.receive(false) {
+                self.failure = Some(failure);
+            }
+        }
+        self.weights.clear_all();
+        match self.failure.take() {
+            None => Ok(()),
+            Some(failure) => Err(failure),
+        }
+    }
+
+    /// Skips the chunks `rest` of layer `layer` after a failure, to stay in step.
+    fn drain(&mut self, layer: usize, rest: Range<u64>) -> Result<(), StreamFailure> {
+        let header = self.unsealer.header();
+        let mut sealed = std::mem::take(&mut self.weights.sealed);
+        let result = self
+            .feed
+            .chunks(header, layer, rest, false, &mut sealed)
+            .map(|_| ());
+        self.weights.sealed = sealed;
+        result
+    }
+
+    /// Receives the next layer's chunks; with `keep`, unseals it whole into the weights.
+    fn receive(&mut self, keep: bool) -> Result<(), StreamFailure> {
+        let layer = self.received;
+        let header = self.unsealer.header();
+        let count = header.chunk_count(layer);
+        let keep = keep && !self.layout.unread(layer);
+        let mut buffers = keep.then(|| self.weights.buffers(self.layout, layer));
+        let group = self.feed.group(capsule_engine::threads()).max(1);
+        let mut sealed = std::mem::take(&mut self.weights.sealed);
+        let mut first = 0;
+        let mut failed = None;
+        while first < count {
+            let last = first.saturating_add(group).min(count);
+            let bytes = match self
+                .feed
+                .chunks(header, layer, first..last, keep, &mut sealed)
+            {
+                Ok(bytes) => bytes,
+                Err(failure) => {
+                    self.weights.sealed = sealed;
+                    if let Some(buffers) = buffers {
+                        self.weights.give_back(self.layout, layer, buffers);
+                    }
+                    return Err(failure);
+                }
+            };
+            if let (Some(bytes), Some(buffers)) = (bytes, buffers.as_mut())
+                && let Err(e) = open_whole(self.unsealer, layer, first..last, bytes, buffers)
+            {
+                failed = Some(e);
+                first = last;
+                break;
+            }
+            first = last;
+        }
+        self.weights.sealed = sealed;
+        if let Some(e) = failed {
+            if let Some(buffers) = buffers {
+                self.weights.give_back(self.layout, layer, buffers);
+            }
+            self.drain(layer, first..count)?;
+            self.received += 1;
+            return Err(StreamFailure::Rejected(Error::Format(e)));
+        }
         self.received += 1;
-        if keep && !self.layout.unread(layer) {
-            let plaintext = self
-                .unsealer
-                .open_layer(layer, &self.sealed)
-                .map_err(|e| StreamFailure::Rejected(Error::Format(e)))?;
-            self.layout
-                .install(self.unsealer, layer, &plaintext, &mut self.weights)
+        if let Some(buffers) = buffers {
+            self.weights
+                .install(self.layout, layer, buffers)
                 .map_err(StreamFailure::Rejected)?;
         }
         Ok(())
     }
+
+    /// Runs dense node `node` on `a`, opening its layer chunk by chunk.
+    fn dense(&mut self, node: usize, a: &Tensor) -> Result<Tensor, capsule_engine::Error> {
+        if self.failure.is_some() {
+            return Err(stream_failed());
+        }
+        let layer = self
+            .layout
+            .streamed_layer_of(node)
+            .filter(|&l| l == self.received)
+            .ok_or_else(|| capsule_engine::Error::InvalidWeights {
+                reason: format!("node {node} streams no layer that comes next"),
+            })?;
+        match self.stream_layer(layer, a) {
+            Ok(y) => Ok(y),
+            Err(Streamed::Engine(e)) => Err(e),
+            Err(Streamed::Stream(failure)) => {
+                self.failure = Some(failure);
+                Err(stream_failed())
+            }
+        }
+    }
+
+    fn stream_layer(&mut self, layer: usize, a: &Tensor) -> Result<Tensor, Streamed> {
+        let (layout, unsealer) = (self.layout, self.unsealer);
+        let s = *layout
+            .streamable(layer)
+            .expect("streamed layers are streamable");
+        let gemm = s.gemm;
+        let m = gemm.batch(a).map_err(Streamed::Engine)?;
+        let header = unsealer.header();
+        let count = header.chunk_count(layer);
+        let threads = capsule_engine::threads().max(1);
+        let tensors = layout.tensors(layer);
+        let b = &tensors[s.b];
+        let job = DenseJob {
+            gemm,
+            a,
+            m,
+            w: b.offset..b.offset + b.bytes,
+            b: s.b,
+        };
+        // The layer's other tensors (C) are opened whole, into their own buffers.
+        let mut others: Vec<(usize, Vec<f32>)> = tensors
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != s.b)
+            .map(|(i, t)| (i, self.weights.buffer(t.param, t.bytes as usize / 4)))
+            .collect();
+        let chunk_bytes = u64::from(header.chunk_size).min(header.layers[layer].plaintext_len);
+        let chunk_floats = (chunk_bytes as usize).div_ceil(4);
+        let mut scratch = std::mem::take(&mut self.weights.scratch);
+        let group = (threads as u64).min(count).max(1) as usize;
+        scratch.resize_with(group, || Zeroizing::new(Vec::new()));
+        for buf in scratch.iter_mut() {
+            buf.resize(chunk_floats, 0.0);
+        }
+        self.weights
+            .note_scratch(self.layout.stream_memory(layer, threads));
+        let mut sealed = std::mem::take(&mut self.weights.sealed);
+        let mut dots = vec![0.0f32; m * gemm.rows()];
+        let mut pending: HashMap<usize, (Zeroizing<Vec<f32>>, usize)> = HashMap::new();
+        let mut rows_done = 0usize;
+        let mut first = 0;
+        let mut outcome = Ok(());
+        while first < count {
+            let last = (first + group as u64).min(count);
+            let bytes = match self
+                .feed
+                .chunks(header, layer, first..last, true, &mut sealed)
+            {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => &[][..],
+                Err(failure) => {
+                    outcome = Err(Streamed::Stream(failure));
+                    break;
+                }
+            };
+            let step = header.chunk_size as usize + TAG_LEN;
+            let work: Vec<(u64, &[u8])> = (first..last)
+                .map(|c| {
+                    let at = (c - first) as usize * step;
+                    (c, &bytes[at.min(bytes.len())..(at + step).min(bytes.len())])
+                })
+                .collect();
+            let opened: Vec<Result<ChunkOut, capsule_format::Error>> = if threads > 1
+                && work.len() > 1
+            {
+                work.par_iter()
+                    .zip(scratch.par_iter_mut())
+                    .map(|(&(c, sealed), buf)| dense_chunk(unsealer, layer, c, sealed, &job, buf))
+                    .collect()
+            } else {
+                work.iter()
+                    .map(|&(c, sealed)| {
+                        dense_chunk(unsealer, layer, c, sealed, &job, &mut scratch[0])
+                    })
+                    .collect()
+            };
+            first = last;
+            for out in opened {
+                let out = match out {
+                    Ok(out) => out,
+                    Err(e) => {
+                        outcome = Err(Streamed::Stream(StreamFailure::Rejected(Error::Format(e))));
+                        break;
+                    }
+                };
+                let m = job.m;
+                dots[out.first_row * m..][..out.dots.len()].copy_from_slice(&out.dots);
+                rows_done += out.dots.len() / m.max(1);
+                for fragment in out.fragments {
+                    match fragment.target {
+                        Target::Row(row) => {
+                            let (buf, filled) = pending
+                                .entry(row)
+                                .or_insert_with(|| (Zeroizing::new(vec![0.0; gemm.row_len()]), 0));
+                            let dest: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
+                            dest[fragment.offset..][..fragment.bytes.len()]
+                                .copy_from_slice(&fragment.bytes);
+                            *filled += fragment.bytes.len();
+                            if *filled == 4 * gemm.row_len() {
+                                let (mut row_values, _) =
+                                    pending.remove(&row).expect("just filled");
+                                from_le(&mut row_values);
+                                gemm.dots(a, &row_values, &mut dots[row * m..][..m]);
+                                rows_done += 1;
+                            }
+                        }
+                        Target::Other(i) => {
+                            let (_, buf) = others
+                                .iter_mut()
+                                .find(|(t, _)| *t == i)
+                                .expect("every other tensor has a buffer");
+                            let dest: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
+                            dest[fragment.offset..][..fragment.bytes.len()]
+                                .copy_from_slice(&fragment.bytes);
+                        }
+                    }
+                }
+            }
+            if outcome.is_err() {
+                break;
+            }
+        }
+        self.weights.sealed = sealed;
+        self.weights.scratch = scratch;
+        if outcome.is_ok() && rows_done != gemm.rows() {
+            outcome = Err(Streamed::Engine(capsule_engine::Error::InvalidWeights {
+                reason: format!("layer {layer} gave {rows_done} of its {} rows", gemm.rows()),
+            }));
+        }
+        let result = outcome.and_then(|()| {
+            let c = match s.c {
+                Some(param) => {
+                    let (i, buf) = others
+                        .iter_mut()
+                        .find(|(i, _)| tensors[*i].param == Some(param))
+                        .expect("C is a tensor of the layer");
+                    from_le(buf);
+                    Some(
+                        Tensor::new(tensors[*i].shape.clone(), std::mem::take(buf))
+                            .map_err(Streamed::Engine)?,
+                    )
+                }
+                None => None,
+            };
+            let y = gemm.finish(m, &dots, c.as_ref());
+            if let (Some(c), Some(param)) = (c, s.c) {
+                self.weights.retire(param, c.into_parts().1);
+            }
+            y.map_err(Streamed::Engine)
+        });
+        for (i, buf) in others {
+            match tensors[i].param {
+                Some(param) if !buf.is_empty() => self.weights.retire(param, buf),
+                _ => drop(Zeroizing::new(buf)),
+            }
+        }
+        if let Err(Streamed::Stream(StreamFailure::Rejected(_))) = &result
+            && let Err(failure) = self.drain(layer, first..count)
+        {
+            self.received += 1;
+            return Err(Streamed::Stream(failure));
+        }
+        self.received += 1;
+        result
+    }
 }
 
-impl<R: Read> WeightSource for LayerStream<'_, R> {
+/// How a streamed layer failed.
+enum Streamed {
+    Engine(capsule_engine::Error),
+    Stream(StreamFailure),
+}
+
+/// What the engine sees when the stream failed; the stream keeps the real failure.
+fn stream_failed() -> capsule_engine::Error {
+    capsule_engine::Error::InvalidWeights {
+        reason: "the layer stream failed".into(),
+    }
+}
+
+impl<F: Feed> WeightSource for LayerStream<'_, F> {
     fn prepare(&mut self, _node: &Node) -> Result<(), capsule_engine::Error> {
         if self.failure.is_none()
             && let Some(needed) = self.layout.needs(self.node)
         {
-            while self.received <= needed && self.received < self.end {
+            // A streamed node's own layer is opened by the node itself.
+            let upto = match self.layout.streamed_layer_of(self.node) {
+                Some(layer) if self.streamed[layer] => layer,
+                _ => needed + 1,
+            };
+            while self.received < upto && self.received < self.end {
                 if let Err(failure) = self.receive(true) {
                     self.failure = Some(failure);
                     break;
@@ -161,9 +532,7 @@ impl<R: Read> WeightSource for LayerStream<'_, R> {
         match self.failure {
             None => Ok(()),
             // The real failure is kept in `self.failure` and reported by `finish`.
-            Some(_) => Err(capsule_engine::Error::InvalidWeights {
-                reason: "the layer stream failed".into(),
-            }),
+            Some(_) => Err(stream_failed()),
         }
     }
 
@@ -173,8 +542,226 @@ impl<R: Read> WeightSource for LayerStream<'_, R> {
 
     fn release(&mut self, _node: &Node) {
         for layer in self.layout.done_after(self.node) {
-            self.layout.evict(layer, &mut self.weights);
+            self.layout.evict(layer, self.weights);
         }
         self.node += 1;
     }
+}
+
+/// Opens chunks `chunks` of layer `layer` from their sealed bytes `sealed` (back to
+/// back) into `buffers`, the layer's tensors in plaintext order, which exactly fill it
+/// (capsule-v1 §4.3). Chunks are opened in parallel when the engine may use more than
+/// one thread; a chunk inside one tensor is opened straight into it, one across
+/// tensors into a scratch buffer that is then wiped. On failure the error names the
+/// first chunk that did not authenticate, and `buffers` hold garbage.
+pub(crate) fn open_whole(
+    unsealer: &Unsealer,
+    layer: usize,
+    chunks: Range<u64>,
+    sealed: &[u8],
+    buffers: &mut [Vec<f32>],
+) -> Result<(), capsule_format::Error> {
+    let step = unsealer.header().chunk_size as usize + TAG_LEN;
+    let first = chunks.start;
+    let spans: Vec<(u64, Range<u64>)> =
+        chunks.map(|c| (c, unsealer.chunk_span(layer, c))).collect();
+    let targets = split_targets(buffers, &spans);
+    let open = |(c, parts): (u64, Vec<&mut [u8]>)| -> Result<(), capsule_format::Error> {
+        let at = (c - first) as usize * step;
+        let piece = &sealed[at.min(sealed.len())..(at + step).min(sealed.len())];
+        match <[_; 1]>::try_from(parts) {
+            Ok([out]) => unsealer.open_chunk_into(layer, c, piece, out),
+            Err(mut parts) => {
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                let mut scratch = Zeroizing::new(vec![0u8; len]);
+                unsealer.open_chunk_into(layer, c, piece, &mut scratch)?;
+                let mut at = 0;
+                for part in &mut parts {
+                    part.copy_from_slice(&scratch[at..at + part.len()]);
+                    at += part.len();
+                }
+                Ok(())
+            }
+        }
+    };
+    let results: Vec<Result<(), capsule_format::Error>> =
+        if capsule_engine::threads() > 1 && targets.len() > 1 {
+            targets.into_par_iter().map(open).collect()
+        } else {
+            targets.into_iter().map(open).collect()
+        };
+    results.into_iter().collect::<Result<(), _>>()?;
+    for buf in buffers.iter_mut() {
+        from_le(buf);
+    }
+    Ok(())
+}
+
+/// Cuts `buffers` (a layer's tensors in plaintext order, as bytes) into the pieces each
+/// chunk of `spans` fills: one piece for a chunk inside a tensor, several for a chunk
+/// across tensors.
+fn split_targets<'b>(
+    buffers: &'b mut [Vec<f32>],
+    spans: &[(u64, Range<u64>)],
+) -> Vec<(u64, Vec<&'b mut [u8]>)> {
+    let mut tensors = buffers
+        .iter_mut()
+        .map(|b| bytemuck::cast_slice_mut::<f32, u8>(b.as_mut_slice()))
+        .filter(|b| !b.is_empty());
+    let mut offset = 0u64;
+    let mut current: Option<&'b mut [u8]> = tensors.next();
+    let mut out = Vec::with_capacity(spans.len());
+    for (chunk, span) in spans {
+        let mut parts = Vec::new();
+        let mut pos = span.start;
+        while pos < span.end {
+            let Some(slice) = current.take() else { break };
+            let end = offset + slice.len() as u64;
+            if end <= pos {
+                offset = end;
+                current = tensors.next();
+                continue;
+            }
+            let slice = &mut slice[(pos - offset) as usize..];
+            let take = (span.end.min(end) - pos) as usize;
+            let (head, tail) = slice.split_at_mut(take);
+            parts.push(head);
+            pos += take as u64;
+            offset = pos;
+            current = if tail.is_empty() {
+                tensors.next()
+            } else {
+                Some(tail)
+            };
+        }
+        out.push((*chunk, parts));
+    }
+    out
+}
+
+/// Values stored little-endian (capsule-v1 §1), in place: nothing to do on a
+/// little-endian machine.
+fn from_le(values: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for v in values {
+            *v = f32::from_bits(u32::from_le(v.to_bits()));
+        }
+    }
+}
+
+/// A dense node's product, for the chunks of its layer.
+struct DenseJob<'a> {
+    gemm: StreamedGemm,
+    a: &'a Tensor,
+    m: usize,
+    /// B's bytes in the layer's plaintext.
+    w: Range<u64>,
+    /// B's position among the layer's tensors (at most one other: C, before or after).
+    b: usize,
+}
+
+/// What one opened chunk of a streamed layer gave.
+struct ChunkOut {
+    /// The first row of B whose products `dots` starts with.
+    first_row: usize,
+    /// `m` products per row of B wholly inside the chunk, in row order.
+    dots: Vec<f32>,
+    /// Bytes of rows that straddle chunks, and of the layer's other tensors.
+    fragments: Vec<Fragment>,
+}
+
+struct Fragment {
+    target: Target,
+    /// Byte offset in the row or tensor.
+    offset: usize,
+    bytes: Zeroizing<Vec<u8>>,
+}
+
+enum Target {
+    /// A row of B.
+    Row(usize),
+    /// The layer's tensor at this position.
+    Other(usize),
+}
+
+/// Opens chunk `chunk` of a streamed layer into `scratch`, multiplies its whole rows of
+/// B into the output's products, copies out the rest, and wipes `scratch`.
+fn dense_chunk(
+    unsealer: &Unsealer,
+    layer: usize,
+    chunk: u64,
+    sealed: &[u8],
+    job: &DenseJob<'_>,
+    scratch: &mut Zeroizing<Vec<f32>>,
+) -> Result<ChunkOut, capsule_format::Error> {
+    let span = unsealer.chunk_span(layer, chunk);
+    let len = (span.end - span.start) as usize;
+    if scratch.len() * 4 < len {
+        scratch.resize(len.div_ceil(4), 0.0);
+    }
+    let opened = {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
+        unsealer.open_chunk_into(layer, chunk, sealed, &mut bytes[..len])
+    };
+    let out = opened.map(|()| split_chunk(&span, job, scratch));
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
+    bytes[..len].zeroize();
+    out
+}
+
+/// The products and fragments of one opened chunk `span` (its plaintext in `values`).
+fn split_chunk(span: &Range<u64>, job: &DenseJob<'_>, values: &[f32]) -> ChunkOut {
+    let bytes: &[u8] = &bytemuck::cast_slice(values)[..(span.end - span.start) as usize];
+    let row_bytes = 4 * job.gemm.row_len() as u64;
+    let mut out = ChunkOut {
+        first_row: 0,
+        dots: Vec::new(),
+        fragments: Vec::new(),
+    };
+    let fragment = |target, offset: u64, range: Range<u64>| Fragment {
+        target,
+        offset: offset as usize,
+        bytes: Zeroizing::new(
+            bytes[(range.start - span.start) as usize..(range.end - span.start) as usize].to_vec(),
+        ),
+    };
+    // The layer's other tensor, C, before or after B.
+    if span.start < job.w.start {
+        let end = span.end.min(job.w.start);
+        out.fragments
+            .push(fragment(Target::Other(0), span.start, span.start..end));
+    }
+    if span.end > job.w.end {
+        let start = span.start.max(job.w.end);
+        out.fragments.push(fragment(
+            Target::Other(job.b + 1),
+            start - job.w.end,
+            start..span.end,
+        ));
+    }
+    let (ws, we) = (span.start.max(job.w.start), span.end.min(job.w.end));
+    let mut pos = ws;
+    let mut first_whole = None;
+    while pos < we {
+        let rel = pos - job.w.start;
+        let row = (rel / row_bytes) as usize;
+        let row_end = job.w.start + (row as u64 + 1) * row_bytes;
+        let piece_end = row_end.min(we);
+        let local = (pos - span.start) as usize;
+        let whole = rel % row_bytes == 0 && piece_end == row_end;
+        if whole && local % 4 == 0 && cfg!(target_endian = "little") {
+            let first = *first_whole.get_or_insert(row);
+            debug_assert_eq!(first + out.dots.len() / job.m.max(1), row);
+            let row_values = &values[local / 4..local / 4 + job.gemm.row_len()];
+            let at = out.dots.len();
+            out.dots.resize(at + job.m, 0.0);
+            job.gemm.dots(job.a, row_values, &mut out.dots[at..]);
+        } else {
+            out.fragments
+                .push(fragment(Target::Row(row), rel % row_bytes, pos..piece_end));
+        }
+        pos = piece_end;
+    }
+    out.first_row = first_whole.unwrap_or(0);
+    out
 }

@@ -107,6 +107,22 @@ impl<'a> MatMut<'a> {
             row_stride: cols,
         }
     }
+
+    /// The `rows x cols` matrix whose rows start `row_stride` apart in
+    /// `data` (a block of columns of a wider row-major matrix).
+    pub(crate) fn strided(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> MatMut<'a> {
+        MatMut {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
 }
 
 /// Smallest product (in multiply-adds) worth splitting over threads.
@@ -416,6 +432,7 @@ multiversion! {
         stride: usize,
         taps: &[f32],
         bias: f32,
+        activation: Activation,
         out: &mut [f32],
         out_width: usize,
         scratch: &mut Vec<f32>,

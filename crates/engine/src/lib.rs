@@ -44,6 +44,9 @@
 //!   same pool, never both for one product.
 //! - Memory: intermediate buffers are recycled within a run instead of
 //!   being allocated and zeroed per node.
+//! - [`Staged`] and [`StreamedGemm`] let a caller run a dense layer whose
+//!   weights arrive row block by row block (the enclave's memory budget),
+//!   bit for bit as the plan would at small batch.
 //! - [`npy`] reads and writes the `.npy` tensors test vectors and the CLI use.
 //! - Nothing panics on user data: bad graphs, weights, inputs and `.npy`
 //!   files are [`Error`] values that say what was expected.
@@ -61,6 +64,7 @@ mod model;
 pub mod npy;
 mod ops;
 mod plan;
+mod streamed;
 mod tensor;
 mod threads;
 
@@ -69,5 +73,6 @@ pub use graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo, PoolAttrs, Va
 pub use model::Model;
 pub use npy::{read_npy, write_npy};
 pub use plan::{Plan, WeightSource};
+pub use streamed::{STREAMED_GEMM_EXACT_ROWS, Staged, StreamedGemm};
 pub use tensor::Tensor;
 pub use threads::{set_threads, threads};

@@ -236,6 +236,75 @@ impl Unsealer {
         Ok(plaintext)
     }
 
+    /// The plaintext bytes of layer `layer` that chunk `chunk` holds (capsule-v1 §4.4):
+    /// `chunk_size` bytes from `chunk · chunk_size`, fewer for the last chunk. Empty for a
+    /// chunk past the end (or of an empty layer).
+    pub fn chunk_span(&self, layer: usize, chunk: u64) -> std::ops::Range<u64> {
+        let len = self.header.layers.get(layer).map_or(0, |l| l.plaintext_len);
+        let size = u64::from(self.header.chunk_size);
+        let start = chunk.saturating_mul(size).min(len);
+        start..start.saturating_add(size).min(len)
+    }
+
+    /// Chunk `chunk` of layer `layer`'s sealed stream `sealed` (ciphertext and tag),
+    /// or `None` if the stream has no such chunk.
+    pub fn sealed_chunk<'s>(&self, layer: usize, sealed: &'s [u8], chunk: u64) -> Option<&'s [u8]> {
+        let sealed_chunk = self.header.chunk_size as usize + TAG_LEN;
+        let start = usize::try_from(chunk).ok()?.checked_mul(sealed_chunk)?;
+        if chunk >= self.header.chunk_count(layer) {
+            return None;
+        }
+        let end = start.saturating_add(sealed_chunk).min(sealed.len());
+        sealed.get(start..end)
+    }
+
+    /// Decrypts chunk `chunk` of layer `layer` (capsule-v1 §6) from its sealed bytes
+    /// straight into `out`, which must be the chunk's plaintext length
+    /// ([`Unsealer::chunk_span`]).
+    ///
+    /// This is the building block of streaming: chunks are independent AEAD messages, so
+    /// a caller may open them in any order, on several threads, into buffers it reuses
+    /// from query to query, or into a small buffer it computes from and wipes. It copies
+    /// the ciphertext into `out` once and decrypts in place. Fails, naming the layer and
+    /// the chunk, if the chunk does not authenticate at this position (`out` is then
+    /// zeroized) or if a length is wrong.
+    pub fn open_chunk_into(
+        &self,
+        layer: usize,
+        chunk: u64,
+        sealed_chunk: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        let entry = self
+            .header
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidHeader {
+                reason: format!("no layer {layer}"),
+            })?;
+        let failed = || Error::ChunkFailed {
+            layer: entry.name.clone(),
+            chunk,
+        };
+        let n = self.header.chunk_count(layer);
+        let span = self.chunk_span(layer, chunk);
+        if chunk >= n
+            || sealed_chunk.len() as u64 != span.end - span.start + TAG_LEN as u64
+            || out.len() as u64 != span.end - span.start
+        {
+            zeroize::Zeroize::zeroize(out);
+            return Err(failed());
+        }
+        let at = ChunkPosition {
+            layer: layer as u32,
+            index: chunk,
+            last: chunk + 1 == n,
+        };
+        self.key
+            .open_into(at, sealed_chunk, out)
+            .map_err(|()| failed())
+    }
+
     /// Splits a layer's plaintext into its tensors (capsule-v1 §4.3).
     pub fn layer_tensors(&self, layer: usize, plaintext: &[u8]) -> Vec<NamedTensor> {
         self.header

@@ -1,6 +1,6 @@
 //! Sealing and opening one chunk (capsule-v1 §6).
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 use crate::key::{CAPSULE_ID_LEN, KEY_LEN};
 
@@ -73,6 +73,39 @@ impl ChunkKey {
             .map(|_| ())
             .map_err(|_| ())
     }
+
+    /// Decrypts the sealed chunk `sealed` (ciphertext, then tag) into `out`, which must be
+    /// exactly the ciphertext's length: one copy of the ciphertext, then decryption in
+    /// place, so that a caller can open straight into the buffer it computes from. On
+    /// failure `out` is zeroized (it held unauthenticated bytes).
+    pub(crate) fn open_into(
+        &self,
+        at: ChunkPosition,
+        sealed: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ()> {
+        let Some(split) = sealed.len().checked_sub(TAG_LEN) else {
+            return Err(());
+        };
+        let (ciphertext, tag) = sealed.split_at(split);
+        if out.len() != ciphertext.len() {
+            return Err(());
+        }
+        let tag = Tag::try_from(tag).map_err(|_| ())?;
+        out.copy_from_slice(ciphertext);
+        let opened = self.key.open_in_place_separate_tag(
+            at.nonce(),
+            Aad::from(at.aad(&self.capsule_id)),
+            tag,
+            out,
+            0..,
+        );
+        if opened.is_err() {
+            zeroize::Zeroize::zeroize(out);
+            return Err(());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +146,14 @@ mod tests {
         let mut buf = sealed.clone();
         key.open_in_place(at, &mut buf).unwrap();
         assert_eq!(&buf[..buf.len() - TAG_LEN], b"weights");
+
+        let mut out = [0u8; 7];
+        key.open_into(at, &sealed, &mut out).unwrap();
+        assert_eq!(&out, b"weights");
+        let mut tampered = sealed.clone();
+        tampered[0] ^= 1;
+        assert!(key.open_into(at, &tampered, &mut out).is_err());
+        assert_eq!(out, [0; 7], "unauthenticated bytes are wiped");
+        assert!(key.open_into(at, &sealed, &mut [0u8; 6]).is_err());
     }
 }

@@ -4,14 +4,12 @@
 
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use capsule_enclave::{EnclaveProcess, Status};
 use capsule_engine::{Graph, Tensor};
-use capsule_format::{
-    Grant, LayerPlaintext, ModelKey, Policy, SealRequest, TopUp, seal_grant, server_public_key,
-};
+use capsule_format::{Grant, ModelKey, Policy, SealRequest, TopUp, seal_grant, server_public_key};
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 
@@ -61,7 +59,7 @@ pub fn mnist_capsule_in_chunks(policy: Policy, chunk_size: u32) -> SealedCapsule
         detector: None,
         policy,
         chunk_size,
-        layers: layers(&imported.graph, &imported.weights, ""),
+        layers: capsule_enclave::seal_layers(&imported.graph, &imported.weights, ""),
     };
     let key = ModelKey::generate();
     let bytes = capsule_format::seal(
@@ -72,32 +70,6 @@ pub fn mnist_capsule_in_chunks(policy: Policy, chunk_size: u32) -> SealedCapsule
     )
     .unwrap();
     SealedCapsule { bytes, key }
-}
-
-/// One layer per node that first reads a weight; names get `prefix`.
-fn layers<'a>(
-    graph: &Graph,
-    weights: &'a HashMap<String, Tensor>,
-    prefix: &str,
-) -> Vec<LayerPlaintext<'a>> {
-    let mut assigned = HashSet::new();
-    let mut out = Vec::new();
-    for node in &graph.nodes {
-        let tensors: Vec<_> = node
-            .inputs
-            .iter()
-            .filter_map(|name| weights.get_key_value(name))
-            .filter(|(name, _)| assigned.insert(name.as_str()))
-            .map(|(name, t)| (format!("{prefix}{name}"), t.shape().to_vec(), t.data()))
-            .collect();
-        if !tensors.is_empty() {
-            out.push(LayerPlaintext {
-                name: format!("{prefix}{}", node.name),
-                tensors,
-            });
-        }
-    }
-    out
 }
 
 /// The bundled MNIST model sealed with a defense policy (its JSON form, spec/policy.md §5)
@@ -111,9 +83,13 @@ pub fn defended_capsule(
     let imported = capsule_onnx::import(&onnx).expect("MNIST imports");
     let mut all = Vec::new();
     if let Some((graph, weights)) = detector {
-        all = layers(graph, weights, capsule_format::DETECTOR_PREFIX);
+        all = capsule_enclave::seal_layers(graph, weights, capsule_format::DETECTOR_PREFIX);
     }
-    all.extend(layers(&imported.graph, &imported.weights, ""));
+    all.extend(capsule_enclave::seal_layers(
+        &imported.graph,
+        &imported.weights,
+        "",
+    ));
     let request = SealRequest {
         architecture: serde_json::to_value(&imported.graph).unwrap(),
         preprocessing: None,

@@ -24,7 +24,7 @@
 
 use std::ops::Range;
 
-use super::elementwise::activate;
+use super::elementwise::{activate, clip, relu};
 use super::window::Axis;
 use super::{KernelResult, Mismatch};
 use crate::graph::{Activation, ConvAttrs};
@@ -259,9 +259,11 @@ impl Unit<'_> {
     /// channels (`by_channels`, pointwise only: each task then reads the
     /// whole image) or of output columns (pointwise) or rows (im2col) for
     /// every channel. A task works through its block a few columns at a
-    /// time: im2col for them, the GEMM into a small buffer of its own, then
-    /// one pass that copies it out with bias and activation, so every
-    /// output element is written to memory once.
+    /// time: im2col for them, the GEMM, then one pass of bias and
+    /// activation while the block is in cache. A task that owns whole rows
+    /// of the output has the GEMM write there; a task that owns segments of
+    /// rows has it write into a small buffer of its own, then copies that
+    /// out in the same pass.
     fn tiles(&self, out: &mut [f32], tasks: usize, by_channels: bool) {
         let geo = self.geo;
         let out_plane = geo.out_plane();
@@ -286,24 +288,40 @@ impl Unit<'_> {
         } else {
             (split(outputs, 1), split(steps, tasks))
         };
-        // Each tile's segment of each of its output rows (channels).
         let mut work: Vec<Tile<'_>> = Vec::new();
-        for channels in &channel_blocks {
-            for columns in &column_blocks {
+        if let [columns] = column_blocks.as_slice() {
+            // Each tile's rows (channels), whole.
+            let mut rest = out;
+            for channels in &channel_blocks {
+                let (rows, tail) = rest.split_at_mut(channels.len() * out_plane);
                 work.push(Tile {
                     channels: channels.clone(),
                     columns: columns.clone(),
-                    segments: Vec::new(),
+                    out: TileOut::Rows(rows),
                 });
+                rest = tail;
             }
-        }
-        for (channel, row) in out.chunks_mut(out_plane).enumerate() {
-            let mut rest = row;
-            for tile in work.iter_mut() {
-                if tile.channels.contains(&channel) {
-                    let (segment, tail) = rest.split_at_mut(tile.columns.len() * step_len);
-                    tile.segments.push(segment);
-                    rest = tail;
+        } else {
+            // Each tile's segment of each of its output rows.
+            for channels in &channel_blocks {
+                for columns in &column_blocks {
+                    work.push(Tile {
+                        channels: channels.clone(),
+                        columns: columns.clone(),
+                        out: TileOut::Segments(Vec::new()),
+                    });
+                }
+            }
+            for (channel, row) in out.chunks_mut(out_plane).enumerate() {
+                let mut rest = row;
+                for tile in work.iter_mut() {
+                    if tile.channels.contains(&channel)
+                        && let TileOut::Segments(segments) = &mut tile.out
+                    {
+                        let (segment, tail) = rest.split_at_mut(tile.columns.len() * step_len);
+                        segments.push(segment);
+                        rest = tail;
+                    }
                 }
             }
         }
@@ -311,7 +329,7 @@ impl Unit<'_> {
             let Tile {
                 channels,
                 columns: range,
-                mut segments,
+                mut out,
             } = tile;
             with_scratch(|scratch| {
                 let count = channels.len();
@@ -338,17 +356,30 @@ impl Unit<'_> {
                         im2col(geo, self.columns, self.image, steps.clone(), col);
                         MatRef::new(col, self.depth, cols)
                     };
-                    grow(&mut scratch.product, count * cols);
-                    let product = &mut scratch.product[..count * cols];
-                    kernels::gemm_single(1.0, weights, rhs, 0.0, MatMut::new(product, count, cols));
                     let at = (steps.start - range.start) * step_len;
-                    for (r, (segment, row)) in
-                        segments.iter_mut().zip(product.chunks(cols)).enumerate()
-                    {
-                        let segment = &mut segment[at..at + cols];
-                        segment.copy_from_slice(row);
-                        let b = self.bias.map_or(0.0, |b| b[channels.start + r]);
-                        kernels::bias_activate(segment, b, geo.activation);
+                    let bias = |r: usize| self.bias.map_or(0.0, |b| b[channels.start + r]);
+                    match &mut out {
+                        TileOut::Rows(rows) => {
+                            let view = MatMut::strided(&mut rows[at..], count, cols, out_plane);
+                            kernels::gemm_single(1.0, weights, rhs, 0.0, view);
+                            for (r, row) in rows.chunks_mut(out_plane).enumerate() {
+                                let segment = &mut row[at..at + cols];
+                                kernels::bias_activate(segment, bias(r), geo.activation);
+                            }
+                        }
+                        TileOut::Segments(segments) => {
+                            grow(&mut scratch.product, count * cols);
+                            let product = &mut scratch.product[..count * cols];
+                            let view = MatMut::new(product, count, cols);
+                            kernels::gemm_single(1.0, weights, rhs, 0.0, view);
+                            for (r, (segment, row)) in
+                                segments.iter_mut().zip(product.chunks(cols)).enumerate()
+                            {
+                                let segment = &mut segment[at..at + cols];
+                                segment.copy_from_slice(row);
+                                kernels::bias_activate(segment, bias(r), geo.activation);
+                            }
+                        }
                     }
                 }
             });
@@ -361,7 +392,15 @@ impl Unit<'_> {
 struct Tile<'o> {
     channels: Range<usize>,
     columns: Range<usize>,
-    segments: Vec<&'o mut [f32]>,
+    out: TileOut<'o>,
+}
+
+/// The part of the output a [`Tile`] writes.
+enum TileOut<'o> {
+    /// Its channels' rows, whole and in order (the tile spans every column).
+    Rows(&'o mut [f32]),
+    /// Its segment of each of its channels' rows.
+    Segments(Vec<&'o mut [f32]>),
 }
 
 /// Working memory of one task of [`Unit::tiles`].
@@ -424,6 +463,16 @@ fn im2col(
             let out = &mut out[cols.clone()];
             if stride == 1 {
                 out.copy_from_slice(&src[first..first + out.len()]);
+            } else if stride == 2 {
+                // Pairs, not `step_by`, so that the loop vectorises; the
+                // last cell may have no partner.
+                let (pairs, rest) = src[first..].as_chunks::<2>();
+                for (o, pair) in out.iter_mut().zip(pairs) {
+                    *o = pair[0];
+                }
+                if let (Some(o), Some(&v)) = (out.get_mut(pairs.len()), rest.first()) {
+                    *o = v;
+                }
             } else {
                 for (o, &v) in out.iter_mut().zip(src[first..].iter().step_by(stride)) {
                     *o = v;
@@ -437,63 +486,101 @@ fn im2col(
     }
 }
 
+/// Fewest multiply-adds a depthwise convolution must have to be split over
+/// threads: below it, waking another thread costs more than it saves.
+const DEPTHWISE_PARALLEL_MIN: usize = 1 << 16;
+
+/// Blocks of planes per thread in a parallel depthwise convolution.
+const BLOCKS_PER_THREAD: usize = 4;
+
 /// The depthwise strategy: channel plane `p` of the output reads only
 /// plane `p` of the input. The output is not empty.
 ///
-/// For each output row, every kernel tap adds a weighted, shifted input row
-/// segment: with stride 1 that is a vectorisable `y += w * x` over slices.
-/// 3x3 kernels with one cell of padding take [`kernels::depthwise3x3`].
+/// Each task takes a block of whole planes (a few blocks per thread), so
+/// that it sets up its working memory once per block, not per plane. For each output row, every kernel
+/// tap adds a weighted, shifted input row segment: with stride 1 that is a
+/// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
+/// padding take [`kernels::depthwise3x3`], which also applies the bias and
+/// the activation.
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());
     let (kw, stride) = (geo.w.kernel(), geo.w.stride());
     let columns = geo.valid_columns();
     let fast = geo.h.is_3x3_pad1() && geo.w.is_3x3_pad1() && geo.h.stride() == stride;
-    for_each_chunk(y, out_plane, Vec::new, |scratch, p, out| {
-        let c = p % geo.channels;
-        let plane = &x[p * in_plane..][..in_plane];
-        let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
-        let b = bias.map_or(0.0, |b| b[c]);
-        if fast {
-            kernels::depthwise3x3(plane, width, stride, taps, b, out, out_width, scratch);
-            activate(geo.activation, out);
-            return;
-        }
-        out.fill(b);
-        for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
-            let span = geo.h.span(oh);
-            for t in 0..span.taps {
-                let ki = span.first_tap + t;
-                let src = &plane[(span.first + t * geo.h.dilation()) * width..][..width];
-                for (kj, cols) in columns.iter().enumerate() {
-                    if cols.is_empty() {
-                        continue;
-                    }
-                    let weight = taps[ki * kw + kj];
-                    let first = geo.w.input_index(cols.start, kj);
-                    let dst = &mut out_row[cols.clone()];
-                    if stride == 1 {
-                        let src = &src[first..first + dst.len()];
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d += weight * v;
-                        }
-                    } else {
-                        let src = src[first..].iter().step_by(stride);
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            *d += weight * v;
+    let planes = y.len() / out_plane;
+    let work = y.len().saturating_mul(geo.kernel_len());
+    // A few blocks per thread, so that a thread that falls behind (on a
+    // busy machine) is not waited for: the others take its blocks.
+    let tasks = if work >= DEPTHWISE_PARALLEL_MIN {
+        crate::threads::threads() * BLOCKS_PER_THREAD
+    } else {
+        1
+    };
+    let per_task = planes.div_ceil(tasks);
+    for_each_chunk(
+        y,
+        per_task * out_plane,
+        Vec::new,
+        |scratch, index, block| {
+            for (i, out) in block.chunks_mut(out_plane).enumerate() {
+                let p = index * per_task + i;
+                let c = p % geo.channels;
+                let plane = &x[p * in_plane..][..in_plane];
+                let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
+                let b = bias.map_or(0.0, |b| b[c]);
+                if fast {
+                    kernels::depthwise3x3(
+                        plane,
+                        width,
+                        stride,
+                        taps,
+                        b,
+                        geo.activation,
+                        out,
+                        out_width,
+                        scratch,
+                    );
+                    continue;
+                }
+                out.fill(b);
+                for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
+                    let span = geo.h.span(oh);
+                    for t in 0..span.taps {
+                        let ki = span.first_tap + t;
+                        let src = &plane[(span.first + t * geo.h.dilation()) * width..][..width];
+                        for (kj, cols) in columns.iter().enumerate() {
+                            if cols.is_empty() {
+                                continue;
+                            }
+                            let weight = taps[ki * kw + kj];
+                            let first = geo.w.input_index(cols.start, kj);
+                            let dst = &mut out_row[cols.clone()];
+                            if stride == 1 {
+                                let src = &src[first..first + dst.len()];
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    *d += weight * v;
+                                }
+                            } else {
+                                let src = src[first..].iter().step_by(stride);
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    *d += weight * v;
+                                }
+                            }
                         }
                     }
                 }
+                activate(geo.activation, out);
             }
-        }
-        activate(geo.activation, out);
-    });
+        },
+    );
 }
 
 /// One plane of a 3x3 depthwise convolution with one cell of padding on
 /// every side and stride 1 or 2 along both axes: `out` (`[OH, OW]`, with
-/// `OW = out_width`) gets `bias` plus the nine taps of `taps` (row-major)
-/// over `plane` (`[H, W]`, `W = width`). `scratch` is working memory.
+/// `OW = out_width`) gets `activation(bias + the nine taps of taps
+/// (row-major) over plane)`, where `plane` is `[H, W]` with `W = width`.
+/// `scratch` is working memory; its contents on entry do not matter.
 ///
 /// Each output row is one pass over nine input slices of length `OW`, one
 /// per tap, that the loop reads in lockstep: with stride 1 they are the
@@ -508,21 +595,77 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(
     stride: usize,
     taps: &[f32],
     bias: f32,
+    activation: Activation,
     out: &mut [f32],
     out_width: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let height = plane.len() / width;
     let taps: &[f32; 9] = taps.try_into().expect("a 3x3 kernel");
-    if out_width < FLAT_BELOW {
-        depthwise3x3_flat::<FMA>(plane, width, stride, taps, bias, out, out_width, scratch);
-        return;
+    let args = Plane {
+        plane,
+        width,
+        stride,
+        taps,
+        bias,
+        out_width,
+    };
+    // One copy of the loops per activation, applied as each value is stored.
+    match activation {
+        Activation::None => args.run::<FMA>(out, scratch, |v| v),
+        Activation::Relu => args.run::<FMA>(out, scratch, relu),
+        Activation::Clip { min, max } => args.run::<FMA>(out, scratch, |v| clip(v, min, max)),
     }
-    if stride == 1 {
+}
+
+/// The operands of [`depthwise3x3_body`] but the output.
+struct Plane<'a> {
+    plane: &'a [f32],
+    width: usize,
+    stride: usize,
+    taps: &'a [f32; 9],
+    bias: f32,
+    out_width: usize,
+}
+
+impl Plane<'_> {
+    #[inline(always)]
+    fn run<const FMA: bool>(
+        &self,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        act: impl Fn(f32) -> f32 + Copy,
+    ) {
+        if self.out_width < FLAT_BELOW {
+            self.flat::<FMA>(out, scratch, act);
+        } else if self.stride == 1 {
+            self.wide1::<FMA>(out, scratch, act);
+        } else {
+            self.wide2::<FMA>(out, scratch, act);
+        }
+    }
+
+    /// Stride 1, rows wide enough to fill vectors.
+    #[inline(always)]
+    fn wide1<const FMA: bool>(
+        &self,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        act: impl Fn(f32) -> f32 + Copy,
+    ) {
+        let Plane {
+            plane,
+            width,
+            taps,
+            bias,
+            out_width,
+            ..
+        } = *self;
+        let height = plane.len() / width;
         // Input rows -1 and H are padding: a zero row stands in for them.
-        scratch.clear();
-        scratch.resize(width, 0.0);
-        let zeros = &scratch[..];
+        grow(scratch, width);
+        let zeros = &mut scratch[..width];
+        zeros.fill(0.0);
+        let zeros = &*zeros;
         let row = |r: usize| -> &[f32] {
             if r == 0 || r > height {
                 zeros
@@ -551,6 +694,7 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(
                     ],
                     taps,
                     bias,
+                    act,
                 );
             }
             // Edge columns: the taps that land in the padding are skipped.
@@ -565,132 +709,203 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(
                     right = fmadd::<FMA>(taps[ki * 3 + 1], r[last], right);
                 }
             }
-            out_row[0] = left;
+            out_row[0] = act(left);
             if width >= 2 {
-                out_row[last] = right;
+                out_row[last] = act(right);
             }
         }
-        return;
     }
-    // Stride 2. Padded row r (input row r - 1; rows 0 and H + 1 are zero)
-    // becomes `even` (padded columns 0, 2, .., 2 OW: OW + 1 cells) then
-    // `odd` (padded columns 1, 3, .., 2 OW - 1: OW cells). Output column j
-    // then reads even[j], odd[j] and even[j + 1].
-    let pitch = 2 * out_width + 1;
-    scratch.clear();
-    scratch.resize(pitch * (height + 2), 0.0);
-    for (r, src) in plane.chunks_exact(width).enumerate() {
-        let dst = &mut scratch[(r + 1) * pitch..][..pitch];
-        let (even, odd) = dst.split_at_mut(out_width + 1);
-        // Padded column c is input column c - 1.
-        deinterleave(src, odd, &mut even[1..]);
+
+    /// Stride 2, rows wide enough to fill vectors. Padded row r (input row
+    /// r - 1; rows 0 and H + 1 are zero) becomes `even` (padded columns 0,
+    /// 2, .., 2 OW: OW + 1 cells) then `odd` (padded columns 1, 3, ..,
+    /// 2 OW - 1: OW cells). Output column j then reads even[j], odd[j] and
+    /// even[j + 1].
+    #[inline(always)]
+    fn wide2<const FMA: bool>(
+        &self,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        act: impl Fn(f32) -> f32 + Copy,
+    ) {
+        let Plane {
+            plane,
+            width,
+            taps,
+            bias,
+            out_width,
+            ..
+        } = *self;
+        let out_height = out.len() / out_width;
+        let pitch = 2 * out_width + 1;
+        // Padded rows read: 0 ..= 2 OH, which is at most H + 1.
+        let rows = 2 * out_height + 1;
+        grow(scratch, pitch * rows);
+        let layout = &mut scratch[..pitch * rows];
+        // Only the cells the input does not cover are cleared: the top
+        // padding row, the bottom one when it is read, and in every row
+        // the left padding column and the right one when it is read (odd W).
+        layout[..pitch].fill(0.0);
+        for r in 1..rows {
+            let dst = &mut layout[r * pitch..][..pitch];
+            let (even, odd) = dst.split_at_mut(out_width + 1);
+            even[0] = 0.0;
+            match plane.get((r - 1) * width..r * width) {
+                // Padded column c is input column c - 1.
+                Some(src) => {
+                    if width % 2 == 1 {
+                        even[out_width] = 0.0;
+                    }
+                    deinterleave(src, odd, &mut even[1..]);
+                }
+                None => dst.fill(0.0),
+            }
+        }
+        let layout = &*layout;
+        for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+            let padded = |ki: usize| &layout[(2 * oh + ki) * pitch..][..pitch];
+            let rows = [padded(0), padded(1), padded(2)];
+            let at = |r: usize, offset: usize| &rows[r][offset..offset + out_width];
+            let (even, odd, next) = (0, out_width + 1, 1);
+            nine_taps::<FMA>(
+                out_row,
+                [
+                    at(0, even),
+                    at(0, odd),
+                    at(0, next),
+                    at(1, even),
+                    at(1, odd),
+                    at(1, next),
+                    at(2, even),
+                    at(2, odd),
+                    at(2, next),
+                ],
+                taps,
+                bias,
+                act,
+            );
+        }
     }
-    let scratch = &scratch[..];
-    for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
-        let padded = |ki: usize| &scratch[(2 * oh + ki) * pitch..][..pitch];
-        let rows = [padded(0), padded(1), padded(2)];
-        let at = |r: usize, offset: usize| &rows[r][offset..offset + out_width];
-        let (even, odd, next) = (0, out_width + 1, 1);
+
+    /// Narrow planes (14x14, 7x7), whose rows are too short to fill
+    /// vectors: the padded input is laid out so that all output cells, as
+    /// one flat array with a few padding columns, read the nine taps at
+    /// fixed offsets; one loop then covers the whole plane and the valid
+    /// columns are copied out.
+    ///
+    /// With stride 1 the layout is the padded plane, `W + 2` wide. With
+    /// stride 2 it is its four sub-planes of even or odd rows and columns,
+    /// `OW + 1` wide each, so that the taps are contiguous again. Only the
+    /// padding cells that valid outputs read are cleared; the others may
+    /// hold anything, and feed only the discarded columns.
+    #[inline(always)]
+    fn flat<const FMA: bool>(
+        &self,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        act: impl Fn(f32) -> f32 + Copy,
+    ) {
+        let Plane {
+            plane,
+            width,
+            stride,
+            taps,
+            bias,
+            out_width,
+        } = *self;
+        let height = plane.len() / width;
+        let out_height = out.len() / out_width;
+        // `pitch`: row length of the layout and of the flat output; `source`:
+        // layout length; `offsets`: where each tap's stream starts in it.
+        let (pitch, source, offsets) = if stride == 1 {
+            let q = width + 2;
+            let offsets = [0, 1, 2, q, q + 1, q + 2, 2 * q, 2 * q + 1, 2 * q + 2];
+            (q, (height + 2) * q, offsets)
+        } else {
+            let q = out_width + 1;
+            let sub = (out_height + 1) * q;
+            // Sub-planes: even rows even columns (ee), even-odd (eo), odd-even
+            // (oe), odd-odd (oo), in that order.
+            let (ee, eo, oe, oo) = (0, sub, 2 * sub, 3 * sub);
+            let offsets = [ee, eo, ee + 1, oe, oo, oe + 1, ee + q, eo + q, ee + q + 1];
+            (q, 4 * sub, offsets)
+        };
+        let flat = out_height * pitch - (pitch - out_width);
+        grow(scratch, source + flat);
+        let (layout, ext) = scratch.split_at_mut(source);
+        if stride == 1 {
+            layout[..pitch].fill(0.0);
+            layout[(height + 1) * pitch..][..pitch].fill(0.0);
+            for (r, src) in plane.chunks_exact(width).enumerate() {
+                let dst = &mut layout[(r + 1) * pitch..][..pitch];
+                dst[0] = 0.0;
+                copy(&mut dst[1..=width], src);
+                dst[width + 1] = 0.0;
+            }
+        } else {
+            let sub = source / 4;
+            // Padded row 0 (and H + 1 when H is odd, as it is then read):
+            // even sub-planes, row 0 (and (H + 1) / 2).
+            for base in [0, sub] {
+                layout[base..][..pitch].fill(0.0);
+                if height % 2 == 1 {
+                    layout[base + (height + 1) / 2 * pitch..][..pitch].fill(0.0);
+                }
+            }
+            // Padded row r is input row r - 1; padded column c is input
+            // column c - 1. Sub-plane row a of the even planes is padded row 2a.
+            for (r, src) in plane.chunks_exact(width).enumerate() {
+                let padded = r + 1;
+                let base = (padded % 2) * 2 * sub + (padded / 2) * pitch;
+                let (evens, odds) = layout[base..].split_at_mut(sub);
+                // Padded column 0, and W + 1 when W is odd (it is then read).
+                evens[0] = 0.0;
+                if width % 2 == 1 {
+                    evens[out_width] = 0.0;
+                }
+                // Even padded columns 2b are input columns 2b - 1.
+                deinterleave(src, &mut odds[..pitch], &mut evens[1..pitch]);
+            }
+        }
+        let layout = &*layout;
+        let at = |t: usize| &layout[offsets[t]..][..flat];
         nine_taps::<FMA>(
-            out_row,
+            &mut ext[..flat],
             [
-                at(0, even),
-                at(0, odd),
-                at(0, next),
-                at(1, even),
-                at(1, odd),
-                at(1, next),
-                at(2, even),
-                at(2, odd),
-                at(2, next),
+                at(0),
+                at(1),
+                at(2),
+                at(3),
+                at(4),
+                at(5),
+                at(6),
+                at(7),
+                at(8),
             ],
             taps,
             bias,
+            act,
         );
+        for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+            out_row.copy_from_slice(&ext[oh * pitch..][..out_width]);
+        }
     }
 }
 
-/// Output rows narrower than this go through [`depthwise3x3_flat`].
+/// Output rows narrower than this go through [`Plane::flat`].
 const FLAT_BELOW: usize = 32;
 
-/// [`depthwise3x3_body`] for narrow planes (14x14, 7x7), whose rows are
-/// too short to fill vectors: the padded input is laid out so that all
-/// output cells, as one flat array with a few padding columns, read the
-/// nine taps at fixed offsets; one loop then covers the whole plane and
-/// the valid columns are copied out.
-///
-/// With stride 1 the layout is the padded plane, `W + 2` wide. With
-/// stride 2 it is its four sub-planes of even or odd rows and columns,
-/// `OW + 1` wide each, so that the taps are contiguous again.
+/// `dst.copy_from_slice(src)` for short rows, as a loop the compiler
+/// inlines rather than a call of `memcpy`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn depthwise3x3_flat<const FMA: bool>(
-    plane: &[f32],
-    width: usize,
-    stride: usize,
-    taps: &[f32; 9],
-    bias: f32,
-    out: &mut [f32],
-    out_width: usize,
-    scratch: &mut Vec<f32>,
-) {
-    let height = plane.len() / width;
-    let out_height = out.len() / out_width;
-    // `pitch`: row length of the layout and of the flat output; `source`:
-    // layout length; `offsets`: where each tap's stream starts in it.
-    let (pitch, source, offsets) = if stride == 1 {
-        let q = width + 2;
-        let offsets = [0, 1, 2, q, q + 1, q + 2, 2 * q, 2 * q + 1, 2 * q + 2];
-        (q, (height + 2) * q, offsets)
-    } else {
-        let q = out_width + 1;
-        let sub = (out_height + 1) * q;
-        // Sub-planes: even rows even columns (ee), even-odd (eo), odd-even
-        // (oe), odd-odd (oo), in that order.
-        let (ee, eo, oe, oo) = (0, sub, 2 * sub, 3 * sub);
-        let offsets = [ee, eo, ee + 1, oe, oo, oe + 1, ee + q, eo + q, ee + q + 1];
-        (q, 4 * sub, offsets)
-    };
-    let flat = out_height * pitch - (pitch - out_width);
-    scratch.clear();
-    scratch.resize(source + flat, 0.0);
-    let (layout, ext) = scratch.split_at_mut(source);
-    if stride == 1 {
-        for (r, src) in plane.chunks_exact(width).enumerate() {
-            layout[(r + 1) * pitch + 1..][..width].copy_from_slice(src);
-        }
-    } else {
-        let sub = source / 4;
-        // Padded row r is input row r - 1; padded column c is input column
-        // c - 1. Sub-plane row a of the even planes is padded row 2a.
-        for (r, src) in plane.chunks_exact(width).enumerate() {
-            let padded = r + 1;
-            let base = (padded % 2) * 2 * sub + (padded / 2) * pitch;
-            let (evens, odds) = layout[base..].split_at_mut(sub);
-            // Even padded columns 2b are input columns 2b - 1.
-            deinterleave(src, &mut odds[..pitch], &mut evens[1..pitch]);
-        }
+fn copy(dst: &mut [f32], src: &[f32]) {
+    let (dst_chunks, dst_rest) = dst.as_chunks_mut::<8>();
+    let (src_chunks, src_rest) = src.as_chunks::<8>();
+    for (d, s) in dst_chunks.iter_mut().zip(src_chunks) {
+        *d = *s;
     }
-    let layout = &*layout;
-    let at = |t: usize| &layout[offsets[t]..][..flat];
-    nine_taps::<FMA>(
-        ext,
-        [
-            at(0),
-            at(1),
-            at(2),
-            at(3),
-            at(4),
-            at(5),
-            at(6),
-            at(7),
-            at(8),
-        ],
-        taps,
-        bias,
-    );
-    for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
-        out_row.copy_from_slice(&ext[oh * pitch..][..out_width]);
+    for (d, s) in dst_rest.iter_mut().zip(src_rest) {
+        *d = *s;
     }
 }
 
@@ -711,10 +926,17 @@ fn deinterleave(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
     }
 }
 
-/// `out[j] = bias + sum_t taps[t] * src[t][j]`, with three partial sums
-/// (one per kernel row) so that the loop is not one long dependency chain.
+/// `out[j] = act(bias + sum_t taps[t] * src[t][j])`, with three partial
+/// sums (one per kernel row) so that the loop is not one long dependency
+/// chain.
 #[inline(always)]
-fn nine_taps<const FMA: bool>(out: &mut [f32], src: [&[f32]; 9], taps: &[f32; 9], bias: f32) {
+fn nine_taps<const FMA: bool>(
+    out: &mut [f32],
+    src: [&[f32]; 9],
+    taps: &[f32; 9],
+    bias: f32,
+    act: impl Fn(f32) -> f32,
+) {
     let n = out.len();
     let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = src;
     let (s0, s1, s2) = (&s0[..n], &s1[..n], &s2[..n]);
@@ -729,7 +951,7 @@ fn nine_taps<const FMA: bool>(out: &mut [f32], src: [&[f32]; 9], taps: &[f32; 9]
         );
         let mid = fmadd::<FMA>(w5, s5[j], fmadd::<FMA>(w4, s4[j], w3 * s3[j]));
         let bottom = fmadd::<FMA>(w8, s8[j], fmadd::<FMA>(w7, s7[j], w6 * s6[j]));
-        out[j] = top + mid + bottom;
+        out[j] = act(top + mid + bottom);
     }
 }
 
@@ -909,6 +1131,28 @@ mod tests {
         // Pointwise with few: split by columns, several tiles per task.
         let c = case([1, 64, 64, 64], 96, 1, [1, 1], [1, 1], [0; 4], [1, 1]);
         check(&c, 7);
+        // Depthwise with enough work to split its planes over threads:
+        // the 3x3 kernel and the general loop.
+        let c = case(
+            [2, 40, 20, 20],
+            40,
+            40,
+            [3, 3],
+            [1, 1],
+            [1, 1, 1, 1],
+            [1, 1],
+        );
+        check(&c, 8);
+        let c = case(
+            [1, 40, 20, 20],
+            40,
+            40,
+            [5, 5],
+            [2, 2],
+            [2, 2, 2, 2],
+            [1, 1],
+        );
+        check(&c, 9);
     }
 
     #[test]
@@ -926,6 +1170,57 @@ mod tests {
             ] {
                 c.attrs.activation = activation;
                 check(&c, 3);
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise3x3_ignores_what_its_scratch_holds() {
+        // The kernel clears only the padding cells that valid outputs
+        // read: NaNs left in the scratch by an earlier plane must not leak.
+        let mut rng = Rng(11);
+        let activations = [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip {
+                min: -0.1,
+                max: 0.2,
+            },
+        ];
+        let sizes = [
+            (1, 1),
+            (2, 3),
+            (7, 7),
+            (14, 14),
+            (13, 9),
+            (5, 40),
+            (9, 33),
+            (6, 64),
+            (11, 65),
+        ];
+        for (h, w) in sizes {
+            for stride in [1, 2] {
+                for activation in activations {
+                    let mut c = case([1, 1, h, w], 1, 1, [3, 3], [stride; 2], [1; 4], [1, 1]);
+                    c.attrs.activation = activation;
+                    let (x, taps, b) = (rng.tensor(&c.x), rng.tensor(&c.w), rng.tensor(&[1]));
+                    let want = naive(&c.attrs, &x, &taps, Some(&b));
+                    let mut out = vec![f32::NAN; want.len()];
+                    let mut scratch = vec![f32::NAN; 8192];
+                    kernels::depthwise3x3(
+                        x.data(),
+                        w,
+                        stride,
+                        taps.data(),
+                        b.data()[0],
+                        activation,
+                        &mut out,
+                        want.shape()[3],
+                        &mut scratch,
+                    );
+                    let got = Tensor::new(want.shape().to_vec(), out).unwrap();
+                    assert_close(&got, &want);
+                }
             }
         }
     }

@@ -33,6 +33,10 @@ pub(crate) fn average_pool(attrs: &PoolAttrs, count_include_pad: bool, x: &Tenso
     })
 }
 
+/// Fewest input elements for which GlobalAveragePool is split over threads
+/// (a batch of 8 of MobileNetV2's last features is below it).
+const GLOBAL_POOL_PARALLEL_MIN: usize = 1 << 20;
+
 /// GlobalAveragePool: the mean of each channel over all dimensions after
 /// the second, which are kept with size 1. An empty channel's mean is NaN,
 /// as in numpy.
@@ -59,9 +63,13 @@ pub(crate) fn global_average_pool(x: &Tensor) -> KernelResult {
     } else {
         debug_assert_eq!(volume(spatial), Some(size));
         let data = x.data();
-        map_range(planes, |p| {
-            data[p * size..][..size].iter().sum::<f32>() / size as f32
-        })
+        let mean = |p: usize| data[p * size..][..size].iter().sum::<f32>() / size as f32;
+        // A pass over memory: split over threads only when it is long.
+        if x.len() >= GLOBAL_POOL_PARALLEL_MIN {
+            map_range(planes, mean)
+        } else {
+            (0..planes).map(mean).collect()
+        }
     };
     Ok(Tensor::from_parts(out_shape, y))
 }

@@ -779,6 +779,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is not a usable size"))
 }
 
+/// Three decimals: enough for milliseconds, short JSON.
+fn round(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
 #[cfg(test)]
 mod size_tests {
     use super::parse_bytes;
@@ -793,9 +798,4 @@ mod size_tests {
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("3 lots").unwrap_err().contains("unknown unit"));
     }
-}
-
-/// Three decimals: enough for milliseconds, short JSON.
-fn round(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }

@@ -65,10 +65,10 @@ enum Loaded {
         path: PathBuf,
         bytes: Vec<u8>,
         graph: Graph,
-        header: Header,
+        header: Box<Header>,
     },
     /// In this process, with the model key (the provider's developer mode).
-    Sealed(SealedModel),
+    Sealed(Box<SealedModel>),
     /// A plain ONNX model, for comparison.
     Plain(Model),
 }
@@ -120,7 +120,7 @@ impl Loaded {
         batch: Tensor,
         dirs: &ClientDirs,
         memory_budget: Option<u64>,
-    ) -> anyhow::Result<(Tensor, Option<(Status, Option<u64>)>)> {
+    ) -> anyhow::Result<(Tensor, Option<EnclaveReport>)> {
         let mut outputs = match self {
             Loaded::Enclave { path, bytes, .. } => {
                 let (output, status, peak_rss) =
@@ -134,6 +134,10 @@ impl Loaded {
         Ok((outputs.swap_remove(0), None))
     }
 }
+
+/// What a query through the enclave reports beside its output: the budget after it and
+/// the enclave process's peak resident memory, where the host can read it.
+type EnclaveReport = (Status, Option<u64>);
 
 fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
     let path = &args.model;
@@ -155,7 +159,7 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
                 path: path.clone(),
                 bytes,
                 graph,
-                header,
+                header: Box::new(header),
             });
         };
         let text = std::fs::read_to_string(key_path)
@@ -164,7 +168,7 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
             ModelKey::from_key_file(&text).with_context(|| format!("{}", key_path.display()))?;
         let model =
             SealedModel::open(&capsule, &key).with_context(|| format!("{}", path.display()))?;
-        return Ok(Loaded::Sealed(model));
+        return Ok(Loaded::Sealed(Box::new(model)));
     }
     let imported = capsule_onnx::import(&bytes).with_context(|| {
         format!(

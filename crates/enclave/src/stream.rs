@@ -748,8 +748,8 @@ fn split_chunk(span: &Range<u64>, job: &DenseJob<'_>, values: &[f32]) -> ChunkOu
         let row_end = job.w.start + (row as u64 + 1) * row_bytes;
         let piece_end = row_end.min(we);
         let local = (pos - span.start) as usize;
-        let whole = rel % row_bytes == 0 && piece_end == row_end;
-        if whole && local % 4 == 0 && cfg!(target_endian = "little") {
+        let whole = rel.is_multiple_of(row_bytes) && piece_end == row_end;
+        if whole && local.is_multiple_of(4) && cfg!(target_endian = "little") {
             let first = *first_whole.get_or_insert(row);
             debug_assert_eq!(first + out.dots.len() / job.m.max(1), row);
             let row_values = &values[local / 4..local / 4 + job.gemm.row_len()];

@@ -150,7 +150,7 @@ enum Stage {
         nodes: Range<usize>,
         inputs: Vec<String>,
         outputs: Vec<String>,
-        plan: OnceLock<Plan>,
+        plan: Box<OnceLock<Plan>>,
     },
     Own(usize),
 }
@@ -220,7 +220,7 @@ impl Staged {
                 nodes: range.clone(),
                 inputs: stage_reads[s].clone(),
                 outputs,
-                plan: OnceLock::new(),
+                plan: Box::default(),
             });
         }
         let mut dead_after = vec![Vec::new(); stages.len()];
@@ -246,12 +246,16 @@ impl Staged {
     /// Runs the graph on `inputs` with weights from `weights`; `own(j,
     /// operands, weights)` computes node `j` of the caller's from its value
     /// operands (not its weights), in the node's input order.
-    pub fn run<W: WeightSource + ?Sized>(
+    pub fn run<W, F>(
         &self,
         inputs: &[Tensor],
         weights: &mut W,
-        own: &mut dyn FnMut(usize, &[&Tensor], &mut W) -> Result<Tensor, Error>,
-    ) -> Result<Vec<Tensor>, Error> {
+        own: &mut F,
+    ) -> Result<Vec<Tensor>, Error>
+    where
+        W: WeightSource + ?Sized,
+        F: FnMut(usize, &[&Tensor], &mut W) -> Result<Tensor, Error>,
+    {
         if inputs.len() != self.graph.inputs.len() {
             return Err(Error::ShapeMismatch {
                 context: "model inputs".into(),

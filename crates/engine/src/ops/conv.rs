@@ -849,7 +849,7 @@ impl Plane<'_> {
             for base in [0, sub] {
                 layout[base..][..pitch].fill(0.0);
                 if height % 2 == 1 {
-                    layout[base + (height + 1) / 2 * pitch..][..pitch].fill(0.0);
+                    layout[base + height.div_ceil(2) * pitch..][..pitch].fill(0.0);
                 }
             }
             // Padded row r is input row r - 1; padded column c is input

@@ -627,7 +627,7 @@ impl WeightSource for Resident<'_> {
 
 /// A capsule opened with its model key whose weights are unsealed on every query, layer
 /// by layer, exactly as the enclave unseals what the host streams to it (the same
-/// [`LayerStream`], fed from memory instead of frames): each layer just before the first
+/// `LayerStream`, fed from memory instead of frames): each layer just before the first
 /// node that reads it, zeroized after the last; dense layers chunk by chunk into their
 /// output; under an optional budget on the weight memory held at once.
 ///

@@ -217,8 +217,8 @@ impl Layout {
             let Some(layer) = layer_of_param[b] else {
                 continue;
             };
+            // C may lie in another layer (a shared bias): that one is opened whole.
             let own = layer_params[layer].iter().all(|&p| p == b || Some(p) == c)
-                && c.is_none_or(|c| layer_of_param[c] == Some(layer))
                 && layer_tensors[layer].iter().all(|t| t.param.is_some())
                 && layer_readers[layer] == 1
                 && param(0).is_none();
@@ -463,6 +463,11 @@ impl Weights {
         self
     }
 
+    /// Param `index`, if its layer is open now.
+    pub fn tensor(&self, index: usize) -> Option<&Tensor> {
+        self.tensors.get(index)?.as_ref()
+    }
+
     /// The most plaintext weight memory held at once so far, scratch included.
     pub fn peak(&self) -> u64 {
         self.peak
@@ -557,7 +562,7 @@ impl Drop for Weights {
 
 impl WeightSource for Weights {
     fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
-        self.tensors.get(index)?.as_ref()
+        self.tensor(index)
     }
 }
 
@@ -865,6 +870,39 @@ mod tests {
         let got = streaming.run(std::slice::from_ref(&x)).unwrap();
         for (a, b) in got[0].data().iter().zip(want[0].data()) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        let peak = streaming.peak_weight_bytes();
+        assert!(0 < peak && peak <= budget, "held {peak} bytes");
+    }
+
+    /// VGG-16 as torch exports it: two dense layers tie their equal (all-zero) biases, so
+    /// one C is read by two Gemms. Found when VGG-16 could not stream under 64 MiB.
+    #[test]
+    fn dense_layers_that_share_a_bias_still_stream_under_a_budget() {
+        let (mut graph, weights) = model(301);
+        graph.nodes[4].inputs.push("fc.b".into());
+        graph.params[4].shape = vec![301, 301];
+        let mut weights = weights;
+        weights.insert("out".into(), ramp(&[301, 301], 4));
+        let layers = crate::grouping::seal_layers(&graph, &weights, "");
+        let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["conv", "fc.b", "fc", "out"],
+            "the shared bias has its own layer"
+        );
+
+        let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+        let (bytes, key) = seal(&graph, &weights, 1000);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let budget = 16 * 1024;
+        assert!(301 * 301 * 4 > 20 * budget);
+        let mut streaming = StreamingModel::open(&capsule, &key, Some(budget)).unwrap();
+        for batch in [1, 3] {
+            let x = ramp(&[batch, 2, 5, 5], batch);
+            let want = plain.run(std::slice::from_ref(&x)).unwrap();
+            let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+            assert_eq!(bits(&got[0]), bits(&want[0]), "batch {batch}");
         }
         let peak = streaming.peak_weight_bytes();
         assert!(0 < peak && peak <= budget, "held {peak} bytes");

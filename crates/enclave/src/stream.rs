@@ -462,24 +462,32 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             }));
         }
         let result = outcome.and_then(|()| {
-            let c = match s.c {
-                Some(param) => {
-                    let (i, buf) = others
-                        .iter_mut()
-                        .find(|(i, _)| tensors[*i].param == Some(param))
-                        .expect("C is a tensor of the layer");
+            let own_c = s.c.and_then(|param| {
+                others
+                    .iter_mut()
+                    .find(|(i, _)| tensors[*i].param == Some(param))
+            });
+            let y = match (own_c, s.c) {
+                (Some((i, buf)), Some(param)) => {
                     from_le(buf);
-                    Some(
-                        Tensor::new(tensors[*i].shape.clone(), std::mem::take(buf))
-                            .map_err(Streamed::Engine)?,
-                    )
+                    let c = Tensor::new(tensors[*i].shape.clone(), std::mem::take(buf))
+                        .map_err(Streamed::Engine)?;
+                    let y = gemm.finish(m, &dots, Some(&c));
+                    self.weights.retire(param, c.into_parts().1);
+                    y
                 }
-                None => None,
+                // A C of another layer (seal_layers gives a shared one its own), opened
+                // whole before this node like any layer it reads.
+                (None, Some(param)) => {
+                    let c = self.weights.tensor(param).ok_or_else(|| {
+                        Streamed::Engine(capsule_engine::Error::InvalidWeights {
+                            reason: format!("layer {layer}: its Gemm's C is not opened"),
+                        })
+                    })?;
+                    gemm.finish(m, &dots, Some(c))
+                }
+                _ => gemm.finish(m, &dots, None),
             };
-            let y = gemm.finish(m, &dots, c.as_ref());
-            if let (Some(c), Some(param)) = (c, s.c) {
-                self.weights.retire(param, c.into_parts().1);
-            }
             y.map_err(Streamed::Engine)
         });
         for (i, buf) in others {

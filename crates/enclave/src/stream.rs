@@ -30,7 +30,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::model::{Layout, Weights};
+use crate::model::{Layout, Weights, wipe};
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
 
 /// Why a query's layer stream stopped.
@@ -581,14 +581,17 @@ pub(crate) fn open_whole(
             Ok([out]) => unsealer.open_chunk_into(layer, c, piece, out),
             Err(mut parts) => {
                 let len: usize = parts.iter().map(|p| p.len()).sum();
-                let mut scratch = Zeroizing::new(vec![0u8; len]);
-                unsealer.open_chunk_into(layer, c, piece, &mut scratch)?;
-                let mut at = 0;
-                for part in &mut parts {
-                    part.copy_from_slice(&scratch[at..at + part.len()]);
-                    at += part.len();
+                let mut scratch = vec![0u8; len];
+                let opened = unsealer.open_chunk_into(layer, c, piece, &mut scratch);
+                if opened.is_ok() {
+                    let mut at = 0;
+                    for part in &mut parts {
+                        part.copy_from_slice(&scratch[at..at + part.len()]);
+                        at += part.len();
+                    }
                 }
-                Ok(())
+                wipe(&mut scratch);
+                opened
             }
         }
     };
@@ -712,11 +715,7 @@ fn dense_chunk(
         unsealer.open_chunk_into(layer, chunk, sealed, &mut bytes[..len])
     };
     let out = opened.map(|()| split_chunk(&span, job, scratch));
-    // Wiped as `Weights::retire` wipes: a vectorised fill the optimiser cannot drop
-    // (`black_box`), at memory speed; the zeroize crate's volatile byte stores took as
-    // long as the decryption. The buffer itself is zeroized when it is dropped.
-    scratch[..len.div_ceil(4)].fill(0.0);
-    std::hint::black_box(&scratch);
+    wipe(&mut scratch[..len.div_ceil(4)]);
     out
 }
 

@@ -5,7 +5,7 @@
 //! defenses (`examples/boundary_overhead.rs` measures those).
 //!
 //! Like [`crate::SealedModel`] this opens the capsule with its model key: it is for the
-//! provider's benchmarks (`mlcapsule bench`, `examples/defense_overhead.rs`), not for
+//! provider's benchmarks (`mlcapsule bench --defenses-only`), not for
 //! clients.
 
 use std::time::{Duration, Instant};

@@ -479,9 +479,22 @@ fn killing_the_host_never_yields_uncounted_outputs() {
             released += 1;
         }
     }
-    let used = status(&world, "state")[0]["status"]["used"]
-        .as_u64()
-        .unwrap();
+    // A killed host's enclave finishes its query (and exits on the closed pipe) on its
+    // own; until then the counter is locked, and `status` says so: wait, as it asks.
+    let mut args = vec!["status".to_string(), "--json".into()];
+    args.extend(world.client("state"));
+    let mut out = run_owned(&args);
+    for _ in 0..100 {
+        if out.status.success()
+            || !String::from_utf8_lossy(&out.stderr).contains("held by another enclave process")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        out = run_owned(&args);
+    }
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let used = status[0]["status"]["used"].as_u64().unwrap();
     assert!(
         released <= used,
         "{released} outputs released but only {used} queries counted"

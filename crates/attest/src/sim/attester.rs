@@ -156,7 +156,8 @@ mod tests {
             let sealed = attester.seal(b"state v1", plaintext).unwrap();
             assert_eq!(sealed.len(), SEALED_MIN_LEN + plaintext.len());
             assert_eq!(sealed[0], SEALED_VERSION);
-            if !plaintext.is_empty() {
+            // Only long plaintexts: a 1-byte one is among ~30 random bytes one time in 9.
+            if plaintext.len() >= 8 {
                 assert!(!sealed.windows(plaintext.len()).any(|w| w == plaintext));
             }
             assert_eq!(

@@ -16,7 +16,7 @@ use capsule_format::{Capsule, ModelKey};
 
 use crate::defense::{Binding, Defenses, Guard};
 use crate::error::Error;
-use crate::model::{Layout, Weights};
+use crate::model::Layout;
 
 /// Median cost per query (batch 1) of each defense of a capsule's policy; `None` for a
 /// defense the policy does not have.
@@ -56,21 +56,8 @@ pub fn measure_defense_costs(
     let header = unsealer.header();
     let layout = Layout::new(header)?;
     let defenses = Defenses::new(header, &layout)?;
-    let open = |layout: &Layout, layers: std::ops::Range<usize>| -> Result<Weights, Error> {
-        let mut weights = Weights::new(layout.plan().graph().params.len());
-        for layer in layers {
-            if !layout.unread(layer) {
-                layout.install_sealed(
-                    &unsealer,
-                    layer,
-                    capsule.sealed_layer(layer),
-                    &mut weights,
-                )?;
-            }
-        }
-        Ok(weights)
-    };
-    let mut model_weights = open(&layout, defenses.model_layers.clone())?;
+    let mut model_weights =
+        layout.open_resident(&unsealer, capsule, defenses.model_layers.clone())?;
     let posteriors = queries
         .iter()
         .map(|x| {
@@ -92,7 +79,9 @@ pub fn measure_defense_costs(
     };
 
     if let Some(stage) = &defenses.detector {
-        let mut weights = open(&stage.layout, stage.layers.clone())?;
+        let mut weights = stage
+            .layout
+            .open_resident(&unsealer, capsule, stage.layers.clone())?;
         costs.detector = Some(median_per_query(queries, rounds, |x| {
             let input = stage.input_for(x)?;
             let scores = stage

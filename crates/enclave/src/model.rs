@@ -413,6 +413,21 @@ impl Layout {
         weights.install(self, layer, buffers)
     }
 
+    /// Unseals the read layers among `layers` of `capsule` whole into fresh weights: a
+    /// model kept in memory (developer mode, the provider's benchmarks).
+    pub fn open_resident(
+        &self,
+        unsealer: &Unsealer,
+        capsule: &Capsule<'_>,
+        layers: Range<usize>,
+    ) -> Result<Weights, Error> {
+        let mut weights = Weights::new(self.plan().graph().params.len());
+        for layer in layers.filter(|&l| !self.unread(l)) {
+            self.install_sealed(unsealer, layer, capsule.sealed_layer(layer), &mut weights)?;
+        }
+        Ok(weights)
+    }
+
     /// Zeroizes the weights of layer `layer`; their buffers are kept for the next
     /// query, or freed under a memory budget.
     pub fn evict(&self, layer: usize, weights: &mut Weights) {
@@ -592,18 +607,12 @@ impl SealedModel {
         let unsealer = capsule.unseal(key)?;
         let header = unsealer.header().clone();
         let layout = Layout::new(&header)?;
-        let mut weights = Weights::new(layout.plan().graph().params.len());
         // The developer mode runs the model alone: the detector's layers stay sealed.
-        for layer in header.detector_layers()..header.layers.len() {
-            if !layout.unread(layer) {
-                layout.install_sealed(
-                    &unsealer,
-                    layer,
-                    capsule.sealed_layer(layer),
-                    &mut weights,
-                )?;
-            }
-        }
+        let weights = layout.open_resident(
+            &unsealer,
+            capsule,
+            header.detector_layers()..header.layers.len(),
+        )?;
         Ok(SealedModel {
             header,
             layout,

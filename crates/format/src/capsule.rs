@@ -4,7 +4,7 @@ use ring::hmac;
 use zeroize::Zeroizing;
 
 use crate::chunk::{ChunkKey, ChunkPosition, TAG_LEN};
-use crate::header::Header;
+use crate::header::{Header, LayerEntry};
 use crate::key::ModelKey;
 use crate::{Error, MAC_LEN, MAX_HEADER_LEN, VERSION_LINE};
 
@@ -193,19 +193,23 @@ impl Unsealer {
         &self.header
     }
 
+    /// The chunk table's entry of layer `layer`.
+    fn layer_entry(&self, layer: usize) -> Result<&LayerEntry, Error> {
+        self.header
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidHeader {
+                reason: format!("no layer {layer}"),
+            })
+    }
+
     /// Decrypts layer `layer` from its sealed stream (capsule-v1 §6).
     ///
     /// The plaintext is zeroized when dropped. Fails, naming the first chunk
     /// that does not authenticate, if the stream was altered, reordered,
     /// truncated or spliced.
     pub fn open_layer(&self, layer: usize, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
-        let entry = self
-            .header
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::InvalidHeader {
-                reason: format!("no layer {layer}"),
-            })?;
+        let entry = self.layer_entry(layer)?;
         let failed = |chunk| Error::ChunkFailed {
             layer: entry.name.clone(),
             chunk,
@@ -275,13 +279,7 @@ impl Unsealer {
         sealed_chunk: &[u8],
         out: &mut [u8],
     ) -> Result<(), Error> {
-        let entry = self
-            .header
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::InvalidHeader {
-                reason: format!("no layer {layer}"),
-            })?;
+        let entry = self.layer_entry(layer)?;
         let failed = || Error::ChunkFailed {
             layer: entry.name.clone(),
             chunk,

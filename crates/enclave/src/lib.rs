@@ -70,6 +70,7 @@
 //! engine's own scratch buffers (GEMM packing, im2col) are freed without being
 //! zeroized.
 
+mod ahead;
 mod cost;
 mod defense;
 mod error;

@@ -405,8 +405,14 @@ impl Layout {
     ) -> Result<(), Error> {
         let mut buffers = weights.buffers(self, layer);
         let chunks = unsealer.header().chunk_count(layer);
-        if let Err(e) = crate::stream::open_whole(unsealer, layer, 0..chunks, sealed, &mut buffers)
-        {
+        if let Err(e) = crate::stream::open_whole(
+            unsealer,
+            layer,
+            0..chunks,
+            sealed,
+            &mut buffers,
+            capsule_engine::threads() > 1,
+        ) {
             weights.give_back(self, layer, buffers);
             return Err(Error::Format(e));
         }
@@ -452,6 +458,8 @@ pub(crate) struct Weights {
     pub scratch: Vec<Zeroizing<Vec<f32>>>,
     /// Sealed chunks read from the host, a few at a time (ciphertext only).
     pub sealed: Vec<u8>,
+    /// Buffers for whole layers' sealed bytes read ahead, kept for the next ones.
+    pub sealed_spares: Vec<Vec<u8>>,
     /// Plaintext weight bytes held now, and the most held at once.
     held: u64,
     peak: u64,
@@ -466,6 +474,7 @@ impl Weights {
             keep_spare: true,
             scratch: Vec::new(),
             sealed: Vec::new(),
+            sealed_spares: Vec::new(),
             held: 0,
             peak: 0,
         }
@@ -486,6 +495,11 @@ impl Weights {
     /// The most plaintext weight memory held at once so far, scratch included.
     pub fn peak(&self) -> u64 {
         self.peak
+    }
+
+    /// Plaintext weight bytes installed now.
+    pub fn held(&self) -> u64 {
+        self.held
     }
 
     /// Notes `extra` bytes of scratch held on top of the installed weights.
@@ -711,6 +725,7 @@ impl<'c> StreamingModel<'c> {
             layers,
             &mut self.weights,
             streamed,
+            self.budget,
         );
         let result = stream.run(inputs);
         match stream.finish() {

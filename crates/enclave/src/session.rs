@@ -444,6 +444,7 @@ impl Session {
                     stage.layers.clone(),
                     detector_weights,
                     detector_streamed,
+                    budget,
                 );
                 let result = stream.run(&[x]);
                 match stream.finish() {
@@ -470,6 +471,7 @@ impl Session {
             layers,
             model_weights,
             model_streamed,
+            budget,
         );
         let result = matches!(detection, Ok(Verdict::Pass)).then(|| stream.run(inputs));
         match stream.finish() {

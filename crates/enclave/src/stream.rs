@@ -21,17 +21,24 @@
 //! benchmarks ([`MemoryFeed`]); everything after the feed is the same code.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::Read;
 use std::ops::Range;
+use std::sync::Arc;
 
 use capsule_engine::{Node, ParamInfo, StreamedGemm, Tensor, WeightSource};
 use capsule_format::{Capsule, TAG_LEN, Unsealer};
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
+use crate::ahead::{Buffers, Job, Opener};
 use crate::error::Error;
 use crate::model::{Layout, Weights, wipe};
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
+
+/// Most plaintext bytes of layers opened ahead of the node that reads them, when
+/// there is no memory budget (there is always room for the next layer).
+const LOOKAHEAD: u64 = 16 << 20;
 
 /// Why a query's layer stream stopped.
 pub(crate) enum StreamFailure {
@@ -59,6 +66,21 @@ pub(crate) trait Feed {
         keep: bool,
         buf: &'s mut Vec<u8>,
     ) -> Result<Option<&'s [u8]>, StreamFailure>;
+
+    /// A whole layer's sealed bytes, which another thread may open while the feed goes on.
+    type Layer: AsRef<[u8]> + Send;
+
+    /// The sealed bytes of every chunk of layer `layer`, back to back, owned or borrowed
+    /// from something that outlives the feed; `spare` is a buffer to copy them into.
+    fn layer(
+        &mut self,
+        header: &capsule_format::Header,
+        layer: usize,
+        spare: Vec<u8>,
+    ) -> Result<Self::Layer, StreamFailure>;
+
+    /// The buffer behind a layer's bytes, for the next [`Feed::layer`].
+    fn recycle(layer: Self::Layer) -> Vec<u8>;
 }
 
 /// The host's `Layer` frames (enclave-protocol §5.6), checked one by one.
@@ -73,8 +95,30 @@ impl<'a, R> FrameFeed<'a, R> {
 }
 
 impl<R: Read> Feed for FrameFeed<'_, R> {
+    type Layer = Vec<u8>;
+
     fn group(&self, threads: usize) -> u64 {
         threads.max(1) as u64
+    }
+
+    fn layer(
+        &mut self,
+        header: &capsule_format::Header,
+        layer: usize,
+        mut spare: Vec<u8>,
+    ) -> Result<Vec<u8>, StreamFailure> {
+        self.chunks(
+            header,
+            layer,
+            0..header.chunk_count(layer),
+            true,
+            &mut spare,
+        )?;
+        Ok(spare)
+    }
+
+    fn recycle(layer: Vec<u8>) -> Vec<u8> {
+        layer
     }
 
     fn chunks<'s>(
@@ -139,9 +183,24 @@ impl<'c> MemoryFeed<'c> {
     }
 }
 
-impl Feed for MemoryFeed<'_> {
+impl<'c> Feed for MemoryFeed<'c> {
+    type Layer = &'c [u8];
+
     fn group(&self, _threads: usize) -> u64 {
         u64::MAX
+    }
+
+    fn layer(
+        &mut self,
+        _header: &capsule_format::Header,
+        layer: usize,
+        _spare: Vec<u8>,
+    ) -> Result<&'c [u8], StreamFailure> {
+        Ok(self.capsule.sealed_layer(layer))
+    }
+
+    fn recycle(_layer: &'c [u8]) -> Vec<u8> {
+        Vec::new()
     }
 
     fn chunks<'s>(
@@ -169,7 +228,7 @@ impl Feed for MemoryFeed<'_> {
 ///
 /// A stream covers a range of the capsule's layers: all of them, or the input detector's
 /// (the first ones, capsule-v1 §4.6) and then the model's, one stream after the other.
-pub(crate) struct LayerStream<'a, F> {
+pub(crate) struct LayerStream<'a, F: Feed> {
     feed: F,
     unsealer: &'a Unsealer,
     layout: &'a Layout,
@@ -183,13 +242,23 @@ pub(crate) struct LayerStream<'a, F> {
     /// Index of the node about to run or running.
     node: usize,
     failure: Option<StreamFailure>,
+    /// Opens received layers in the background, ahead of the nodes that read them.
+    opener: Arc<Opener<F::Layer>>,
+    /// The layers handed to the opener and not installed yet, in order, with their
+    /// plaintext sizes.
+    ahead: VecDeque<(usize, u64)>,
+    /// The sum of `ahead`'s sizes.
+    ahead_bytes: u64,
+    /// The weight memory budget, which layers opened ahead must fit in too.
+    budget: Option<u64>,
 }
 
 impl<'a, F: Feed> LayerStream<'a, F> {
     /// A stream of layers `layers` of the capsule `unsealer` opens, whose weights
     /// `layout` reads (it must read none outside the range), into `weights`; the layers
     /// `streamed` says (from [`Layout::query_plan`]) are computed chunk by chunk. The
-    /// feed gives the range's first layer next.
+    /// feed gives the range's first layer next. A layer is opened ahead, while the
+    /// nodes before it compute, only when it fits in `budget` beside the layers in use.
     pub fn new(
         feed: F,
         unsealer: &'a Unsealer,
@@ -197,6 +266,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         layers: Range<usize>,
         weights: &'a mut Weights,
         streamed: Vec<bool>,
+        budget: Option<u64>,
     ) -> LayerStream<'a, F> {
         LayerStream {
             feed,
@@ -208,27 +278,45 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             end: layers.end,
             node: 0,
             failure: None,
+            opener: Opener::new(),
+            ahead: VecDeque::new(),
+            ahead_bytes: 0,
+            budget,
         }
     }
 
     /// Runs the layout's graph on `inputs` with this stream's weights.
+    ///
+    /// While a node computes, the next layers are opened on rayon's pool (on another
+    /// core when the engine runs on one thread), so that unsealing overlaps compute.
     pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, capsule_engine::Error> {
         let layout = self.layout;
-        if self.streamed.iter().any(|&s| s) {
-            layout
-                .staged()
-                .run(inputs, self, &mut |j, operands, stream| {
-                    let a = operands.first().ok_or_else(stream_failed)?;
-                    stream.dense(j, a)
-                })
-        } else {
-            layout.plan().run(inputs, self)
-        }
+        rayon::in_place_scope(|scope| {
+            let mut piped = Piped {
+                stream: self,
+                scope,
+            };
+            if piped.stream.streamed.iter().any(|&s| s) {
+                layout
+                    .staged()
+                    .run(inputs, &mut piped, &mut |j, operands, piped| {
+                        let a = operands.first().ok_or_else(stream_failed)?;
+                        piped.stream.dense(j, a)
+                    })
+            } else {
+                layout.plan().run(inputs, &mut piped)
+            }
+        })
     }
 
     /// Reads the rest of the stream (every layer must be sent, whatever
     /// happened), zeroizes what is left, and says whether it all went well.
     pub fn finish(mut self) -> Result<(), StreamFailure> {
+        while !self.ahead.is_empty() {
+            if let Err(failure) = self.land(usize::MAX) {
+                self.failure.get_or_insert(failure);
+            }
+        }
         while self.received < self.end {
             if let Some(StreamFailure::Gone | StreamFailure::Broken(_)) = &self.failure {
                 break;
@@ -242,6 +330,92 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         match self.failure.take() {
             None => Ok(()),
             Some(failure) => Err(failure),
+        }
+    }
+
+    /// Waits for the layers opened ahead up to layer `upto`, and installs them; stops
+    /// at the first that fails.
+    fn land(&mut self, upto: usize) -> Result<(), StreamFailure> {
+        while let Some(&(layer, bytes)) = self.ahead.front()
+            && layer <= upto
+        {
+            self.ahead.pop_front();
+            self.ahead_bytes -= bytes;
+            let opened = match self.opener.next() {
+                Some(opened) if opened.layer == layer => opened,
+                _ => {
+                    return Err(StreamFailure::Broken(Error::Internal {
+                        reason: format!("opening layer {layer} ahead stopped without an answer"),
+                    }));
+                }
+            };
+            let spare = F::recycle(opened.sealed);
+            if spare.capacity() > 0 {
+                self.weights.sealed_spares.push(spare);
+            }
+            let buffers = opened.buffers.take();
+            if let Err(e) = opened.result {
+                self.weights.give_back(self.layout, layer, buffers);
+                return Err(StreamFailure::Rejected(Error::Format(e)));
+            }
+            self.weights
+                .install(self.layout, layer, buffers)
+                .map_err(StreamFailure::Rejected)?;
+        }
+        Ok(())
+    }
+
+    /// Receives the next layers from layer `from` on (not before: the node about to
+    /// run reads those, so nothing would overlap) and queues them to open ahead, as
+    /// many as fit: up to
+    /// [`LOOKAHEAD`] bytes ahead (at least one layer), or under a budget as many as fit
+    /// in it beside the layers installed (each counted twice: its plaintext and its
+    /// sealed bytes). A layer computed chunk by chunk is taken whole only without a
+    /// budget, when it fits in the look-ahead; its node then reads it from memory.
+    fn prefetch<'scope>(&mut self, scope: &rayon::Scope<'scope>, from: usize)
+    where
+        'a: 'scope,
+        F::Layer: 'scope,
+    {
+        let header = self.unsealer.header();
+        while from <= self.received && self.received < self.end {
+            let layer = self.received;
+            if self.layout.unread(layer) {
+                if let Err(failure) = self.receive(false) {
+                    self.failure = Some(failure);
+                    return;
+                }
+                continue;
+            }
+            let bytes = header.layers[layer].plaintext_len;
+            let after = self.ahead_bytes + bytes;
+            let fits = match self.budget {
+                Some(budget) => self.weights.held() + 2 * after <= budget,
+                None => self.ahead_bytes == 0 || after <= LOOKAHEAD,
+            };
+            let whole = !self.streamed[layer] || (self.budget.is_none() && bytes <= LOOKAHEAD);
+            if !fits || !whole {
+                return;
+            }
+            let spare = self.weights.sealed_spares.pop().unwrap_or_default();
+            let sealed = match self.feed.layer(header, layer, spare) {
+                Ok(sealed) => sealed,
+                Err(failure) => {
+                    self.failure = Some(failure);
+                    return;
+                }
+            };
+            self.received += 1;
+            self.ahead.push_back((layer, bytes));
+            self.ahead_bytes = after;
+            self.weights.note_scratch(after);
+            let buffers = Buffers(self.weights.buffers(self.layout, layer));
+            let job = Job {
+                layer,
+                sealed,
+                buffers,
+            };
+            self.opener.push(job, self.unsealer, scope);
         }
     }
 
@@ -284,7 +458,14 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                 }
             };
             if let (Some(bytes), Some(buffers)) = (bytes, buffers.as_mut())
-                && let Err(e) = open_whole(self.unsealer, layer, first..last, bytes, buffers)
+                && let Err(e) = open_whole(
+                    self.unsealer,
+                    layer,
+                    first..last,
+                    bytes,
+                    buffers,
+                    capsule_engine::threads() > 1,
+                )
             {
                 failed = Some(e);
                 first = last;
@@ -318,10 +499,14 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         let layer = self
             .layout
             .streamed_layer_of(node)
-            .filter(|&l| l == self.received)
+            .filter(|&l| l <= self.received)
             .ok_or_else(|| capsule_engine::Error::InvalidWeights {
                 reason: format!("node {node} streams no layer that comes next"),
             })?;
+        if layer < self.received {
+            // Opened whole ahead of the node (prepare landed it).
+            return self.dense_opened(layer, a);
+        }
         match self.stream_layer(layer, a) {
             Ok(y) => Ok(y),
             Err(Streamed::Engine(e)) => Err(e),
@@ -330,6 +515,38 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                 Err(stream_failed())
             }
         }
+    }
+
+    /// Runs streamable layer `layer`'s Gemm on `a` from its weights opened whole: the
+    /// same products as [`LayerStream::stream_layer`], so the same output bits.
+    fn dense_opened(&self, layer: usize, a: &Tensor) -> Result<Tensor, capsule_engine::Error> {
+        let s = self
+            .layout
+            .streamable(layer)
+            .expect("streamed layers are streamable");
+        let gemm = s.gemm;
+        let m = gemm.batch(a)?;
+        let param = |p: Option<usize>| {
+            p.and_then(|p| self.weights.tensor(p)).ok_or_else(|| {
+                capsule_engine::Error::InvalidWeights {
+                    reason: format!("layer {layer} is not opened"),
+                }
+            })
+        };
+        let b = param(self.layout.tensors(layer)[s.b].param)?;
+        let c = s.c.map(|c| param(Some(c))).transpose()?;
+        let mut dots = vec![0.0f32; m * gemm.rows()];
+        let rows = b.data().chunks_exact(gemm.row_len());
+        if capsule_engine::threads() > 1 {
+            dots.par_chunks_mut(m.max(1))
+                .zip(rows.collect::<Vec<_>>())
+                .for_each(|(out, row)| gemm.dots(a, row, out));
+        } else {
+            for (out, row) in dots.chunks_mut(m.max(1)).zip(rows) {
+                gemm.dots(a, row, out);
+            }
+        }
+        gemm.finish(m, &dots, c)
     }
 
     fn stream_layer(&mut self, layer: usize, a: &Tensor) -> Result<Tensor, Streamed> {
@@ -520,46 +737,65 @@ fn stream_failed() -> capsule_engine::Error {
     }
 }
 
-impl<F: Feed> WeightSource for LayerStream<'_, F> {
+/// A [`LayerStream`] during [`LayerStream::run`], with the scope its layers are opened
+/// ahead on.
+struct Piped<'s, 'scope, 'a, F: Feed> {
+    stream: &'s mut LayerStream<'a, F>,
+    scope: &'s rayon::Scope<'scope>,
+}
+
+impl<'scope, 'a: 'scope, F: Feed> WeightSource for Piped<'_, 'scope, 'a, F>
+where
+    F::Layer: 'scope,
+{
     fn prepare(&mut self, _node: &Node) -> Result<(), capsule_engine::Error> {
-        if self.failure.is_none()
-            && let Some(needed) = self.layout.needs(self.node)
+        let stream = &mut *self.stream;
+        let needed = stream.layout.needs(stream.node);
+        if stream.failure.is_none()
+            && let Some(needed) = needed
         {
+            if let Err(failure) = stream.land(needed) {
+                stream.failure = Some(failure);
+            }
             // A streamed node's own layer is opened by the node itself.
-            let upto = match self.layout.streamed_layer_of(self.node) {
-                Some(layer) if self.streamed[layer] => layer,
+            let upto = match stream.layout.streamed_layer_of(stream.node) {
+                Some(layer) if stream.streamed[layer] => layer,
                 _ => needed + 1,
             };
-            while self.received < upto && self.received < self.end {
-                if let Err(failure) = self.receive(true) {
-                    self.failure = Some(failure);
-                    break;
+            while stream.failure.is_none() && stream.received < upto && stream.received < stream.end
+            {
+                if let Err(failure) = stream.receive(true) {
+                    stream.failure = Some(failure);
                 }
             }
         }
-        match self.failure {
+        // The layers after this node's open while it runs.
+        if stream.failure.is_none() {
+            stream.prefetch(self.scope, needed.map_or(0, |n| n + 1));
+        }
+        match stream.failure {
             None => Ok(()),
-            // The real failure is kept in `self.failure` and reported by `finish`.
+            // The real failure is kept in `stream.failure` and reported by `finish`.
             Some(_) => Err(stream_failed()),
         }
     }
 
     fn param(&self, index: usize, info: &ParamInfo) -> Option<&Tensor> {
-        self.weights.param(index, info)
+        self.stream.weights.param(index, info)
     }
 
     fn release(&mut self, _node: &Node) {
-        for layer in self.layout.done_after(self.node) {
-            self.layout.evict(layer, self.weights);
+        let stream = &mut *self.stream;
+        for layer in stream.layout.done_after(stream.node) {
+            stream.layout.evict(layer, stream.weights);
         }
-        self.node += 1;
+        stream.node += 1;
     }
 }
 
 /// Opens chunks `chunks` of layer `layer` from their sealed bytes `sealed` (back to
 /// back) into `buffers`, the layer's tensors in plaintext order, which exactly fill it
-/// (capsule-v1 §4.3). Chunks are opened in parallel when the engine may use more than
-/// one thread; a chunk inside one tensor is opened straight into it, one across
+/// (capsule-v1 §4.3). With `parallel`, chunks are opened in parallel on rayon's pool; a chunk inside one tensor is opened straight into it, one across
 /// tensors into a scratch buffer that is then wiped. On failure the error names the
 /// first chunk that did not authenticate, and `buffers` hold garbage.
 pub(crate) fn open_whole(
@@ -568,6 +804,7 @@ pub(crate) fn open_whole(
     chunks: Range<u64>,
     sealed: &[u8],
     buffers: &mut [Vec<f32>],
+    parallel: bool,
 ) -> Result<(), capsule_format::Error> {
     let step = unsealer.header().chunk_size as usize + TAG_LEN;
     let first = chunks.start;
@@ -595,12 +832,11 @@ pub(crate) fn open_whole(
             }
         }
     };
-    let results: Vec<Result<(), capsule_format::Error>> =
-        if capsule_engine::threads() > 1 && targets.len() > 1 {
-            targets.into_par_iter().map(open).collect()
-        } else {
-            targets.into_iter().map(open).collect()
-        };
+    let results: Vec<Result<(), capsule_format::Error>> = if parallel && targets.len() > 1 {
+        targets.into_par_iter().map(open).collect()
+    } else {
+        targets.into_iter().map(open).collect()
+    };
     results.into_iter().collect::<Result<(), _>>()?;
     for buf in buffers.iter_mut() {
         from_le(buf);

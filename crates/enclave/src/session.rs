@@ -167,7 +167,11 @@ impl Session {
     /// Returns `Ok` when the host closed the channel or went away, and the
     /// error after reporting it when the session cannot go on (a malformed
     /// frame, a version mismatch).
-    pub fn serve<R: Read, W: Write>(&mut self, input: R, mut output: W) -> Result<(), Error> {
+    pub fn serve<R: Read + Send, W: Write>(
+        &mut self,
+        input: R,
+        mut output: W,
+    ) -> Result<(), Error> {
         let mut frames = FrameReader::new(BufReader::with_capacity(1 << 16, input));
         match self.handshake(&mut frames, &mut output) {
             Ok(()) => {}
@@ -206,7 +210,7 @@ impl Session {
         }
     }
 
-    fn handshake<R: Read, W: Write>(
+    fn handshake<R: Read + Send, W: Write>(
         &mut self,
         frames: &mut FrameReader<R>,
         output: &mut W,
@@ -234,7 +238,7 @@ impl Session {
             .map_err(|_| Failure::Gone)
     }
 
-    fn handle<R: Read, W: Write>(
+    fn handle<R: Read + Send, W: Write>(
         &mut self,
         request: Request,
         frames: &mut FrameReader<R>,
@@ -377,7 +381,7 @@ impl Session {
 
     /// `Query` (§5.6): check the budget and the defenses' standing, pull the layers, run
     /// the detector, the model, PRADA and the output policy, count, answer.
-    fn query<R: Read, W: Write>(
+    fn query<R: Read + Send, W: Write>(
         &mut self,
         inputs: &[Tensor],
         frames: &mut FrameReader<R>,

@@ -50,8 +50,9 @@ pub(crate) enum StreamFailure {
     Rejected(Error),
 }
 
-/// Where a query's sealed chunks come from, in capsule order.
-pub(crate) trait Feed {
+/// Where a query's sealed chunks come from, in capsule order. `Send`: the engine runs
+/// a query on one of rayon's workers when it has more than one thread.
+pub(crate) trait Feed: Send {
     /// How many chunks of a whole layer to take at once on `threads` threads: their
     /// sealed bytes are held together.
     fn group(&self, threads: usize) -> u64;
@@ -94,7 +95,7 @@ impl<'a, R> FrameFeed<'a, R> {
     }
 }
 
-impl<R: Read> Feed for FrameFeed<'_, R> {
+impl<R: Read + Send> Feed for FrameFeed<'_, R> {
     type Layer = Vec<u8>;
 
     fn group(&self, threads: usize) -> u64 {

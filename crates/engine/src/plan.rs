@@ -162,7 +162,20 @@ impl Plan {
     /// its operands (the context names the node), and with
     /// [`Error::InvalidWeights`] when `weights` lacks a weight or supplies
     /// one of another shape. Errors from `weights.prepare` pass through.
-    pub fn run<W: WeightSource + ?Sized>(
+    ///
+    /// With more than one [thread](crate::set_threads) the run moves to
+    /// one of rayon's workers, its helpers kept awake until it returns.
+    pub fn run<W: WeightSource + Send + ?Sized>(
+        &self,
+        inputs: &[Tensor],
+        weights: &mut W,
+    ) -> Result<Vec<Tensor>, Error> {
+        crate::threads::as_team(|| self.run_here(inputs, weights))
+    }
+
+    /// [`Plan::run`] on the calling thread, as part of a run that has its
+    /// helpers already.
+    pub(crate) fn run_here<W: WeightSource + ?Sized>(
         &self,
         inputs: &[Tensor],
         weights: &mut W,

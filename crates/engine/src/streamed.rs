@@ -245,8 +245,23 @@ impl Staged {
 
     /// Runs the graph on `inputs` with weights from `weights`; `own(j,
     /// operands, weights)` computes node `j` of the caller's from its value
-    /// operands (not its weights), in the node's input order.
+    /// operands (not its weights), in the node's input order. Like
+    /// [`Plan::run`], the run moves to one of rayon's workers when more
+    /// than one thread is allowed.
     pub fn run<W, F>(
+        &self,
+        inputs: &[Tensor],
+        weights: &mut W,
+        own: &mut F,
+    ) -> Result<Vec<Tensor>, Error>
+    where
+        W: WeightSource + Send + ?Sized,
+        F: FnMut(usize, &[&Tensor], &mut W) -> Result<Tensor, Error> + Send,
+    {
+        crate::threads::as_team(|| self.run_here(inputs, weights, own))
+    }
+
+    fn run_here<W, F>(
         &self,
         inputs: &[Tensor],
         weights: &mut W,
@@ -309,7 +324,7 @@ impl Staged {
                             plan.get_or_init(|| compiled)
                         }
                     };
-                    let results = plan.run(&operands, weights)?;
+                    let results = plan.run_here(&operands, weights)?;
                     for (name, value) in outputs.iter().zip(results) {
                         values.insert(name.clone(), value);
                     }

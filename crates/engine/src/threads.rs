@@ -5,9 +5,10 @@
 //! cut into at most [`threads`] pieces at a time, so a count of 2 on a
 //! 2-core machine never has more than 2 busy threads: the GEMM and the
 //! loops around it share one pool instead of competing. With a count of 1
-//! every kernel runs on the calling thread.
+//! every kernel runs on the calling thread; with more, a whole run moves to
+//! the pool ([`as_team`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -45,6 +46,62 @@ pub fn threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => rayon::current_num_threads().max(1),
         n => n,
+    }
+}
+
+/// Runs `f` (a whole model run) on one of rayon's workers while
+/// [`threads`]` - 1` others stay awake for its parallel work, and returns
+/// what it returns.
+///
+/// Without this, every parallel region of a run (a few hundred per query
+/// on MobileNetV2, many of them 50-200 µs long) wakes a sleeping worker and
+/// then the blocked caller: two thread wake-ups per region, each tens of µs
+/// in a virtual machine, which ate most of what the second thread gained.
+/// Here the run's own thread is a worker, so it splits work without
+/// waking anyone, and each helper loops on [`rayon::yield_now`], which
+/// takes pending work (a region's other half, a layer to unseal) as soon as
+/// it is queued. The helpers keep their cores busy until the run returns,
+/// as onnxruntime's spinning thread pool does; they yield the CPU to the
+/// OS on every idle turn, so other processes still get it.
+///
+/// Runs `f` right here when one thread is allowed, or when already on one
+/// of rayon's workers (a run inside parallel work has its helpers already).
+pub(crate) fn as_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let helpers = threads() - 1;
+    if helpers == 0 || rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let runner = rayon::current_thread_index();
+        for _ in 0..helpers {
+            let done = &done;
+            scope.spawn(move |_| {
+                // The runner itself may pop a helper while it waits for
+                // work it shared: it must not spin in it, or the run it
+                // is part of could never finish.
+                if rayon::current_thread_index() == runner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if let Some(rayon::Yield::Idle) = rayon::yield_now() {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        // Set even if `f` panics: the scope waits for the helpers.
+        let _done = SetOnDrop(&done);
+        f()
+    })
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -95,5 +152,22 @@ where
         (0..n).map(f).collect()
     } else {
         (0..n).into_par_iter().map(f).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_team_run_returns_its_value_and_ends_when_it_panics() {
+        set_threads(2);
+        let sum = as_team(|| (0..10_000u64).into_par_iter().sum::<u64>());
+        assert_eq!(sum, 49_995_000);
+        // Without the flag set on unwinding, the helper would spin forever
+        // and this would hang.
+        let panicked = std::panic::catch_unwind(|| as_team(|| panic!("a kernel bug")));
+        assert!(panicked.is_err());
+        assert_eq!(as_team(|| (0..100u64).into_par_iter().sum::<u64>()), 4950);
     }
 }

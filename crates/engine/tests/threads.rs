@@ -87,8 +87,14 @@ fn network() -> (Graph, HashMap<String, Tensor>) {
     (graph, weights)
 }
 
+/// The tests here change the process-wide thread count: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn one_thread_and_two_agree() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (graph, weights) = network();
     let model = Model::new(graph, weights).unwrap();
     let x = values(&[2, 16, 32, 32], 9);
@@ -101,4 +107,30 @@ fn one_thread_and_two_agree() {
     for (a, b) in one[0].data().iter().zip(two[0].data()) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
     }
+}
+
+/// Runs started at once from several threads, each of which borrows the
+/// pool's workers as helpers, all finish with the same outputs, and a run
+/// that fails returns its error instead of leaving its helpers spinning.
+#[test]
+fn concurrent_runs_on_two_threads_agree_and_errors_end_them() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (graph, weights) = network();
+    let model = Model::new(graph, weights).unwrap();
+    let x = values(&[2, 16, 32, 32], 9);
+    set_threads(2);
+    let want = model.run(std::slice::from_ref(&x)).unwrap();
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| model.run(std::slice::from_ref(&x)).unwrap()))
+            .collect();
+        for run in runs {
+            assert_eq!(run.join().unwrap()[0].data(), want[0].data());
+        }
+    });
+    let wrong = values(&[2, 8, 32, 32], 9);
+    assert!(model.run(&[wrong]).is_err());
+    assert_eq!(model.run(&[x]).unwrap()[0].data(), want[0].data());
 }

@@ -8,7 +8,9 @@
 //! every kernel runs on the calling thread; with more, a whole run moves to
 //! the pool ([`as_team`]).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -56,13 +58,15 @@ pub fn threads() -> usize {
 /// Without this, every parallel region of a run (a few hundred per query
 /// on MobileNetV2, many of them 50-200 µs long) wakes a sleeping worker and
 /// then the blocked caller: two thread wake-ups per region, each tens of µs
-/// in a virtual machine, which ate most of what the second thread gained.
-/// Here the run's own thread is a worker, so it splits work without
-/// waking anyone, and each helper loops on [`rayon::yield_now`], which
-/// takes pending work (a region's other half, a layer to unseal) as soon as
-/// it is queued. The helpers keep their cores busy until the run returns,
-/// as onnxruntime's spinning thread pool does; they yield the CPU to the
-/// OS on every idle turn, so other processes still get it.
+/// in a virtual machine (and up to milliseconds, measured here, for the
+/// first one after a pause), which ate most of what the second thread
+/// gained. Here the run's own thread is a worker, so it splits work without
+/// waking anyone, and each helper ([`help`]) loops on [`rayon::yield_now`],
+/// which takes pending work (a region's other half, a layer to unseal) as
+/// soon as it is queued. Like onnxruntime's spinning thread pool, helpers
+/// keep their cores busy while there is work and for [`LINGER`] after
+/// (so back-to-back queries find them awake), yielding the CPU to the OS
+/// on every idle turn.
 ///
 /// Runs `f` right here when one thread is allowed, or when already on one
 /// of rayon's workers (a run inside parallel work has its helpers already).
@@ -71,38 +75,77 @@ pub(crate) fn as_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if helpers == 0 || rayon::current_thread_index().is_some() {
         return f();
     }
-    let done = AtomicBool::new(false);
-    rayon::scope(|scope| {
-        let runner = rayon::current_thread_index();
-        for _ in 0..helpers {
-            let done = &done;
-            scope.spawn(move |_| {
-                // The runner itself may pop a helper while it waits for
-                // work it shared: it must not spin in it, or the run it
-                // is part of could never finish.
-                if rayon::current_thread_index() == runner {
-                    return;
-                }
-                while !done.load(Ordering::Acquire) {
-                    if let Some(rayon::Yield::Idle) = rayon::yield_now() {
-                        std::thread::yield_now();
-                    }
-                }
-            });
-        }
-        // Set even if `f` panics: the scope waits for the helpers.
-        let _done = SetOnDrop(&done);
+    rayon::scope(|_| {
+        let _running = Running::enter();
+        // A helper that took this run up is not helping it.
+        recruit(helpers + usize::from(HELPING.get()));
         f()
     })
 }
 
-/// Sets its flag when dropped.
-struct SetOnDrop<'a>(&'a AtomicBool);
+/// How long a helper stays after the last work it found.
+const LINGER: Duration = Duration::from_millis(1);
 
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+/// Helpers started and not yet gone.
+static HELPERS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread is in a model run started by [`as_team`].
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
+    /// This thread is in [`help`].
+    static HELPING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as in a model run until dropped.
+struct Running(bool);
+
+impl Running {
+    fn enter() -> Running {
+        Running(RUNNING.replace(true))
     }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.set(self.0);
+    }
+}
+
+/// Starts helpers until `helpers` are about.
+fn recruit(helpers: usize) {
+    let mut about = HELPERS.load(Ordering::Acquire);
+    while about < helpers {
+        match HELPERS.compare_exchange_weak(about, about + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                rayon::spawn(help);
+                about += 1;
+            }
+            Err(now) => about = now,
+        }
+    }
+}
+
+/// A helper: runs the pool's pending work until it has found none for
+/// [`LINGER`].
+///
+/// A worker that waits for work it shared may pick up a queued helper and
+/// run it on top of what it waits in, resuming only when the helper
+/// returns. So a helper never waits for a run to end (that run could be
+/// the one below it), only for idleness, and one that lands on a run's own
+/// thread, or on a helper's, returns at once.
+fn help() {
+    if !RUNNING.get() && !HELPING.replace(true) {
+        let mut last_work = Instant::now();
+        loop {
+            match rayon::yield_now() {
+                Some(rayon::Yield::Executed) => last_work = Instant::now(),
+                _ if last_work.elapsed() >= LINGER => break,
+                _ => std::thread::yield_now(),
+            }
+        }
+        HELPING.set(false);
+    }
+    HELPERS.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Calls `f(scratch, index, chunk)` on every `size`-long chunk of `data`
@@ -160,12 +203,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_team_run_returns_its_value_and_ends_when_it_panics() {
+    fn a_team_run_returns_its_value_and_passes_on_a_panic() {
         set_threads(2);
         let sum = as_team(|| (0..10_000u64).into_par_iter().sum::<u64>());
         assert_eq!(sum, 49_995_000);
-        // Without the flag set on unwinding, the helper would spin forever
-        // and this would hang.
         let panicked = std::panic::catch_unwind(|| as_team(|| panic!("a kernel bug")));
         assert!(panicked.is_err());
         assert_eq!(as_team(|| (0..100u64).into_par_iter().sum::<u64>()), 4950);

@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo};
 use crate::ops;
 use crate::tensor::Tensor;
+use crate::threads::Pace;
 
 /// Supplies weight tensors to [`Plan::run`], node by node.
 ///
@@ -71,6 +72,8 @@ pub struct Plan {
     /// mention in the output list) or must be cloned.
     outputs: Vec<(usize, bool)>,
     slots: usize,
+    /// Whether the last run was quick enough to stay on its caller's thread.
+    pace: Pace,
 }
 
 /// One node, resolved.
@@ -145,6 +148,7 @@ impl Plan {
             inputs_read,
             outputs,
             slots,
+            pace: Pace::default(),
         })
     }
 
@@ -164,13 +168,14 @@ impl Plan {
     /// one of another shape. Errors from `weights.prepare` pass through.
     ///
     /// With more than one [thread](crate::set_threads) the run moves to
-    /// one of rayon's workers, its helpers kept awake until it returns.
+    /// one of rayon's workers, its helpers kept awake until it returns,
+    /// unless the plan's last run took under 100 µs.
     pub fn run<W: WeightSource + Send + ?Sized>(
         &self,
         inputs: &[Tensor],
         weights: &mut W,
     ) -> Result<Vec<Tensor>, Error> {
-        crate::threads::as_team(|| self.run_here(inputs, weights))
+        crate::threads::as_team(&self.pace, || self.run_here(inputs, weights))
     }
 
     /// [`Plan::run`] on the calling thread, as part of a run that has its

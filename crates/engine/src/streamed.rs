@@ -24,6 +24,7 @@ use crate::graph::{Graph, Node, Op, ParamInfo, ValueInfo};
 use crate::kernels;
 use crate::plan::{Plan, WeightSource};
 use crate::tensor::Tensor;
+use crate::threads::Pace;
 
 /// Most rows of A for which the engine's Gemm uses the row-dot kernel
 /// (`kernels::ROW_DOT_MAX_ROWS`); up to it [`StreamedGemm`] matches it bit for bit.
@@ -142,6 +143,8 @@ pub struct Staged {
     stages: Vec<Stage>,
     /// Per stage: values no later stage (nor the graph's outputs) reads.
     dead_after: Vec<Vec<String>>,
+    /// Whether the last run was quick enough to stay on its caller's thread.
+    pace: Pace,
 }
 
 #[derive(Debug)]
@@ -240,6 +243,7 @@ impl Staged {
             graph: graph.clone(),
             stages,
             dead_after,
+            pace: Pace::default(),
         }
     }
 
@@ -247,7 +251,7 @@ impl Staged {
     /// operands, weights)` computes node `j` of the caller's from its value
     /// operands (not its weights), in the node's input order. Like
     /// [`Plan::run`], the run moves to one of rayon's workers when more
-    /// than one thread is allowed.
+    /// than one thread is allowed and the last run was not quick.
     pub fn run<W, F>(
         &self,
         inputs: &[Tensor],
@@ -258,7 +262,7 @@ impl Staged {
         W: WeightSource + Send + ?Sized,
         F: FnMut(usize, &[&Tensor], &mut W) -> Result<Tensor, Error> + Send,
     {
-        crate::threads::as_team(|| self.run_here(inputs, weights, own))
+        crate::threads::as_team(&self.pace, || self.run_here(inputs, weights, own))
     }
 
     fn run_here<W, F>(

@@ -9,7 +9,7 @@
 //! the pool ([`as_team`]).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -68,19 +68,43 @@ pub fn threads() -> usize {
 /// (so back-to-back queries find them awake), yielding the CPU to the OS
 /// on every idle turn.
 ///
-/// Runs `f` right here when one thread is allowed, or when already on one
-/// of rayon's workers (a run inside parallel work has its helpers already).
-pub(crate) fn as_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// Runs `f` right here when one thread is allowed, when already on one of
+/// rayon's workers (a run inside parallel work has its helpers already), or
+/// when `pace` says the last run of the same plan took less than [`QUICK`].
+pub(crate) fn as_team<R: Send>(pace: &Pace, f: impl FnOnce() -> R + Send) -> R {
     let helpers = threads() - 1;
     if helpers == 0 || rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| {
-        let _running = Running::enter();
-        // A helper that took this run up is not helping it.
-        recruit(helpers + usize::from(HELPING.get()));
+    let start = Instant::now();
+    let result = if pace.0.load(Ordering::Relaxed) {
         f()
-    })
+    } else {
+        rayon::scope(|_| {
+            let _running = Running::enter();
+            // A helper that took this run up is not helping it.
+            recruit(helpers + usize::from(HELPING.get()));
+            f()
+        })
+    };
+    pace.0.store(start.elapsed() < QUICK, Ordering::Relaxed);
+    result
+}
+
+/// Runs that took less than this stay on the calling thread next time:
+/// moving a run onto the pool and back costs its caller a wake-up (30-40 µs
+/// measured here), more than so short a run can gain from a second thread.
+const QUICK: Duration = Duration::from_micros(100);
+
+/// Whether the last run of a plan was quick (see [`as_team`]); a plan keeps
+/// one.
+#[derive(Debug, Default)]
+pub(crate) struct Pace(AtomicBool);
+
+impl Clone for Pace {
+    fn clone(&self) -> Pace {
+        Pace(AtomicBool::new(self.0.load(Ordering::Relaxed)))
+    }
 }
 
 /// How long a helper stays after the last work it found.
@@ -205,10 +229,14 @@ mod tests {
     #[test]
     fn a_team_run_returns_its_value_and_passes_on_a_panic() {
         set_threads(2);
-        let sum = as_team(|| (0..10_000u64).into_par_iter().sum::<u64>());
+        let pace = Pace::default();
+        let sum = as_team(&pace, || (0..10_000u64).into_par_iter().sum::<u64>());
         assert_eq!(sum, 49_995_000);
-        let panicked = std::panic::catch_unwind(|| as_team(|| panic!("a kernel bug")));
+        let panicked = std::panic::catch_unwind(|| as_team(&pace, || panic!("a kernel bug")));
         assert!(panicked.is_err());
-        assert_eq!(as_team(|| (0..100u64).into_par_iter().sum::<u64>()), 4950);
+        assert_eq!(
+            as_team(&pace, || (0..100u64).into_par_iter().sum::<u64>()),
+            4950
+        );
     }
 }

@@ -26,13 +26,27 @@ thread_local! {
 
 /// A buffer of `len` values whose contents are unspecified (zeros, or an
 /// earlier value of this run): the caller must overwrite every element.
+///
+/// Takes a binned buffer of at most twice `len`: one already `len` long if
+/// there is one, else the smallest that can grow to it. A buffer cut short
+/// for a smaller value must be zeroed back to length when a larger one
+/// takes it (safe code cannot reuse the cut-off values), so large buffers
+/// are not handed to small values: that refilling was 4.4 % of
+/// MobileNetV2's time, 0.9 % since.
 pub(crate) fn take(len: usize) -> Vec<f32> {
     let reused = BIN.with_borrow_mut(|bin| {
+        let fits = |v: &Vec<f32>| v.capacity() >= len && v.capacity() / 2 <= len;
         let best = bin
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.capacity() >= len)
-            .min_by_key(|(_, v)| v.capacity())
+            .filter(|(_, v)| fits(v) && v.len() >= len)
+            .min_by_key(|(_, v)| v.len())
+            .or_else(|| {
+                bin.iter()
+                    .enumerate()
+                    .filter(|(_, v)| fits(v))
+                    .min_by_key(|(_, v)| v.capacity())
+            })
             .map(|(i, _)| i)?;
         Some(bin.swap_remove(best))
     });
@@ -96,11 +110,14 @@ mod tests {
         give(vec![1.0; 100]);
         give(vec![2.0; 10]);
         give(vec![3.0; 50]);
-        let v = take(20);
-        assert_eq!(v.len(), 20);
+        let v = take(30);
+        assert_eq!(v.len(), 30);
         assert_eq!(v[0], 3.0);
+        // Not the 100-long buffer: more than twice as long.
+        assert_eq!(take(20), vec![0.0; 20]);
         let w = take(200);
         assert_eq!(w, vec![0.0; 200]);
+        assert_eq!(take(60)[0], 1.0);
         clear();
         assert_eq!(take(5), vec![0.0; 5]);
         give(vec![1.0; KEEP_BYTES / 4 + 1]);

@@ -1,7 +1,7 @@
 //! Opening layers ahead of the nodes that read them, on rayon's pool.
 //!
 //! A query's stream hands each layer it received, sealed, to an [`Opener`]; one job
-//! on rayon's pool at a time opens the queued layers in order, while the calling
+//! on rayon's pool at a time opens the queued layers in order, while the query's
 //! thread computes the nodes before them. Keeping to one job bounds the unsealing
 //! to one core at a time, so that at one engine thread it takes the second core and
 //! at two it never holds both.

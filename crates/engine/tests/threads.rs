@@ -2,6 +2,7 @@
 //! test binary, because [`set_threads`] is process-wide.
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use capsule_engine::{
     Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo, set_threads,
@@ -88,16 +89,19 @@ fn network() -> (Graph, HashMap<String, Tensor>) {
 }
 
 /// The tests here change the process-wide thread count: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The network, an input batch of 2, and the turn to change the thread count.
+fn setup() -> (MutexGuard<'static, ()>, Model, Tensor) {
+    let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let (graph, weights) = network();
+    let model = Model::new(graph, weights).unwrap();
+    (serial, model, values(&[2, 16, 32, 32], 9))
+}
 
 #[test]
 fn one_thread_and_two_agree() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (graph, weights) = network();
-    let model = Model::new(graph, weights).unwrap();
-    let x = values(&[2, 16, 32, 32], 9);
+    let (_serial, model, x) = setup();
     set_threads(2);
     let two = model.run(std::slice::from_ref(&x)).unwrap();
     set_threads(1);
@@ -109,17 +113,12 @@ fn one_thread_and_two_agree() {
     }
 }
 
-/// Runs started at once from several threads, each of which borrows the
-/// pool's workers as helpers, all finish with the same outputs, and a run
-/// that fails returns its error instead of leaving its helpers spinning.
+/// Runs started at once from several threads, which share the pool's
+/// workers and helpers, all finish with the same outputs; a run that fails
+/// returns its error, and the runs after it still work.
 #[test]
 fn concurrent_runs_on_two_threads_agree_and_errors_end_them() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (graph, weights) = network();
-    let model = Model::new(graph, weights).unwrap();
-    let x = values(&[2, 16, 32, 32], 9);
+    let (_serial, model, x) = setup();
     set_threads(2);
     let want = model.run(std::slice::from_ref(&x)).unwrap();
     std::thread::scope(|s| {

@@ -37,7 +37,7 @@ thread_local! {
 /// larger one takes it (safe code cannot reuse the cut-off values), so a
 /// value under [`SMALL`] takes only a buffer at most twice its length and
 /// is otherwise allocated: that refilling was 4.4 % of MobileNetV2's time,
-/// 0.9 % since. Larger values take any buffer that fits, so that a run
+/// 2.7 % since. Larger values take any buffer that fits, so that a run
 /// holds no more memory than it must (allocating them too raised VGG-16's
 /// peak by 15 MiB).
 pub(crate) fn take(len: usize) -> Vec<f32> {

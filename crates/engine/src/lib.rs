@@ -42,8 +42,9 @@
 //! - Threads: one knob, [`set_threads`]; rayon across batch items, groups,
 //!   channel planes and image rows, and the GEMM's own splitting on the
 //!   same pool, never both for one product. A run with more than one
-//!   thread moves onto one of the pool's workers and keeps the others awake
-//!   until it returns, so its parallel regions start without waking anyone.
+//!   thread (and not under 100 µs last time) moves onto one of the pool's
+//!   workers and keeps the others awake until 1 ms after their last work,
+//!   so its parallel regions start without waking anyone.
 //! - Memory: intermediate buffers are recycled within a run instead of
 //!   being allocated and zeroed per node.
 //! - [`Staged`] and [`StreamedGemm`] let a caller run a dense layer whose

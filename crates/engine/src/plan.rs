@@ -168,8 +168,8 @@ impl Plan {
     /// one of another shape. Errors from `weights.prepare` pass through.
     ///
     /// With more than one [thread](crate::set_threads) the run moves to
-    /// one of rayon's workers, its helpers kept awake until it returns,
-    /// unless the plan's last run took under 100 µs.
+    /// one of rayon's workers while others stay awake to help it, unless
+    /// the plan's last run took under 100 µs.
     pub fn run<W: WeightSource + Send + ?Sized>(
         &self,
         inputs: &[Tensor],

@@ -180,6 +180,12 @@ fn max_by_rows(
     line: &mut [f32],
     out: &mut [f32],
 ) {
+    // The common 2x2 windows with stride 2, where they start: pairs.
+    let pairs = cols
+        .iter()
+        .enumerate()
+        .take_while(|&(o, c)| c.taps == 2 && c.first == 2 * o)
+        .count();
     for (out_row, rows) in out.chunks_mut(cols.len()).zip(rows) {
         if rows.taps == 0 {
             out_row.fill(f32::MIN);
@@ -192,12 +198,6 @@ fn max_by_rows(
                 *l = l.max(v);
             }
         }
-        // The common 2x2 windows with stride 2, where they start: pairs.
-        let pairs = cols
-            .iter()
-            .enumerate()
-            .take_while(|&(o, c)| c.taps == 2 && c.first == 2 * o)
-            .count();
         let (paired, rest) = out_row.split_at_mut(pairs);
         for (o, pair) in paired.iter_mut().zip(line.chunks_exact(2)) {
             *o = pair[0].max(pair[1]).max(f32::MIN);

@@ -27,7 +27,10 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
-use crate::ops::{bias_activate_body, depthwise3x3_body};
+use crate::ops::{
+    OutputRows, TileSource, bias_activate_body, depthwise3x3_body, winograd_input_body,
+    winograd_output_body, winograd_weights_body,
+};
 use crate::threads::{self, for_each_chunk};
 
 /// A read-only matrix view with arbitrary strides: element `(i, j)` of the
@@ -442,6 +445,34 @@ multiversion! {
 multiversion! {
     /// `data[i] = activation(data[i] + bias)` (see `bias_activate_body`).
     pub(crate) fn bias_activate(data: &mut [f32], bias: f32, activation: Activation) => bias_activate_body;
+}
+
+multiversion! {
+    /// Winograd's weight transform (see `winograd_weights_body`).
+    pub(crate) fn winograd_weights(w: &[f32], u: &mut [f32]) => winograd_weights_body;
+}
+
+multiversion! {
+    /// Winograd's input transform of one tile row (see `winograd_input_body`).
+    pub(crate) fn winograd_input(
+        source: &TileSource<'_>,
+        tile_row: usize,
+        tiles: usize,
+        v: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) => winograd_input_body;
+}
+
+multiversion! {
+    /// Winograd's output transform of one tile row (see `winograd_output_body`).
+    pub(crate) fn winograd_output(
+        p: &[f32],
+        stride: usize,
+        tiles: usize,
+        out: OutputRows<'_>,
+        scratch: &mut Vec<f32>,
+    ) => winograd_output_body;
 }
 
 /// [`dot`] with 32 partial sums, which vectorise.

@@ -22,6 +22,8 @@
 //! their share of im2col, GEMM, bias and activation ([`Unit`]); with small
 //! products and several batch items or groups, each task takes whole ones.
 
+mod winograd;
+
 use std::ops::Range;
 
 use super::elementwise::{activate, clip, relu};
@@ -31,6 +33,10 @@ use crate::graph::{Activation, ConvAttrs};
 use crate::kernels::{self, MatMut, MatRef, fmadd};
 use crate::tensor::{Tensor, volume};
 use crate::threads::{for_each_chunk, for_each_task};
+
+pub(crate) use winograd::{
+    OutputRows, TileSource, winograd_input_body, winograd_output_body, winograd_weights_body,
+};
 
 /// Most elements of the im2col matrix unrolled at once (1 MiB of `f32`):
 /// a band stays in cache between im2col and the GEMM's packing. Smaller
@@ -54,6 +60,8 @@ pub(crate) fn conv(
         let bias = bias.map(Tensor::data);
         if geo.is_depthwise() {
             depthwise(&geo, x.data(), w.data(), bias, &mut y);
+        } else if winograd::applies(&geo) {
+            winograd::conv(&geo, x.data(), w.data(), bias, &mut y);
         } else {
             grouped(&geo, x.data(), w.data(), bias, &mut y)?;
         }
@@ -408,6 +416,8 @@ enum TileOut<'o> {
 struct Scratch {
     columns: Vec<f32>,
     product: Vec<f32>,
+    /// A few rows, for Winograd's transforms.
+    rows: Vec<f32>,
 }
 
 thread_local! {

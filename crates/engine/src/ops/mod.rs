@@ -18,7 +18,10 @@ mod window;
 use std::borrow::Cow;
 use std::ops::RangeInclusive;
 
-pub(crate) use conv::depthwise3x3_body;
+pub(crate) use conv::{
+    OutputRows, TileSource, depthwise3x3_body, winograd_input_body, winograd_output_body,
+    winograd_weights_body,
+};
 pub(crate) use elementwise::bias_activate_body;
 
 use crate::graph::{Activation, Op};

@@ -107,6 +107,11 @@ impl Axis {
         self.stride
     }
 
+    /// Padding cells before the input.
+    pub(crate) fn pad_begin(&self) -> usize {
+        self.pad_begin
+    }
+
     /// Distance between kernel taps, in input cells.
     pub(crate) fn dilation(&self) -> usize {
         self.dilation

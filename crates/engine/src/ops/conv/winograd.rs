@@ -1,0 +1,491 @@
+//! Winograd's minimal filtering F(2x2, 3x3) for 3x3, stride-1, undilated
+//! convolutions without groups (most of ResNet's and VGG's work).
+//!
+//! The output is cut into 2x2 tiles; each reads a 4x4 input tile (rows and
+//! columns `2t - pad .. 2t - pad + 4`, zero outside the image). With the
+//! transforms of Lavin and Gray (2016),
+//!
+//! ```text
+//!   U = G g G^T   (3x3 kernel g -> 4x4)      G   = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
+//!   V = B^T d B   (4x4 input tile d -> 4x4)  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//!   Y = A^T M A   (4x4 -> 2x2 output tile)   A^T = [1 1 1 0; 0 1 -1 -1]
+//! ```
+//!
+//! an output tile is `Y = A^T [sum_c U(m, c) ⊙ V(c)] A`. Gathering element
+//! `xi` (0..16) of every U into a matrix `[M, C]` and of every V into
+//! `[C, tiles]` turns the sums into 16 GEMMs of `[M, C] x [C, tiles]`:
+//! 16 multiply-adds per output tile and channel pair where im2col needs 36.
+//! The transforms add work per input and output cell (not per channel
+//! pair), which pays off when the image has enough tiles ([`applies`]).
+//!
+//! Numerics: the transforms only add, subtract and halve, so results
+//! differ from im2col's by a few ulps of the partial sums, well inside the
+//! engine's 1e-4 agreement with onnxruntime (checked by the tests below and
+//! by the reference models).
+//!
+//! The weights are transformed on every call. The transforms are written
+//! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
+//! `kernels::winograd_*` compile them per instruction set.
+
+use std::ops::Range;
+
+use super::{Geometry, Scratch, grow, with_scratch};
+use crate::graph::Activation;
+use crate::kernels::{self, MatMut, MatRef};
+use crate::ops::bias_activate_body;
+use crate::threads::{for_each_task, threads};
+
+/// Tiles (or kernels) one step of a transform works on.
+const LANES: usize = 16;
+
+/// Fewest output tiles per image for which Winograd is used: below it the
+/// weight transform, paid on every call, costs more than the GEMMs save.
+const MIN_TILES: usize = 64;
+
+/// Fewest channels (input and output): with fewer, the transforms cost
+/// more than the GEMMs save.
+const MIN_CHANNELS: usize = 16;
+
+/// Fewest tiles one band's GEMMs take, so that they are wide enough to run
+/// at the GEMM's speed.
+const BAND_MIN_TILES: usize = 96;
+
+/// Most elements of a band's transformed input (or output), when
+/// [`BAND_MIN_TILES`] allows: the band then stays in cache between its
+/// transforms and its GEMMs.
+const BAND_LEN: usize = 1 << 18;
+
+/// True when the Conv of `geo` is computed here: a 3x3 kernel, stride 1,
+/// no dilation, one group, and an image large enough.
+pub(super) fn applies(geo: &Geometry) -> bool {
+    let axes = [geo.h, geo.w];
+    let tiles = geo.h.output().div_ceil(2) * geo.w.output().div_ceil(2);
+    geo.group == 1
+        && axes
+            .iter()
+            .all(|a| a.kernel() == 3 && a.stride() == 1 && a.dilation() == 1)
+        && geo.channels >= MIN_CHANNELS
+        && geo.out_channels >= MIN_CHANNELS
+        && tiles >= MIN_TILES
+}
+
+/// Computes the Conv of `geo` (for which [`applies`] holds) into `y`.
+pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    let (c, m) = (geo.channels, geo.out_channels);
+    let mut u = crate::buffers::take(16 * m * c);
+    kernels::winograd_weights(w, &mut u);
+    let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
+    let (out_height, out_width) = (geo.h.output(), geo.w.output());
+    let (tile_rows, tile_cols) = (out_height.div_ceil(2), out_width.div_ceil(2));
+    let band_rows = (BAND_LEN / (16 * c.max(m) * tile_cols))
+        .max(BAND_MIN_TILES.div_ceil(tile_cols))
+        .clamp(1, tile_rows);
+    let tasks = threads().min(tile_rows);
+    let per_task = tile_rows.div_ceil(tasks);
+    for (image, out) in x.chunks(c * in_plane).zip(y.chunks_mut(m * out_plane)) {
+        // Each task's tile rows, and its rows of every output plane.
+        let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..tile_rows)
+            .step_by(per_task)
+            .map(|r| (r..(r + per_task).min(tile_rows), Vec::with_capacity(m)))
+            .collect();
+        for plane in out.chunks_mut(out_plane) {
+            let mut rest = plane;
+            for (rows, segments) in &mut work {
+                let cells = ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width;
+                let (segment, tail) = rest.split_at_mut(cells);
+                segments.push(segment);
+                rest = tail;
+            }
+        }
+        let layer = Layer {
+            geo,
+            image,
+            u: &u,
+            bias,
+        };
+        for_each_task(work, |(rows, mut segments)| {
+            with_scratch(|scratch| {
+                for first in rows.clone().step_by(band_rows) {
+                    let band = first..(first + band_rows).min(rows.end);
+                    let at = 2 * (first - rows.start) * out_width;
+                    layer.band(band, &mut segments, at, scratch);
+                }
+            });
+        });
+    }
+    crate::buffers::give(u);
+}
+
+/// The operands of one image's Conv, shared by its tasks.
+struct Layer<'a> {
+    geo: &'a Geometry,
+    /// `[C, H, W]`.
+    image: &'a [f32],
+    /// The transformed weights: 16 matrices `[M, C]`.
+    u: &'a [f32],
+    bias: Option<&'a [f32]>,
+}
+
+impl Layer<'_> {
+    /// Computes the output rows of tile rows `band` into `segments` (one
+    /// per output channel) from offset `at`: input transform into `v`, 16
+    /// GEMMs into `p`, output transform.
+    fn band(
+        &self,
+        band: Range<usize>,
+        segments: &mut [&mut [f32]],
+        at: usize,
+        scratch: &mut Scratch,
+    ) {
+        let geo = self.geo;
+        let (c, m) = (geo.channels, geo.out_channels);
+        let (width, out_width) = (geo.w.input(), geo.w.output());
+        let tile_cols = out_width.div_ceil(2);
+        let tiles = band.len() * tile_cols;
+        let Scratch {
+            columns: v,
+            product: p,
+            rows: scratch,
+        } = scratch;
+        grow(v, 16 * c * tiles);
+        grow(p, 16 * m * tiles);
+        let (v, p) = (&mut v[..16 * c * tiles], &mut p[..16 * m * tiles]);
+        for (channel, plane) in self.image.chunks(geo.in_plane()).enumerate() {
+            let source = TileSource {
+                plane,
+                width,
+                pad_top: geo.h.pad_begin(),
+                pad_left: geo.w.pad_begin(),
+            };
+            for (i, row) in band.clone().enumerate() {
+                let start = channel * tiles + i * tile_cols;
+                kernels::winograd_input(
+                    &source,
+                    row,
+                    tile_cols,
+                    &mut v[start..],
+                    c * tiles,
+                    scratch,
+                );
+            }
+        }
+        for xi in 0..16 {
+            kernels::gemm_single(
+                1.0,
+                MatRef::new(&self.u[xi * m * c..], m, c),
+                MatRef::new(&v[xi * c * tiles..], c, tiles),
+                0.0,
+                MatMut::new(&mut p[xi * m * tiles..], m, tiles),
+            );
+        }
+        for (channel, segment) in segments.iter_mut().enumerate() {
+            let bias = self.bias.map_or(0.0, |b| b[channel]);
+            let mut rest = &mut segment[at..];
+            for i in 0..band.len() {
+                let len = (2 * out_width).min(rest.len());
+                let (rows, tail) = rest.split_at_mut(len);
+                let start = channel * tiles + i * tile_cols;
+                let out = OutputRows {
+                    rows,
+                    width: out_width,
+                    bias,
+                    activation: geo.activation,
+                };
+                kernels::winograd_output(&p[start..], m * tiles, tile_cols, out, scratch);
+                rest = tail;
+            }
+        }
+    }
+}
+
+/// One input channel plane, as the input transform reads it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileSource<'a> {
+    /// `[H, W]`.
+    pub plane: &'a [f32],
+    /// `W`.
+    pub width: usize,
+    /// Padding rows above the plane.
+    pub pad_top: usize,
+    /// Padding columns left of the plane.
+    pub pad_left: usize,
+}
+
+/// One or two output rows of one channel, as the output transform writes
+/// them.
+#[derive(Debug)]
+pub(crate) struct OutputRows<'a> {
+    /// `width` or `2 * width` cells (the last tile row of an odd height
+    /// has one output row).
+    pub rows: &'a mut [f32],
+    pub width: usize,
+    pub bias: f32,
+    pub activation: Activation,
+}
+
+/// Transforms 3x3 kernels into the 16 matrices of U: `w` holds `pairs`
+/// kernels of 9 weights (row-major, in `[M, C]` order), and `u[xi * pairs
+/// + p] = (G g_p G^T)[xi]`.
+#[inline(always)]
+pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [f32]) {
+    let pairs = w.len() / 9;
+    for first in (0..pairs).step_by(LANES) {
+        let n = LANES.min(pairs - first);
+        // g[k][l]: tap k of kernel first + l.
+        let mut g = [[0.0f32; LANES]; 9];
+        for (l, kernel) in w[first * 9..(first + n) * 9].chunks_exact(9).enumerate() {
+            for (k, &tap) in kernel.iter().enumerate() {
+                g[k][l] = tap;
+            }
+        }
+        // G g: four rows of three.
+        let mut gg = [[[0.0f32; LANES]; 3]; 4];
+        for j in 0..3 {
+            for l in 0..LANES {
+                let (a, b, c) = (g[j][l], g[3 + j][l], g[6 + j][l]);
+                gg[0][j][l] = a;
+                gg[1][j][l] = 0.5 * (a + b + c);
+                gg[2][j][l] = 0.5 * (a - b + c);
+                gg[3][j][l] = c;
+            }
+        }
+        // (G g) G^T.
+        for (r, row) in gg.iter().enumerate() {
+            let mut out = [[0.0f32; LANES]; 4];
+            for l in 0..LANES {
+                let (a, b, c) = (row[0][l], row[1][l], row[2][l]);
+                out[0][l] = a;
+                out[1][l] = 0.5 * (a + b + c);
+                out[2][l] = 0.5 * (a - b + c);
+                out[3][l] = c;
+            }
+            for (j, values) in out.iter().enumerate() {
+                u[(4 * r + j) * pairs + first..][..n].copy_from_slice(&values[..n]);
+            }
+        }
+    }
+}
+
+/// Transforms the input tiles of tile row `tile_row` of one channel:
+/// `v[xi * stride + t] = (B^T d_t B)[xi]` for tiles `t < tiles`.
+/// `scratch` is working memory; its contents on entry do not matter.
+///
+/// Each step is a loop over the whole row, which vectorises: the four input
+/// rows are copied with their padding, combined (B^T) into even and odd
+/// columns, and those combined again (B) into the 16 outputs.
+#[inline(always)]
+pub(crate) fn winograd_input_body<const FMA: bool>(
+    source: &TileSource<'_>,
+    tile_row: usize,
+    tiles: usize,
+    v: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let (width, pad_left) = (source.width, source.pad_left);
+    let height = source.plane.len() / width.max(1);
+    // Padded columns 0..span hold the tiles' input; tile t starts at 2t.
+    let span = 2 * tiles + 2;
+    let half = tiles + 1;
+    grow(scratch, 4 * span + 8 * half);
+    let (padded, rest) = scratch.split_at_mut(4 * span);
+    let (even, odd) = rest.split_at_mut(4 * half);
+    for (i, d) in padded.chunks_exact_mut(span).enumerate() {
+        let row = (2 * tile_row + i)
+            .checked_sub(source.pad_top)
+            .filter(|&r| r < height);
+        let skip = pad_left.min(span);
+        let take = row.map_or(0, |_| (span - skip).min(width));
+        d[..skip].fill(0.0);
+        if let Some(r) = row {
+            d[skip..skip + take].copy_from_slice(&source.plane[r * width..][..take]);
+        }
+        d[skip + take..].fill(0.0);
+    }
+    // B^T d, split into even and odd columns.
+    let d: [&[f32]; 4] = std::array::from_fn(|i| &padded[i * span..][..2 * half]);
+    {
+        let [e0, e1, e2, e3] = split4(&mut even[..4 * half], half);
+        let [o0, o1, o2, o3] = split4(&mut odd[..4 * half], half);
+        for l in 0..half {
+            let (a, b) = (2 * l, 2 * l + 1);
+            e0[l] = d[0][a] - d[2][a];
+            e1[l] = d[1][a] + d[2][a];
+            e2[l] = d[2][a] - d[1][a];
+            e3[l] = d[1][a] - d[3][a];
+            o0[l] = d[0][b] - d[2][b];
+            o1[l] = d[1][b] + d[2][b];
+            o2[l] = d[2][b] - d[1][b];
+            o3[l] = d[1][b] - d[3][b];
+        }
+    }
+    // (B^T d) B: tile t's columns are even[t], odd[t], even[t + 1], odd[t + 1].
+    for i in 0..4 {
+        let (e, o) = (&even[i * half..][..half], &odd[i * half..][..half]);
+        let out = |j: usize| (4 * i + j) * stride;
+        combine(&mut v[out(0)..][..tiles], &e[..tiles], &e[1..], |a, b| {
+            a - b
+        });
+        combine(&mut v[out(1)..][..tiles], &o[..tiles], &e[1..], |a, b| {
+            a + b
+        });
+        combine(&mut v[out(2)..][..tiles], &e[1..], &o[..tiles], |a, b| {
+            a - b
+        });
+        combine(&mut v[out(3)..][..tiles], &o[..tiles], &o[1..], |a, b| {
+            a - b
+        });
+    }
+}
+
+/// Transforms one tile row of one output channel back: from `p[xi * stride
+/// + t]` (the GEMMs' products for tiles `t < tiles`) into `out`'s rows,
+/// then adds the bias and applies the activation. `scratch` is working
+/// memory; its contents on entry do not matter.
+#[inline(always)]
+pub(crate) fn winograd_output_body<const FMA: bool>(
+    p: &[f32],
+    stride: usize,
+    tiles: usize,
+    out: OutputRows<'_>,
+    scratch: &mut Vec<f32>,
+) {
+    let width = out.width;
+    grow(scratch, 8 * tiles);
+    // A^T M: s[a * 4 + j] holds row a, column j of every tile.
+    let s = &mut scratch[..8 * tiles];
+    let m: [&[f32]; 16] = std::array::from_fn(|xi| &p[xi * stride..][..tiles]);
+    {
+        let (top, bottom) = s.split_at_mut(4 * tiles);
+        for (j, (s0, s1)) in top
+            .chunks_exact_mut(tiles)
+            .zip(bottom.chunks_exact_mut(tiles))
+            .enumerate()
+        {
+            let (m0, m1, m2, m3) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
+            for t in 0..tiles {
+                s0[t] = m0[t] + m1[t] + m2[t];
+                s1[t] = m1[t] - m2[t] - m3[t];
+            }
+        }
+    }
+    // (A^T M) A: each output row's cells 2t and 2t + 1.
+    for (a, row) in out.rows.chunks_mut(width).enumerate() {
+        let (pairs, last) = row.as_chunks_mut::<2>();
+        let n = pairs.len();
+        let [s0, s1, s2, s3]: [&[f32]; 4] =
+            std::array::from_fn(|j| &s[(4 * a + j) * tiles..][..tiles]);
+        let (e0, e1, e2, e3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
+        for (t, pair) in pairs.iter_mut().enumerate() {
+            pair[0] = e0[t] + e1[t] + e2[t];
+            pair[1] = e1[t] - e2[t] - e3[t];
+        }
+        if let [cell] = last {
+            *cell = s0[n] + s1[n] + s2[n];
+        }
+    }
+    bias_activate_body::<FMA>(out.rows, out.bias, out.activation);
+}
+
+/// `dst[t] = f(a[t], b[t])`.
+#[inline(always)]
+fn combine(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *d = f(a, b);
+    }
+}
+
+/// The four consecutive `len`-long parts of `data`.
+#[inline(always)]
+fn split4(data: &mut [f32], len: usize) -> [&mut [f32]; 4] {
+    let (a, rest) = data.split_at_mut(len);
+    let (b, rest) = rest.split_at_mut(len);
+    let (c, d) = rest.split_at_mut(len);
+    [a, b, c, &mut d[..len]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::ConvAttrs;
+    use crate::tensor::Tensor;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    /// The convolution by its definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn direct(
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        (n, c, h, wd): (usize, usize, usize, usize),
+        m: usize,
+        [top, left, bottom, right]: [usize; 4],
+    ) -> Vec<f32> {
+        let (oh, ow) = (h + top + bottom - 2, wd + left + right - 2);
+        let mut y = vec![0.0f32; n * m * oh * ow];
+        for b in 0..n {
+            for o in 0..m {
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut sum = f64::from(bias[o]);
+                        for ch in 0..c {
+                            for ki in 0..3 {
+                                for kj in 0..3 {
+                                    let (r, col) = (i + ki, j + kj);
+                                    if r < top || r >= top + h || col < left || col >= left + wd {
+                                        continue;
+                                    }
+                                    let xv = x[((b * c + ch) * h + r - top) * wd + col - left];
+                                    let wv = w[((o * c + ch) * 3 + ki) * 3 + kj];
+                                    sum += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        y[((b * m + o) * oh + i) * ow + j] = sum as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_the_definition_on_odd_sizes_and_uneven_padding() {
+        // (batch, channels, height, width), output channels, pads.
+        let cases = [
+            ((1, 16, 16, 16), 16, [1, 1, 1, 1]),
+            ((2, 17, 17, 19), 20, [1, 1, 1, 1]),
+            ((1, 16, 20, 23), 16, [0, 2, 1, 0]),
+            ((1, 24, 33, 18), 16, [2, 0, 0, 1]),
+        ];
+        for ((n, c, h, wd), m, pads) in cases {
+            let x = values(n * c * h * wd, 1);
+            let w = values(m * c * 9, 2);
+            let bias = values(m, 3);
+            let attrs = ConvAttrs {
+                kernel: [3, 3],
+                strides: [1, 1],
+                pads,
+                dilations: [1, 1],
+                group: 1,
+                activation: Activation::None,
+            };
+            let xt = Tensor::new(vec![n, c, h, wd], x.clone()).unwrap();
+            let wt = Tensor::new(vec![m, c, 3, 3], w.clone()).unwrap();
+            let bt = Tensor::new(vec![m], bias.clone()).unwrap();
+            let geo = Geometry::new(&attrs, xt.shape(), wt.shape(), Some(bt.shape())).unwrap();
+            assert!(applies(&geo), "{:?}", (n, c, h, wd));
+            let mut y = vec![f32::NAN; n * m * geo.out_plane()];
+            conv(&geo, &x, &w, Some(&bias), &mut y);
+            let want = direct(&x, &w, &bias, (n, c, h, wd), m, pads);
+            for (i, (g, e)) in y.iter().zip(&want).enumerate() {
+                assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "[{i}] {g} vs {e}");
+            }
+        }
+    }
+}

@@ -224,8 +224,8 @@ pub(crate) struct OutputRows<'a> {
 }
 
 /// Transforms 3x3 kernels into the 16 matrices of U: `w` holds `pairs`
-/// kernels of 9 weights (row-major, in `[M, C]` order), and `u[xi * pairs
-/// + p] = (G g_p G^T)[xi]`.
+/// kernels of 9 weights (row-major, in `[M, C]` order), and
+/// `u[xi * pairs + p] = (G g_p G^T)[xi]`.
 #[inline(always)]
 pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [f32]) {
     let pairs = w.len() / 9;
@@ -338,8 +338,8 @@ pub(crate) fn winograd_input_body<const FMA: bool>(
     }
 }
 
-/// Transforms one tile row of one output channel back: from `p[xi * stride
-/// + t]` (the GEMMs' products for tiles `t < tiles`) into `out`'s rows,
+/// Transforms one tile row of one output channel back, from the GEMMs'
+/// products `p[xi * stride + t]` for tiles `t < tiles` into `out`'s rows,
 /// then adds the bias and applies the activation. `scratch` is working
 /// memory; its contents on entry do not matter.
 #[inline(always)]

@@ -7,8 +7,11 @@ use crate::{Error, TAG_LEN};
 
 /// The value of the header's `format` member.
 pub const FORMAT: &str = "mlcapsule/v1";
-/// Default plaintext bytes per chunk: 2 MiB.
-pub const DEFAULT_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
+/// Default plaintext bytes per chunk: 256 KiB, so that a chunk copied into
+/// its plaintext buffer is still in the core's L2 cache when it is
+/// decrypted there (2 MiB chunks made ResNet-18 streaming 1.13-1.15x plain
+/// at 1 thread, 256 KiB 1.05x).
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
 /// Smallest chunk size a capsule may declare.
 pub const MIN_CHUNK_SIZE: u32 = 64;
 /// Largest chunk size a capsule may declare: 64 MiB.

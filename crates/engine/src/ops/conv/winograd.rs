@@ -23,7 +23,8 @@
 //! engine's 1e-4 agreement with onnxruntime (checked by the tests below and
 //! by the reference models).
 //!
-//! The weights are transformed on every call. The transforms are written
+//! The weights are transformed on every call, into a buffer of 16/9 the
+//! weights' size that is zeroed before it is recycled. The transforms are written
 //! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
 //! `kernels::winograd_*` compile them per instruction set.
 
@@ -113,6 +114,10 @@ pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y
             });
         });
     }
+    // U is the weights in another basis (G has a left inverse): wiped
+    // before the buffer is recycled, as a streaming source wipes the
+    // weights themselves once the node has run.
+    u.fill(0.0);
     crate::buffers::give(u);
 }
 

@@ -30,8 +30,9 @@
 //!   a [`Model`] holds them all, the enclave can unseal one layer at a time.
 //! - Kernels live in `ops`, one module per operator family. Convolution is
 //!   im2col + GEMM (unrolled a band of rows at a time), with a direct
-//!   kernel for depthwise (a vectorised one for 3x3) and no im2col at all
-//!   for pointwise (1x1) convolutions. The GEMM is the `gemm` crate's
+//!   kernel for depthwise (a vectorised one for 3x3), no im2col at all
+//!   for pointwise (1x1) convolutions, and Winograd's F(2x2, 3x3) for 3x3
+//!   stride-1 convolutions on large enough images. The GEMM is the `gemm` crate's
 //!   (AVX-512, AVX2 or portable, chosen at run time), with a row-dot kernel
 //!   of ours for dense layers at small batch; hot loops of ours are compiled
 //!   per instruction set and dispatched at run time. All of it is reached

@@ -1,12 +1,16 @@
 //! Conv: 2-D convolution over NCHW images with groups, stride, padding,
 //! dilation, an optional bias and a fused activation.
 //!
-//! One of three strategies per call:
+//! One of four strategies per call:
 //! - *depthwise* (`group == C == M`): a direct loop per channel plane. Each
 //!   group's GEMM would have a single row, too thin for a GEMM kernel. The
 //!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
 //!   kernel ([`depthwise3x3_body`]) that computes each output row in one
 //!   vectorised pass over nine shifted input rows.
+//! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
+//!   at least 16 channels in and out and 64 output tiles of 2x2): 16 GEMMs
+//!   on transformed weights and inputs, 16 multiply-adds per tile and
+//!   channel pair instead of 36 (see [`winograd`]).
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a

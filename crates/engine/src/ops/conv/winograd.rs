@@ -461,14 +461,18 @@ mod tests {
 
     #[test]
     fn matches_the_definition_on_odd_sizes_and_uneven_padding() {
-        // (batch, channels, height, width), output channels, pads.
+        // (batch, channels, height, width), output channels, pads, activation.
+        let clip = Activation::Clip {
+            min: -0.5,
+            max: 0.5,
+        };
         let cases = [
-            ((1, 16, 16, 16), 16, [1, 1, 1, 1]),
-            ((2, 17, 17, 19), 20, [1, 1, 1, 1]),
-            ((1, 16, 20, 23), 16, [0, 2, 1, 0]),
-            ((1, 24, 33, 18), 16, [2, 0, 0, 1]),
+            ((1, 16, 16, 16), 16, [1, 1, 1, 1], Activation::None),
+            ((2, 17, 17, 19), 20, [1, 1, 1, 1], Activation::Relu),
+            ((1, 16, 20, 23), 16, [0, 2, 1, 0], clip),
+            ((1, 24, 33, 18), 16, [2, 0, 0, 1], Activation::None),
         ];
-        for ((n, c, h, wd), m, pads) in cases {
+        for ((n, c, h, wd), m, pads, activation) in cases {
             let x = values(n * c * h * wd, 1);
             let w = values(m * c * 9, 2);
             let bias = values(m, 3);
@@ -478,7 +482,7 @@ mod tests {
                 pads,
                 dilations: [1, 1],
                 group: 1,
-                activation: Activation::None,
+                activation,
             };
             let xt = Tensor::new(vec![n, c, h, wd], x.clone()).unwrap();
             let wt = Tensor::new(vec![m, c, 3, 3], w.clone()).unwrap();
@@ -488,6 +492,14 @@ mod tests {
             let mut y = vec![f32::NAN; n * m * geo.out_plane()];
             conv(&geo, &x, &w, Some(&bias), &mut y);
             let want = direct(&x, &w, &bias, (n, c, h, wd), m, pads);
+            let want: Vec<f32> = want
+                .into_iter()
+                .map(|v| match activation {
+                    Activation::None => v,
+                    Activation::Relu => v.max(0.0),
+                    Activation::Clip { min, max } => v.clamp(min, max),
+                })
+                .collect();
             for (i, (g, e)) in y.iter().zip(&want).enumerate() {
                 assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "[{i}] {g} vs {e}");
             }

@@ -449,7 +449,7 @@ multiversion! {
 
 multiversion! {
     /// Winograd's weight transform (see `winograd_weights_body`).
-    pub(crate) fn winograd_weights(w: &[f32], u: &mut [f32]) => winograd_weights_body;
+    pub(crate) fn winograd_weights(w: &[f32], u: &mut [&mut [f32]]) => winograd_weights_body;
 }
 
 multiversion! {

@@ -47,6 +47,9 @@ const MIN_TILES: usize = 64;
 /// more than the GEMMs save.
 const MIN_CHANNELS: usize = 16;
 
+/// Fewest kernels (channel pairs) whose transform is split over threads.
+const WEIGHTS_PARALLEL_MIN: usize = 1 << 14;
+
 /// Fewest tiles one band's GEMMs take, so that they are wide enough to run
 /// at the GEMM's speed.
 const BAND_MIN_TILES: usize = 96;
@@ -74,7 +77,7 @@ pub(super) fn applies(geo: &Geometry) -> bool {
 pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (c, m) = (geo.channels, geo.out_channels);
     let mut u = crate::buffers::take(16 * m * c);
-    kernels::winograd_weights(w, &mut u);
+    transform_weights(w, &mut u, m * c);
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (out_height, out_width) = (geo.h.output(), geo.w.output());
     let (tile_rows, tile_cols) = (out_height.div_ceil(2), out_width.div_ceil(2));
@@ -119,6 +122,32 @@ pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y
     // weights themselves once the node has run.
     u.fill(0.0);
     crate::buffers::give(u);
+}
+
+/// U for the `pairs` kernels of `w`, into `u` (16 matrices `[M, C]`): on
+/// every thread for large layers, each taking a range of kernels.
+fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
+    let parts = if pairs >= WEIGHTS_PARALLEL_MIN {
+        threads()
+    } else {
+        1
+    };
+    let per = pairs.div_ceil(parts).max(1);
+    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..pairs)
+        .step_by(per)
+        .map(|p| (p..(p + per).min(pairs), Vec::with_capacity(16)))
+        .collect();
+    for row in u.chunks_mut(pairs) {
+        let mut rest = row;
+        for (range, slices) in &mut work {
+            let (slice, tail) = rest.split_at_mut(range.len());
+            slices.push(slice);
+            rest = tail;
+        }
+    }
+    for_each_task(work, |(range, mut slices)| {
+        kernels::winograd_weights(&w[range.start * 9..range.end * 9], &mut slices);
+    });
 }
 
 /// The operands of one image's Conv, shared by its tasks.
@@ -229,10 +258,10 @@ pub(crate) struct OutputRows<'a> {
 }
 
 /// Transforms 3x3 kernels into the 16 matrices of U: `w` holds `pairs`
-/// kernels of 9 weights (row-major, in `[M, C]` order), and
-/// `u[xi * pairs + p] = (G g_p G^T)[xi]`.
+/// kernels of 9 weights (row-major, in `[M, C]` order), and `u` 16 slices
+/// of `pairs` cells: `u[xi][p] = (G g_p G^T)[xi]`.
 #[inline(always)]
-pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [f32]) {
+pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [f32]]) {
     let pairs = w.len() / 9;
     for first in (0..pairs).step_by(LANES) {
         let n = LANES.min(pairs - first);
@@ -265,7 +294,12 @@ pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [f32]) {
                 out[3][l] = c;
             }
             for (j, values) in out.iter().enumerate() {
-                u[(4 * r + j) * pairs + first..][..n].copy_from_slice(&values[..n]);
+                let dst = &mut u[4 * r + j][first..];
+                if n == LANES {
+                    dst[..LANES].copy_from_slice(values);
+                } else {
+                    dst[..n].copy_from_slice(&values[..n]);
+                }
             }
         }
     }
@@ -471,6 +505,8 @@ mod tests {
             ((2, 17, 17, 19), 20, [1, 1, 1, 1], Activation::Relu),
             ((1, 16, 20, 23), 16, [0, 2, 1, 0], clip),
             ((1, 24, 33, 18), 16, [2, 0, 0, 1], Activation::None),
+            // Enough kernels for the weight transform to split over threads.
+            ((1, 128, 16, 16), 128, [1, 1, 1, 1], Activation::Relu),
         ];
         for ((n, c, h, wd), m, pads, activation) in cases {
             let x = values(n * c * h * wd, 1);

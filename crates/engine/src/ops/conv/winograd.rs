@@ -176,6 +176,7 @@ impl Layer<'_> {
         let (width, out_width) = (geo.w.input(), geo.w.output());
         let tile_cols = out_width.div_ceil(2);
         let tiles = band.len() * tile_cols;
+        let out_rows = (2 * band.end).min(geo.h.output()) - 2 * band.start;
         let Scratch {
             columns: v,
             product: p,
@@ -213,21 +214,13 @@ impl Layer<'_> {
             );
         }
         for (channel, segment) in segments.iter_mut().enumerate() {
-            let bias = self.bias.map_or(0.0, |b| b[channel]);
-            let mut rest = &mut segment[at..];
-            for i in 0..band.len() {
-                let len = (2 * out_width).min(rest.len());
-                let (rows, tail) = rest.split_at_mut(len);
-                let start = channel * tiles + i * tile_cols;
-                let out = OutputRows {
-                    rows,
-                    width: out_width,
-                    bias,
-                    activation: geo.activation,
-                };
-                kernels::winograd_output(&p[start..], m * tiles, tile_cols, out, scratch);
-                rest = tail;
-            }
+            let out = OutputRows {
+                rows: &mut segment[at..][..out_rows * out_width],
+                width: out_width,
+                bias: self.bias.map_or(0.0, |b| b[channel]),
+                activation: geo.activation,
+            };
+            kernels::winograd_output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
         }
     }
 }
@@ -377,10 +370,14 @@ pub(crate) fn winograd_input_body<const FMA: bool>(
     }
 }
 
-/// Transforms one tile row of one output channel back, from the GEMMs'
-/// products `p[xi * stride + t]` for tiles `t < tiles` into `out`'s rows,
-/// then adds the bias and applies the activation. `scratch` is working
-/// memory; its contents on entry do not matter.
+/// Transforms a band of tile rows of one output channel back, from the
+/// GEMMs' products `p[xi * stride + t]` for tiles `t < tiles` (the band's,
+/// row after row) into `out`'s rows, then adds the bias and applies the
+/// activation. `scratch` is working memory; its contents on entry do not
+/// matter.
+///
+/// The first step (A^T M) runs over the whole band at once, which keeps
+/// its loops long on small images (14 tiles per row at 28x28).
 #[inline(always)]
 pub(crate) fn winograd_output_body<const FMA: bool>(
     p: &[f32],
@@ -390,6 +387,7 @@ pub(crate) fn winograd_output_body<const FMA: bool>(
     scratch: &mut Vec<f32>,
 ) {
     let width = out.width;
+    let row_tiles = width.div_ceil(2);
     grow(scratch, 8 * tiles);
     // A^T M: s[a * 4 + j] holds row a, column j of every tile.
     let s = &mut scratch[..8 * tiles];
@@ -408,12 +406,14 @@ pub(crate) fn winograd_output_body<const FMA: bool>(
             }
         }
     }
-    // (A^T M) A: each output row's cells 2t and 2t + 1.
-    for (a, row) in out.rows.chunks_mut(width).enumerate() {
+    // (A^T M) A: each output row's cells 2t and 2t + 1; output row r is row
+    // r % 2 of tile row r / 2.
+    for (r, row) in out.rows.chunks_mut(width).enumerate() {
         let (pairs, last) = row.as_chunks_mut::<2>();
         let n = pairs.len();
+        let (a, at) = (r % 2, (r / 2) * row_tiles);
         let [s0, s1, s2, s3]: [&[f32]; 4] =
-            std::array::from_fn(|j| &s[(4 * a + j) * tiles..][..tiles]);
+            std::array::from_fn(|j| &s[(4 * a + j) * tiles + at..][..row_tiles]);
         let (e0, e1, e2, e3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
         for (t, pair) in pairs.iter_mut().enumerate() {
             pair[0] = e0[t] + e1[t] + e2[t];

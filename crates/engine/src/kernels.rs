@@ -465,7 +465,7 @@ multiversion! {
 }
 
 multiversion! {
-    /// Winograd's output transform of one tile row (see `winograd_output_body`).
+    /// Winograd's output transform of one band of tile rows (see `winograd_output_body`).
     pub(crate) fn winograd_output(
         p: &[f32],
         stride: usize,

@@ -162,8 +162,8 @@ struct Layer<'a> {
 
 impl Layer<'_> {
     /// Computes the output rows of tile rows `band` into `segments` (one
-    /// per output channel) from offset `at`: input transform into `v`, 16
-    /// GEMMs into `p`, output transform.
+    /// per output channel) from offset `at`: the input transform into the
+    /// scratch's columns, 16 GEMMs into its product, the output transform.
     fn band(
         &self,
         band: Range<usize>,
@@ -238,12 +238,12 @@ pub(crate) struct TileSource<'a> {
     pub pad_left: usize,
 }
 
-/// One or two output rows of one channel, as the output transform writes
+/// A band's output rows of one channel, as the output transform writes
 /// them.
 #[derive(Debug)]
 pub(crate) struct OutputRows<'a> {
-    /// `width` or `2 * width` cells (the last tile row of an odd height
-    /// has one output row).
+    /// Two rows of `width` cells per tile row (one for the last tile row of
+    /// an odd height).
     pub rows: &'a mut [f32],
     pub width: usize,
     pub bias: f32,

@@ -505,6 +505,8 @@ mod tests {
             ((2, 17, 17, 19), 20, [1, 1, 1, 1], Activation::Relu),
             ((1, 16, 20, 23), 16, [0, 2, 1, 0], clip),
             ((1, 24, 33, 18), 16, [2, 0, 0, 1], Activation::None),
+            // Padding wider than the kernel: whole tiles of zeros.
+            ((1, 16, 12, 10), 16, [3, 4, 2, 5], Activation::None),
             // Enough kernels for the weight transform to split over threads.
             ((1, 128, 16, 16), 128, [1, 1, 1, 1], Activation::Relu),
         ];

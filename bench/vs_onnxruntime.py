@@ -84,8 +84,10 @@ def main():
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
 
-    print(f"onnxruntime {ort.__version__}, {args.rounds} alternating rounds per case; ms are medians")
-    print(f"{'model':<14} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9}  outputs")
+    print(f"onnxruntime {ort.__version__}, {args.rounds} alternating rounds per case; ms are medians; "
+          "rounds: the lowest and highest ours/ort of a single round")
+    print(f"{'model':<14} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9} "
+          f"{'rounds':>11}  outputs")
     failed = False
     for path in models:
         model = os.path.splitext(os.path.basename(path))[0]
@@ -114,7 +116,10 @@ def main():
                             ours_ms.append(time_ours(args.mlcapsule, path, t, batch, runs))
                 o, u = statistics.median(ort_ms), statistics.median(ours_ms)
                 verdict = f"max rel err {checked:.1e} {'ok' if checked <= TOLERANCE else 'FAIL'}"
-                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f}  {verdict}", flush=True)
+                per_round = [ours / theirs for ours, theirs in zip(ours_ms, ort_ms)]
+                spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
+                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f} {spread:>11}  {verdict}",
+                      flush=True)
                 del sess
     if failed:
         sys.exit(f"outputs differ from onnxruntime by more than {TOLERANCE}")

@@ -88,19 +88,9 @@ pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y
     let per_task = tile_rows.div_ceil(tasks);
     for (image, out) in x.chunks(c * in_plane).zip(y.chunks_mut(m * out_plane)) {
         // Each task's tile rows, and its rows of every output plane.
-        let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..tile_rows)
-            .step_by(per_task)
-            .map(|r| (r..(r + per_task).min(tile_rows), Vec::with_capacity(m)))
-            .collect();
-        for plane in out.chunks_mut(out_plane) {
-            let mut rest = plane;
-            for (rows, segments) in &mut work {
-                let cells = ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width;
-                let (segment, tail) = rest.split_at_mut(cells);
-                segments.push(segment);
-                rest = tail;
-            }
-        }
+        let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
+            ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
+        });
         let layer = Layer {
             geo,
             image,
@@ -133,21 +123,35 @@ fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
         1
     };
     let per = pairs.div_ceil(parts).max(1);
-    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..pairs)
-        .step_by(per)
-        .map(|p| (p..(p + per).min(pairs), Vec::with_capacity(16)))
-        .collect();
-    for row in u.chunks_mut(pairs) {
-        let mut rest = row;
-        for (range, slices) in &mut work {
-            let (slice, tail) = rest.split_at_mut(range.len());
-            slices.push(slice);
-            rest = tail;
-        }
-    }
+    let work = split_rows(u, pairs, pairs, per, |range| range.len());
     for_each_task(work, |(range, mut slices)| {
         kernels::winograd_weights(&w[range.start * 9..range.end * 9], &mut slices);
     });
+}
+
+/// Cuts `0..n` into ranges of `per` (the last may be shorter), one per task,
+/// and every `row`-long row of `data` into consecutive pieces, `len(range)`
+/// long for each task in turn: each task's range with its piece of every
+/// row, for tasks that write disjoint parts of each row.
+fn split_rows(
+    data: &mut [f32],
+    row: usize,
+    n: usize,
+    per: usize,
+    len: impl Fn(&Range<usize>) -> usize,
+) -> Vec<(Range<usize>, Vec<&mut [f32]>)> {
+    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..n)
+        .step_by(per.max(1))
+        .map(|s| (s..(s + per).min(n), Vec::new()))
+        .collect();
+    for mut rest in data.chunks_mut(row) {
+        for (range, pieces) in &mut work {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len(range));
+            pieces.push(piece);
+            rest = tail;
+        }
+    }
+    work
 }
 
 /// The operands of one image's Conv, shared by its tasks.

@@ -9,7 +9,7 @@ use crate::Error;
 /// SHA-256 of a file's bytes: the measurement of the enclave binary at `path`.
 pub fn measure_file(path: &Path) -> Result<[u8; 32], Error> {
     let mut file = File::open(path).map_err(Error::io("open for measuring", path))?;
-    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match file.read(&mut buf) {
@@ -38,7 +38,7 @@ mod tests {
         // Longer than one read buffer, so the loop is exercised.
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
-        let expected = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let expected = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
         assert_eq!(measure_file(&path).unwrap()[..], *expected.as_ref());
 
         std::fs::write(&path, b"abc").unwrap();

@@ -58,8 +58,8 @@ pub fn detection_counter_id(
     instance_id: &[u8; INSTANCE_ID_LEN],
     kind: Detection,
 ) -> [u8; INSTANCE_ID_LEN] {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         &[kind.label(), instance_id.as_slice()].concat(),
     );
     digest.as_ref()[..INSTANCE_ID_LEN]

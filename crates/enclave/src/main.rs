@@ -17,9 +17,9 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use capsule_attest::{SimPlatform, measure_file};
 use capsule_enclave::{Detection, Error, Session, detection_counter_id, hardening, protocol};
-use ring::rand::{SecureRandom, SystemRandom};
 
 const USAGE: &str = "usage: mlcapsule-enclave --platform DIR (--new-instance | --instance HEX) [--memory-budget BYTES]\n\
                      This program is started by 'mlcapsule'; it speaks a binary protocol on stdin/stdout.";

@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use capsule_engine::{Graph, ParamInfo, Plan, Staged, StreamedGemm, Tensor, WeightSource};
 use capsule_format::{Capsule, DETECTOR_PREFIX, Header, ModelKey, Unsealer};
+use rayon::prelude::*;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::Error;
@@ -593,10 +594,22 @@ impl Drop for Weights {
 /// crate's volatile stores, one element at a time, cost as much as the AES-GCM that
 /// opened the bytes (byte buffers) on every query; it still wipes buffers when they are
 /// dropped.
-pub(crate) fn wipe<T: Default + Copy>(buf: &mut [T]) {
-    buf.fill(T::default());
+///
+/// A buffer above [`WIPE_PIECE`] bytes is wiped in pieces on rayon's pool, which the
+/// cores share when they are free: evicting a layer runs between two nodes of a query,
+/// and one core alone wiped ResNet-18's 47 MB in 2.6 ms of its 24.
+pub(crate) fn wipe<T: Default + Copy + Send>(buf: &mut [T]) {
+    let piece = (WIPE_PIECE / std::mem::size_of::<T>().max(1)).max(1);
+    if buf.len() > piece && rayon::current_num_threads() > 1 {
+        buf.par_chunks_mut(piece).for_each(|p| p.fill(T::default()));
+    } else {
+        buf.fill(T::default());
+    }
     std::hint::black_box(buf);
 }
+
+/// Bytes of a buffer [`wipe`] leaves to one task.
+const WIPE_PIECE: usize = 256 << 10;
 
 impl WeightSource for Weights {
     fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {

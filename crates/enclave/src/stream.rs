@@ -10,9 +10,8 @@
 //! zeroizing buffers ([`Weights`]), which it reuses from query to query.
 //!
 //! Chunks are independent AEAD messages: they are opened a group at a time,
-//! in parallel, each straight into the tensor it belongs to (one copy of the
-//! ciphertext, then decryption in place: no plaintext copy, no conversion
-//! pass). A dense layer that only one Gemm reads is never whole in memory:
+//! in parallel, each straight into the tensor it belongs to (decryption out of
+//! place: no copy of the ciphertext or the plaintext, no conversion pass). A dense layer that only one Gemm reads is never whole in memory:
 //! each opened chunk's rows of B are multiplied into the output at once, in a
 //! per-thread buffer that is wiped after each chunk ([`StreamedGemm`]).
 //!

@@ -1,6 +1,6 @@
 //! Reading a capsule (capsule-v1 §3 to §6): locate without the key, open with it.
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 use zeroize::Zeroizing;
 
 use crate::chunk::{ChunkKey, ChunkPosition, TAG_LEN};
@@ -268,8 +268,8 @@ impl Unsealer {
     ///
     /// This is the building block of streaming: chunks are independent AEAD messages, so
     /// a caller may open them in any order, on several threads, into buffers it reuses
-    /// from query to query, or into a small buffer it computes from and wipes. It copies
-    /// the ciphertext into `out` once and decrypts in place. Fails, naming the layer and
+    /// from query to query, or into a small buffer it computes from and wipes. It reads
+    /// the ciphertext once and decrypts it out of place into `out`: no copy. Fails, naming the layer and
     /// the chunk, if the chunk does not authenticate at this position (`out` is then
     /// zeroized) or if a length is wrong.
     pub fn open_chunk_into(

@@ -1,6 +1,6 @@
 //! Sealing and opening one chunk (capsule-v1 §6).
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 use crate::key::{CAPSULE_ID_LEN, KEY_LEN};
 
@@ -75,9 +75,9 @@ impl ChunkKey {
     }
 
     /// Decrypts the sealed chunk `sealed` (ciphertext, then tag) into `out`, which must be
-    /// exactly the ciphertext's length: one copy of the ciphertext, then decryption in
-    /// place, so that a caller can open straight into the buffer it computes from. On
-    /// failure `out` is zeroized (it held unauthenticated bytes).
+    /// exactly the ciphertext's length, in one pass out of place: the ciphertext is read
+    /// once and never copied, so that a caller can open straight into the buffer it
+    /// computes from. On failure `out` is zeroized (it may hold unauthenticated bytes).
     pub(crate) fn open_into(
         &self,
         at: ChunkPosition,
@@ -91,14 +91,12 @@ impl ChunkKey {
         if out.len() != ciphertext.len() {
             return Err(());
         }
-        let tag = Tag::try_from(tag).map_err(|_| ())?;
-        out.copy_from_slice(ciphertext);
-        let opened = self.key.open_in_place_separate_tag(
+        let opened = self.key.open_separate_gather(
             at.nonce(),
             Aad::from(at.aad(&self.capsule_id)),
+            ciphertext,
             tag,
             out,
-            0..,
         );
         if opened.is_err() {
             zeroize::Zeroize::zeroize(out);

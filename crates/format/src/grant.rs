@@ -2,11 +2,11 @@
 //! the [`Grant`], released by HPKE (RFC 9180) to the enclave's attested key, and
 //! [`TopUp`] tokens, signed by the server, that raise that instance's budget.
 
+use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use hpke::aead::AesGcm256;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -236,7 +236,7 @@ pub fn report_data(
     instance_id: &[u8; INSTANCE_ID_LEN],
     nonce: &[u8],
 ) -> [u8; 64] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA512);
     ctx.update(b"mlcapsule/v1 report\n");
     ctx.update(enclave_public);
     ctx.update(instance_id);
@@ -259,7 +259,7 @@ pub fn server_public_key(server: &Ed25519KeyPair) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
+    use aws_lc_rs::rand::SystemRandom;
 
     fn server() -> Ed25519KeyPair {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();

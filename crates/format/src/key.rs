@@ -1,6 +1,6 @@
 //! The model key, its key file, and the keys derived from it (capsule-v1 §2).
 
-use ring::{hkdf, rand::SecureRandom};
+use aws_lc_rs::{hkdf, rand::SecureRandom};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
@@ -28,7 +28,7 @@ impl ModelKey {
     /// A fresh key from the operating system's secure generator.
     pub fn generate() -> ModelKey {
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-        ring::rand::SystemRandom::new()
+        aws_lc_rs::rand::SystemRandom::new()
             .fill(bytes.as_mut())
             .expect("the operating system's random generator failed");
         ModelKey(bytes)

@@ -1,6 +1,6 @@
 //! Writing a capsule (capsule-v1 §3 to §6), the provider's side.
 
-use ring::{digest, hmac, rand::SecureRandom};
+use aws_lc_rs::{digest, hmac, rand::SecureRandom};
 use zeroize::Zeroizing;
 
 use crate::chunk::{ChunkKey, ChunkPosition};
@@ -40,7 +40,7 @@ pub struct SealRequest<'a> {
 /// A fresh random capsule id.
 pub fn new_capsule_id() -> [u8; CAPSULE_ID_LEN] {
     let mut id = [0u8; CAPSULE_ID_LEN];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut id)
         .expect("the operating system's random generator failed");
     id

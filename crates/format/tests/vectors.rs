@@ -8,11 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use aws_lc_rs::digest::{SHA256, digest};
 use capsule_format::{
     Capsule, Detector, DetectorInput, Error, LayerPlaintext, ModelKey, Policy, Preprocessing,
     SealRequest, seal,
 };
-use ring::digest::{SHA256, digest};
 
 fn vectors_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../spec/vectors")
@@ -122,16 +122,17 @@ fn reheader(bytes: &[u8], edit: impl Fn(&mut serde_json::Value), key: &ModelKey)
         .try_into()
         .unwrap();
     let header_key = {
-        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &id).extract(key.expose());
+        let prk =
+            aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &id).extract(key.expose());
         let mut k = [0u8; 32];
-        prk.expand(&[b"mlcapsule/v1 header"], ring::hkdf::HKDF_SHA256)
+        prk.expand(&[b"mlcapsule/v1 header"], aws_lc_rs::hkdf::HKDF_SHA256)
             .unwrap()
             .fill(&mut k)
             .unwrap();
         k
     };
-    let mac = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &header_key),
+    let mac = aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &header_key),
         &out,
     );
     out.extend_from_slice(mac.as_ref());

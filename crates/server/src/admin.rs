@@ -1,11 +1,11 @@
 //! The provider's endpoints (`spec/provisioning.md` §3): register a model key, issue
 //! licences, grant more queries, read a licence's status. All need the admin token.
 
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use capsule_format::{CAPSULE_ID_LEN, KEY_LEN, ModelKey};
-use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 

@@ -8,18 +8,18 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
+use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::Engine as _;
 use capsule_format::{CAPSULE_ID_LEN, KEY_LEN, ModelKey};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom as _, SystemRandom};
-use ring::signature::Ed25519KeyPair;
 use zeroize::Zeroizing;
 
 use crate::Error;
 
 /// The master key file: 32 random bytes.
 pub const MASTER_KEY_FILE: &str = "master-key";
-/// The top-up signing key file: Ed25519, PKCS#8 as `ring` writes it.
+/// The top-up signing key file: Ed25519, PKCS#8 v2 (RFC 5958), as `aws-lc-rs` writes it.
 pub const SIGNING_KEY_FILE: &str = "server-signing-key.pk8";
 /// The admin token file: one line of text.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -141,7 +141,7 @@ impl ServerKeys {
         &self,
         capsule_id: &[u8; CAPSULE_ID_LEN],
         key: &ModelKey,
-    ) -> Result<Vec<u8>, ring::error::Unspecified> {
+    ) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce)?;
         let mut buf = key.expose().to_vec();
@@ -179,7 +179,7 @@ impl ServerKeys {
 
 /// SHA-256 of `bytes`.
 pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
         .as_ref()
         .try_into()
         .expect("SHA-256 is 32 bytes")

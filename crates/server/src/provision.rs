@@ -2,13 +2,13 @@
 //! setup that releases the grant to exactly one enclave instance, and signed top-ups.
 //! Each needs the licence token in the body.
 
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 use axum::Json;
 use axum::extract::State;
 use capsule_attest::{Evidence, SIM, SimVerifier, Verifier as _};
 use capsule_format::{
     CAPSULE_ID_LEN, Grant, INSTANCE_ID_LEN, SealedGrant, TopUp, report_data, seal_grant,
 };
-use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 

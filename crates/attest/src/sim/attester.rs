@@ -1,8 +1,8 @@
 //! The `sim` attester: evidence and sealing for one measurement (`spec/attestation.md`
 //! §4.1, §4.3). It holds keys in memory only and touches no file.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use super::keys::{self, Key};

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use ring::hmac;
+use aws_lc_rs::hmac;
 
 use super::keys::Key;
 use crate::{Error, MonotonicCounter};

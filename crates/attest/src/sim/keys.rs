@@ -1,8 +1,8 @@
 //! The `sim` platform's key schedule (`spec/attestation.md` §4): every key is derived
 //! from the 32-byte platform secret with HKDF-SHA256.
 
-use ring::hkdf;
-use ring::signature::{Ed25519KeyPair, KeyPair};
+use aws_lc_rs::hkdf;
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use zeroize::Zeroizing;
 
 /// Length of the platform secret and of every derived key.
@@ -48,7 +48,7 @@ pub(crate) fn seal_key(secret: &Key, measurement: &[u8; 32]) -> Key {
 
 /// The Ed25519 key pair of an attestation seed.
 ///
-/// `ring` does not zeroize its key pair on drop, so callers build it only for the
+/// The key pair lives in AWS-LC's memory, out of reach of our zeroizing, so callers build it only for the
 /// duration of one signature and keep the seed (zeroizing) instead.
 pub(crate) fn attestation_key_pair(seed: &Key) -> Ed25519KeyPair {
     Ed25519KeyPair::from_seed_unchecked(&seed[..]).expect("any 32 bytes are an Ed25519 seed")
@@ -65,7 +65,7 @@ pub(crate) fn attestation_public_key(seed: &Key) -> [u8; 32] {
 
 /// SHA-256 of a platform key: the platform id.
 pub(crate) fn platform_id(platform_key: &[u8]) -> [u8; 32] {
-    ring::digest::digest(&ring::digest::SHA256, platform_key)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, platform_key)
         .as_ref()
         .try_into()
         .expect("SHA-256 is 32 bytes")

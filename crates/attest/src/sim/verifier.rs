@@ -1,6 +1,6 @@
 //! Verification of `sim` evidence (`spec/attestation.md` §4.2).
 
-use ring::signature::{ED25519, UnparsedPublicKey};
+use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
 
 use super::keys;
 use crate::{Error, Evidence, SIM, VerifiedEvidence, Verifier};

@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::Ed25519KeyPair;
 use capsule_enclave::{EnclaveProcess, Status};
 use capsule_engine::{Graph, Tensor};
 use capsule_format::{Grant, ModelKey, Policy, SealRequest, TopUp, seal_grant, server_public_key};
-use ring::rand::SystemRandom;
-use ring::signature::Ed25519KeyPair;
 
 /// The enclave binary built with these tests (examples, which Cargo does
 /// not tell, use `$MLCAPSULE_ENCLAVE` or the one in the target directory).

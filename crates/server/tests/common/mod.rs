@@ -178,7 +178,11 @@ pub struct Enclave {
 impl Enclave {
     pub fn new() -> Enclave {
         let mut instance_id = [0u8; INSTANCE_ID_LEN];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut instance_id).unwrap();
+        aws_lc_rs::rand::SecureRandom::fill(
+            &aws_lc_rs::rand::SystemRandom::new(),
+            &mut instance_id,
+        )
+        .unwrap();
         Enclave {
             key: EnclaveKey::generate(),
             instance_id,

@@ -595,12 +595,15 @@ impl Drop for Weights {
 /// opened the bytes (byte buffers) on every query; it still wipes buffers when they are
 /// dropped.
 ///
-/// A buffer above [`WIPE_PIECE`] bytes is wiped in pieces on rayon's pool, which the
-/// cores share when they are free: evicting a layer runs between two nodes of a query,
-/// and one core alone wiped ResNet-18's 47 MB in 2.6 ms of its 24.
+/// Called on one of rayon's workers (a query on 2 threads or more), a buffer above
+/// [`WIPE_PIECE`] bytes is wiped in pieces that the pool's other workers take when they
+/// are free: evicting a layer runs between two nodes of a query, and one core alone
+/// wiped ResNet-18's 47 MB in 2.6 ms of its 24. Elsewhere (a query on one thread runs
+/// on the caller's) it is wiped right here: handing work to the pool from outside
+/// would wait for a worker to wake up.
 pub(crate) fn wipe<T: Default + Copy + Send>(buf: &mut [T]) {
     let piece = (WIPE_PIECE / std::mem::size_of::<T>().max(1)).max(1);
-    if buf.len() > piece && rayon::current_num_threads() > 1 {
+    if buf.len() > piece && rayon::current_thread_index().is_some() {
         buf.par_chunks_mut(piece).for_each(|p| p.fill(T::default()));
     } else {
         buf.fill(T::default());

@@ -595,20 +595,27 @@ impl Drop for Weights {
 /// opened the bytes (byte buffers) on every query; it still wipes buffers when they are
 /// dropped.
 ///
-/// Called on one of rayon's workers (a query on 2 threads or more), a buffer above
-/// [`WIPE_PIECE`] bytes is wiped in pieces that the pool's other workers take when they
-/// are free: evicting a layer runs between two nodes of a query, and one core alone
-/// wiped ResNet-18's 47 MB in 2.6 ms of its 24. Elsewhere (a query on one thread runs
-/// on the caller's) it is wiped right here: handing work to the pool from outside
-/// would wait for a worker to wake up.
+/// When [`on_team`], a buffer above [`WIPE_PIECE`] bytes is wiped in pieces that the
+/// pool's other workers take when they are free: evicting a layer runs between two
+/// nodes of a query, and one core alone wiped ResNet-18's 47 MB in 2.6 ms of its 24.
+/// Elsewhere (a query on one thread runs on the caller's) it is wiped right here.
 pub(crate) fn wipe<T: Default + Copy + Send>(buf: &mut [T]) {
     let piece = (WIPE_PIECE / std::mem::size_of::<T>().max(1)).max(1);
-    if buf.len() > piece && rayon::current_thread_index().is_some() {
+    if buf.len() > piece && on_team() {
         buf.par_chunks_mut(piece).for_each(|p| p.fill(T::default()));
     } else {
         buf.fill(T::default());
     }
     std::hint::black_box(buf);
+}
+
+/// Whether a query's work may be split over rayon's pool here: the engine runs on more
+/// than one thread, and this is one of the pool's workers (where a query on several
+/// threads runs), so idle workers take the pieces at once. From any other thread,
+/// handing work to the pool waits for a worker to wake up: tens of µs on this VM, more
+/// than a 256x256 dense layer's whole query.
+pub(crate) fn on_team() -> bool {
+    capsule_engine::threads() > 1 && rayon::current_thread_index().is_some()
 }
 
 /// Bytes of a buffer [`wipe`] leaves to one task.

@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 
 use crate::ahead::{Buffers, Job, Opener};
 use crate::error::Error;
-use crate::model::{Layout, Weights, wipe};
+use crate::model::{Layout, Weights, on_team, wipe};
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
 
 /// Most plaintext bytes of layers opened ahead of the node that reads them, when
@@ -458,14 +458,8 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                 }
             };
             if let (Some(bytes), Some(buffers)) = (bytes, buffers.as_mut())
-                && let Err(e) = open_whole(
-                    self.unsealer,
-                    layer,
-                    first..last,
-                    bytes,
-                    buffers,
-                    capsule_engine::threads() > 1,
-                )
+                && let Err(e) =
+                    open_whole(self.unsealer, layer, first..last, bytes, buffers, on_team())
             {
                 failed = Some(e);
                 first = last;
@@ -537,7 +531,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         let c = s.c.map(|c| param(Some(c))).transpose()?;
         let mut dots = vec![0.0f32; m * gemm.rows()];
         let rows = b.data().chunks_exact(gemm.row_len());
-        if capsule_engine::threads() > 1 {
+        if on_team() {
             dots.par_chunks_mut(m.max(1))
                 .zip(rows.collect::<Vec<_>>())
                 .for_each(|(out, row)| gemm.dots(a, row, out));
@@ -611,7 +605,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                     (c, &bytes[at.min(bytes.len())..(at + step).min(bytes.len())])
                 })
                 .collect();
-            let opened: Vec<Result<ChunkOut, capsule_format::Error>> = if threads > 1
+            let opened: Vec<Result<ChunkOut, capsule_format::Error>> = if on_team()
                 && work.len() > 1
             {
                 work.par_iter()

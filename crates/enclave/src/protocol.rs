@@ -170,6 +170,48 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the next frame (§2, §3).
     pub fn read(&mut self) -> Result<Frame<'_>, ReadError> {
+        let len = self.read_len()?;
+        self.buf.clear();
+        self.buf.resize(len, 0);
+        self.inner.read_exact(&mut self.buf)?;
+        let (kind, json_len) = head(&self.buf, len)?;
+        Ok(Frame {
+            kind,
+            json: &self.buf[5..5 + json_len],
+            blob: &self.buf[5 + json_len..],
+        })
+    }
+
+    /// Reads the next frame like [`FrameReader::read`], but appends its blob to
+    /// `blob` straight from the reader, without filling or copying a buffer first
+    /// (the frame returned has an empty blob). On an error, `blob` may have grown by
+    /// part of the frame's bytes.
+    pub fn read_appending(&mut self, blob: &mut Vec<u8>) -> Result<Frame<'_>, ReadError> {
+        let len = self.read_len()?;
+        self.buf.clear();
+        self.buf.resize(5, 0);
+        self.inner.read_exact(&mut self.buf)?;
+        let (kind, json_len) = head(&self.buf, len)?;
+        self.buf.resize(5 + json_len, 0);
+        self.inner.read_exact(&mut self.buf[5..])?;
+        let blob_len = len - 5 - json_len;
+        let got = self
+            .inner
+            .by_ref()
+            .take(blob_len as u64)
+            .read_to_end(blob)?;
+        if got != blob_len {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        Ok(Frame {
+            kind,
+            json: &self.buf[5..],
+            blob: &[],
+        })
+    }
+
+    /// Reads a frame's length (§2) and checks its bounds.
+    fn read_len(&mut self) -> Result<usize, ReadError> {
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < len.len() {
@@ -187,29 +229,27 @@ impl<R: Read> FrameReader<R> {
                 "frame length {len} is outside 5 ..= {MAX_FRAME_LEN}"
             ))));
         }
-        self.buf.clear();
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf)?;
-        let Some(kind) = MessageType::from_byte(self.buf[0]) else {
-            return Err(ReadError::Malformed(malformed(format!(
-                "unknown message type 0x{:02x}",
-                self.buf[0]
-            ))));
-        };
-        let body = &self.buf[1..];
-        let json_len = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as usize;
-        let Some(json) = body[4..].get(..json_len) else {
-            return Err(ReadError::Malformed(malformed(format!(
-                "JSON length {json_len} exceeds the {}-byte body",
-                body.len()
-            ))));
-        };
-        Ok(Frame {
-            kind,
-            json,
-            blob: &body[4 + json_len..],
-        })
+        Ok(len)
     }
+}
+
+/// The message type and JSON length at the start of a frame of `len` bytes (§2), whose
+/// first five bytes `start` holds.
+fn head(start: &[u8], len: usize) -> Result<(MessageType, usize), ReadError> {
+    let Some(kind) = MessageType::from_byte(start[0]) else {
+        return Err(ReadError::Malformed(malformed(format!(
+            "unknown message type 0x{:02x}",
+            start[0]
+        ))));
+    };
+    let json_len = u32::from_be_bytes([start[1], start[2], start[3], start[4]]) as usize;
+    if json_len > len - 5 {
+        return Err(ReadError::Malformed(malformed(format!(
+            "JSON length {json_len} exceeds the {}-byte body",
+            len - 1
+        ))));
+    }
+    Ok((kind, json_len))
 }
 
 /// Writes one frame: `kind`, the JSON of `control`, then `blob` (§2, §3).
@@ -547,10 +587,28 @@ pub fn decode_tensors(shapes: &[Vec<usize>], blob: &[u8]) -> Result<Vec<Tensor>,
 mod tests {
     use super::*;
 
+    /// Reads one frame with `read`, and again with `read_appending` after a byte
+    /// already in the buffer, and checks that both give the same frame or error.
     fn read_one(bytes: &[u8]) -> Result<(MessageType, Vec<u8>, Vec<u8>), ReadError> {
         let mut r = FrameReader::new(bytes);
-        let f = r.read()?;
-        Ok((f.kind, f.json.to_vec(), f.blob.to_vec()))
+        let whole = r.read().map(|f| (f.kind, f.json.to_vec(), f.blob.to_vec()));
+        let mut r = FrameReader::new(bytes);
+        let mut blob = vec![0xaa];
+        let appended = r.read_appending(&mut blob).map(|f| {
+            assert!(f.blob.is_empty());
+            (f.kind, f.json.to_vec())
+        });
+        match (&whole, appended) {
+            (Ok((kind, json, want)), Ok(got)) => {
+                assert_eq!(got, (*kind, json.clone()));
+                assert_eq!((blob[0], &blob[1..]), (0xaa, &want[..]));
+            }
+            (Err(ReadError::Closed), Err(ReadError::Closed))
+            | (Err(ReadError::Io(_)), Err(ReadError::Io(_)))
+            | (Err(ReadError::Malformed(_)), Err(ReadError::Malformed(_))) => {}
+            (whole, appended) => panic!("read gave {whole:?}, read_appending {appended:?}"),
+        }
+        whole
     }
 
     #[test]
@@ -603,6 +661,11 @@ mod tests {
         ));
         assert!(matches!(
             read_one(&[0, 0, 0, 9, 0x01, 0, 0]),
+            Err(ReadError::Io(_))
+        ));
+        // A blob cut short.
+        assert!(matches!(
+            read_one(&[0, 0, 0, 9, 0x07, 0, 0, 0, 2, b'{', b'}', 1]),
             Err(ReadError::Io(_))
         ));
         let mut reader = FrameReader::new(&[0, 0, 0, 7, 0x01, 0, 0, 0, 2, b'{', b'}'][..]);

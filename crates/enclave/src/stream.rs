@@ -140,10 +140,22 @@ impl<R: Read + Send> Feed for FrameFeed<'_, R> {
                 plaintext_len - chunk * chunk_size
             };
             let expected_len = plain + TAG_LEN as u64;
-            let frame = self.frames.read().map_err(|e| match e {
+            // A kept chunk's bytes go from the pipe straight to the end of `buf`.
+            let before = buf.len();
+            let read = if keep {
+                self.frames.read_appending(buf)
+            } else {
+                self.frames.read()
+            };
+            let frame = read.map_err(|e| match e {
                 ReadError::Closed | ReadError::Io(_) => StreamFailure::Gone,
                 ReadError::Malformed(e) => StreamFailure::Broken(e),
             })?;
+            let blob_len = if keep {
+                buf.len() - before
+            } else {
+                frame.blob.len()
+            };
             let broken = |reason: String| StreamFailure::Broken(Error::Protocol { reason });
             if frame.kind != MessageType::Layer {
                 return Err(broken(format!(
@@ -158,14 +170,10 @@ impl<R: Read + Send> Feed for FrameFeed<'_, R> {
                     at.layer, at.chunk
                 )));
             }
-            if frame.blob.len() as u64 != expected_len {
+            if blob_len as u64 != expected_len {
                 return Err(broken(format!(
-                    "layer {layer} chunk {chunk} must be {expected_len} bytes, got {}",
-                    frame.blob.len()
+                    "layer {layer} chunk {chunk} must be {expected_len} bytes, got {blob_len}"
                 )));
-            }
-            if keep {
-                buf.extend_from_slice(frame.blob);
             }
         }
         Ok(keep.then_some(buf.as_slice()))

@@ -40,6 +40,13 @@ fn quick_json_has_every_mode_and_key() {
         assert!(0.0 <= min && min <= median && median <= max, "{line}");
     }
     assert!(lines[1]["aes_bound_ms"].as_f64().unwrap() > 0.0);
+    // Opening the layer once, measured: the whole streaming query takes at least that.
+    let open_ms = lines[1]["open_ms"].as_f64().unwrap();
+    assert!(
+        0.0 < open_ms && open_ms <= lines[1]["max_ms"].as_f64().unwrap(),
+        "{}",
+        lines[1]
+    );
     assert!(lines[1]["ratio_to_plain"].as_f64().unwrap() > 0.0);
 
     // The defenses' costs inside the enclave, each beside its floor.

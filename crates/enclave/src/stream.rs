@@ -11,9 +11,10 @@
 //!
 //! Chunks are independent AEAD messages: they are opened a group at a time,
 //! in parallel, each straight into the tensor it belongs to (decryption out of
-//! place: no copy of the ciphertext or the plaintext, no conversion pass). A dense layer that only one Gemm reads is never whole in memory:
-//! each opened chunk's rows of B are multiplied into the output at once, in a
-//! per-thread buffer that is wiped after each chunk ([`StreamedGemm`]).
+//! place: no copy of the ciphertext or the plaintext, no conversion pass). A
+//! dense layer that only one Gemm reads is never whole in memory: each opened
+//! chunk's rows of B are multiplied into the output at once, in a per-thread
+//! buffer that is wiped after each chunk ([`StreamedGemm`]).
 //!
 //! The chunks come from a [`Feed`]: the host's `Layer` frames in the
 //! enclave ([`FrameFeed`]), or a capsule in memory for the provider's

@@ -16,8 +16,9 @@
 //! After one warm-up query per mode, the modes take turns query by query,
 //! so that a noisy machine slows all three alike and the ratios stay fair.
 //! Each case reports the median, min and max, and the streaming mode also
-//! the AES-GCM bound: the layer bytes it unseals per query divided by
-//! [`AES_GCM_BYTES_PER_SEC`], the least unsealing can cost on one core.
+//! issue 4's AES-GCM bound (the layer bytes it unseals per query divided by
+//! [`AES_GCM_BYTES_PER_SEC`]) and the time one core takes to open them here
+//! ([`time_opening`]), the least CPU time unsealing costs a query.
 //!
 //! Not here: the enclave process and its host pipe (the streaming mode
 //! unseals in this process), and accuracy checks (`mlcapsule run` and the

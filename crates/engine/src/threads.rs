@@ -9,7 +9,7 @@
 //! the pool ([`as_team`]).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -70,14 +70,15 @@ pub fn threads() -> usize {
 ///
 /// Runs `f` right here when one thread is allowed, when already on one of
 /// rayon's workers (a run inside parallel work has its helpers already), or
-/// when `pace` says the last run of the same plan took less than [`QUICK`].
+/// when `pace` says this plan's runs are quicker here (see [`Pace`]).
 pub(crate) fn as_team<R: Send>(pace: &Pace, f: impl FnOnce() -> R + Send) -> R {
     let helpers = threads() - 1;
     if helpers == 0 || rayon::current_thread_index().is_some() {
         return f();
     }
     let start = Instant::now();
-    let result = if pace.0.load(Ordering::Relaxed) {
+    let here = pace.here();
+    let result = if here {
         f()
     } else {
         rayon::scope(|_| {
@@ -87,23 +88,57 @@ pub(crate) fn as_team<R: Send>(pace: &Pace, f: impl FnOnce() -> R + Send) -> R {
             f()
         })
     };
-    pace.0.store(start.elapsed() < QUICK, Ordering::Relaxed);
+    pace.record(here, start.elapsed());
     result
 }
 
-/// Runs that took less than this stay on the calling thread next time:
-/// moving a run onto the pool and back costs its caller a wake-up (30-40 µs
-/// measured here), more than so short a run can gain from a second thread.
+/// Runs that took less than this on the pool stay on the calling thread next
+/// time: moving a run onto the pool and back costs its caller a wake-up (30-40
+/// µs measured here), more than so short a run can gain from a second thread.
 const QUICK: Duration = Duration::from_micros(100);
 
-/// Whether the last run of a plan was quick (see [`as_team`]); a plan keeps
-/// one.
+/// Runs that took less than this on the pool are also tried once on the
+/// calling thread, and then run where they last went quicker: a run of
+/// 100-500 µs may or may not gain more from a second thread than its two
+/// wake-ups cost (a streamed 512x512 dense layer took 112 µs on the caller's
+/// thread and 167 µs on the pool's two; a plain 1024x1024 one 173 and 100).
+/// Longer runs always go to the pool.
+const PROBE: Duration = Duration::from_micros(500);
+
+/// Where a plan's runs go quicker (see [`as_team`]): the last time a run of
+/// it took on the caller's thread and on the pool, in µs (0 until measured).
+/// A plan keeps one.
 #[derive(Debug, Default)]
-pub(crate) struct Pace(AtomicBool);
+pub(crate) struct Pace {
+    here: AtomicU64,
+    team: AtomicU64,
+}
+
+impl Pace {
+    /// Whether the next run should stay on the calling thread.
+    fn here(&self) -> bool {
+        let here = self.here.load(Ordering::Relaxed);
+        let team = self.team.load(Ordering::Relaxed);
+        let (quick, probe) = (micros(QUICK), micros(PROBE));
+        team != 0 && (team < quick || (team < probe && (here == 0 || here <= team)))
+    }
+
+    fn record(&self, here: bool, took: Duration) {
+        let slot = if here { &self.here } else { &self.team };
+        slot.store(micros(took).max(1), Ordering::Relaxed);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
 
 impl Clone for Pace {
     fn clone(&self) -> Pace {
-        Pace(AtomicBool::new(self.0.load(Ordering::Relaxed)))
+        Pace {
+            here: AtomicU64::new(self.here.load(Ordering::Relaxed)),
+            team: AtomicU64::new(self.team.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -225,6 +260,23 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_runs_go_where_they_last_went_quicker() {
+        let us = Duration::from_micros;
+        let pace = Pace::default();
+        assert!(!pace.here(), "the first run goes to the pool");
+        pace.record(false, us(300));
+        assert!(pace.here(), "a 300 µs run is tried on the caller's thread");
+        pace.record(true, us(200));
+        assert!(pace.here(), "and stays there while quicker");
+        pace.record(true, us(400));
+        assert!(!pace.here(), "back to the pool once slower than it was there");
+        pace.record(false, us(50));
+        assert!(pace.here(), "a quick run stays on the caller's thread");
+        pace.record(false, us(600));
+        assert!(!pace.here(), "a long run always goes to the pool");
+    }
 
     #[test]
     fn a_team_run_returns_its_value_and_passes_on_a_panic() {

@@ -271,7 +271,10 @@ mod tests {
         pace.record(true, us(200));
         assert!(pace.here(), "and stays there while quicker");
         pace.record(true, us(400));
-        assert!(!pace.here(), "back to the pool once slower than it was there");
+        assert!(
+            !pace.here(),
+            "back to the pool once slower than it was there"
+        );
         pace.record(false, us(50));
         assert!(pace.here(), "a quick run stays on the caller's thread");
         pace.record(false, us(600));

@@ -455,7 +455,7 @@ pub(crate) struct Weights {
     /// Zeroized buffers by param index, for the next time its layer is opened.
     spare: Vec<Vec<f32>>,
     keep_spare: bool,
-    /// One buffer per thread for streamed chunks, zeroized after each use.
+    /// One buffer per thread for streamed chunks, zeroized when their layer is done.
     pub scratch: Vec<Zeroizing<Vec<f32>>>,
     /// Sealed chunks read from the host, a few at a time (ciphertext only).
     pub sealed: Vec<u8>,

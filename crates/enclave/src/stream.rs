@@ -583,7 +583,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         let mut scratch = std::mem::take(&mut self.weights.scratch);
         // One scratch buffer per thread; each read of the feed (all chunks from memory,
         // a few from a pipe) is cut into one run of consecutive chunks per thread, so
-        // that the threads meet once per read, not once per chunk.
+        // that the threads meet once per read, not once per `threads` chunks.
         let lanes = (threads as u64).min(count).max(1) as usize;
         let group = self.feed.group(threads).clamp(1, count.max(1));
         scratch.resize_with(lanes, || Zeroizing::new(Vec::new()));

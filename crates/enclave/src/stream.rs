@@ -620,7 +620,6 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                 .collect();
             let opened: Vec<Result<ChunkOut, capsule_format::Error>> = if on_team()
                 && work.len() > 1
-                && lanes > 1
             {
                 let runs: Vec<Vec<_>> = work
                     .par_chunks(work.len().div_ceil(lanes))

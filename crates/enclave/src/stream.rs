@@ -40,6 +40,10 @@ use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
 /// there is no memory budget (there is always room for the next layer).
 const LOOKAHEAD: u64 = 16 << 20;
 
+/// Rows of an opened dense layer's B one task takes when the layer runs on
+/// several threads (as the engine's own row-dot kernel splits its work).
+const CACHED_BLOCK_ROWS: usize = 64;
+
 /// Why a query's layer stream stopped.
 pub(crate) enum StreamFailure {
     /// The host closed the pipe or it failed: nobody is left to answer.
@@ -539,15 +543,14 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         let b = param(self.layout.tensors(layer)[s.b].param)?;
         let c = s.c.map(|c| param(Some(c))).transpose()?;
         let mut dots = vec![0.0f32; m * gemm.rows()];
-        let rows = b.data().chunks_exact(gemm.row_len());
         if on_team() {
-            dots.par_chunks_mut(m.max(1))
-                .zip(rows.collect::<Vec<_>>())
-                .for_each(|(out, row)| gemm.dots(a, row, out));
+            // Blocks of rows, read four at a time within each.
+            let rows = CACHED_BLOCK_ROWS;
+            dots.par_chunks_mut(rows * m.max(1))
+                .zip(b.data().par_chunks(rows * gemm.row_len()))
+                .for_each(|(out, rows)| gemm.dots(a, rows, out));
         } else {
-            for (out, row) in dots.chunks_mut(m.max(1)).zip(rows) {
-                gemm.dots(a, row, out);
-            }
+            gemm.dots(a, b.data(), &mut dots);
         }
         gemm.finish(m, &dots, c)
     }
@@ -1005,7 +1008,9 @@ fn split_chunk(span: &Range<u64>, job: &DenseJob<'_>, values: &[f32]) -> ChunkOu
     }
     let (ws, we) = (span.start.max(job.w.start), span.end.min(job.w.end));
     let mut pos = ws;
-    let mut first_whole = None;
+    // The chunk's whole rows, consecutive: (first row, its index in
+    // `values`, rows).
+    let mut whole_rows: Option<(usize, usize, usize)> = None;
     while pos < we {
         let rel = pos - job.w.start;
         let row = (rel / row_bytes) as usize;
@@ -1014,18 +1019,21 @@ fn split_chunk(span: &Range<u64>, job: &DenseJob<'_>, values: &[f32]) -> ChunkOu
         let local = (pos - span.start) as usize;
         let whole = rel.is_multiple_of(row_bytes) && piece_end == row_end;
         if whole && local.is_multiple_of(4) && cfg!(target_endian = "little") {
-            let first = *first_whole.get_or_insert(row);
-            debug_assert_eq!(first + out.dots.len() / job.m.max(1), row);
-            let row_values = &values[local / 4..local / 4 + job.gemm.row_len()];
-            let at = out.dots.len();
-            out.dots.resize(at + job.m, 0.0);
-            job.gemm.dots(job.a, row_values, &mut out.dots[at..]);
+            let run = whole_rows.get_or_insert((row, local / 4, 0));
+            debug_assert_eq!(run.0 + run.2, row);
+            run.2 += 1;
         } else {
             out.fragments
                 .push(fragment(Target::Row(row), rel % row_bytes, pos..piece_end));
         }
         pos = piece_end;
     }
-    out.first_row = first_whole.unwrap_or(0);
+    if let Some((first, at, rows)) = whole_rows {
+        let k = job.gemm.row_len();
+        out.first_row = first;
+        out.dots = vec![0.0; rows * job.m];
+        job.gemm
+            .dots(job.a, &values[at..at + rows * k], &mut out.dots);
+    }
     out
 }

@@ -96,12 +96,18 @@ impl StreamedGemm {
         }
     }
 
-    /// Writes into `out` (one value per row of A) the dot products of every
-    /// row of A with `row`, one row of B.
-    pub fn dots(&self, a: &Tensor, row: &[f32], out: &mut [f32]) {
-        for (o, a_row) in out.iter_mut().zip(a.data().chunks_exact(self.k)) {
-            *o = kernels::dot(a_row, row);
-        }
+    /// Writes into `out` the dot products of every row of A with every row
+    /// of B in `rows` (whole rows, consecutive): `out[j · M + i]` for row `j`
+    /// of `rows` and row `i` of A. Several rows at a time run faster than
+    /// one at a time (four are read at once).
+    ///
+    /// # Panics
+    ///
+    /// When `out` holds fewer than M values per row of `rows`.
+    pub fn dots(&self, a: &Tensor, rows: &[f32], out: &mut [f32]) {
+        let a_rows: Vec<&[f32]> = a.data().chunks_exact(self.k).collect();
+        let b_rows: Vec<&[f32]> = rows.chunks_exact(self.k).collect();
+        kernels::dots_into(&a_rows, &b_rows, out);
     }
 
     /// The output `[M, N]` from every row's dot products (`dots[j · M + i]`
@@ -454,10 +460,7 @@ mod tests {
                         let a = operands[0];
                         let m = gemm.batch(a)?;
                         let mut dots = vec![0.0; m * gemm.rows()];
-                        let rows = w[b].data().chunks_exact(gemm.row_len());
-                        for (out, row) in dots.chunks_exact_mut(m).zip(rows) {
-                            gemm.dots(a, row, out);
-                        }
+                        gemm.dots(a, w[b].data(), &mut dots);
                         gemm.finish(m, &dots, c.map(|c| &w[c]))
                     },
                 )

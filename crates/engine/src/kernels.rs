@@ -449,6 +449,11 @@ multiversion! {
 }
 
 multiversion! {
+    /// `sum_i x[i]` (see `sum_body`).
+    pub(crate) fn sum(x: &[f32]) -> f32 => sum_body;
+}
+
+multiversion! {
     /// [`dot`] of `x` with each of four vectors at once (see `dots4_body`).
     fn dots4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] => dots4_body;
 }
@@ -528,6 +533,28 @@ fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
         }
     }
     acc[0] + sum
+}
+
+/// [`sum`] with 32 partial sums, which vectorise (a sum in order is one
+/// long chain of dependent additions), added pairwise in a fixed order.
+#[inline(always)]
+fn sum_body<const FMA: bool>(x: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let (xs, rest) = x.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for x in xs {
+        for l in 0..LANES {
+            acc[l] += x[l];
+        }
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0] + rest.iter().sum::<f32>()
 }
 
 /// Four [`dot_body`]s in one pass over `x`, each summed in the same order
@@ -750,6 +777,17 @@ mod tests {
             let exact: f64 = x.iter().zip(&y).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
             let scale: f64 = x.iter().zip(&y).map(|(a, b)| f64::from((a * b).abs())).sum();
             for got in [dot(&x, &y), dot_body::<false>(&x, &y)] {
+                proptest::prop_assert!((f64::from(got) - exact).abs() <= 1e-5 * scale.max(1.0));
+            }
+        }
+
+        #[test]
+        fn dispatched_sum_matches_the_portable_one(
+            x in proptest::collection::vec(-100.0f32..100.0, 0..200),
+        ) {
+            let exact: f64 = x.iter().copied().map(f64::from).sum();
+            let scale: f64 = x.iter().map(|v| f64::from(v.abs())).sum();
+            for got in [sum(&x), sum_body::<false>(&x)] {
                 proptest::prop_assert!((f64::from(got) - exact).abs() <= 1e-5 * scale.max(1.0));
             }
         }

@@ -9,6 +9,7 @@
 use super::window::{Axis, Span};
 use super::{KernelResult, Mismatch};
 use crate::graph::PoolAttrs;
+use crate::kernels;
 use crate::tensor::{Tensor, volume};
 use crate::threads::{for_each_chunk, map_range};
 
@@ -64,7 +65,7 @@ pub(crate) fn global_average_pool(x: &Tensor) -> KernelResult {
     } else {
         debug_assert_eq!(volume(spatial), Some(size));
         let data = x.data();
-        let mean = |p: usize| data[p * size..][..size].iter().sum::<f32>() / size as f32;
+        let mean = |p: usize| kernels::sum(&data[p * size..][..size]) / size as f32;
         // A pass over memory: split over threads only when it is long.
         if x.len() >= GLOBAL_POOL_PARALLEL_MIN {
             map_range(planes, mean)

@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    OutputRows, TileSource, bias_activate_body, depthwise3x3_body, winograd_input_body,
-    winograd_output_body, winograd_weights_body,
+    OutputRows, TileSource, bias_activate_body, bias_add_activate_body, depthwise3x3_body,
+    winograd_input_body, winograd_output_body, winograd_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -477,6 +477,16 @@ multiversion! {
 multiversion! {
     /// `data[i] = activation(data[i] + bias)` (see `bias_activate_body`).
     pub(crate) fn bias_activate(data: &mut [f32], bias: f32, activation: Activation) => bias_activate_body;
+}
+
+multiversion! {
+    /// `data[i] = activation(data[i] + bias + residual[i])` (see `bias_add_activate_body`).
+    pub(crate) fn bias_add_activate(
+        data: &mut [f32],
+        bias: f32,
+        residual: &[f32],
+        activation: Activation,
+    ) => bias_add_activate_body;
 }
 
 multiversion! {

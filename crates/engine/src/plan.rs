@@ -94,6 +94,9 @@ enum Fused {
     No,
     /// A Conv that also applies the activation of the node that read it.
     Into(Op),
+    /// A Conv (these attributes) that also adds its last operand, the other
+    /// operand of the Add that read it, then applies the activation.
+    WithResidual(ConvAttrs),
     /// An activation already applied by the Conv before it: hands its
     /// operand through unchanged.
     Forward,
@@ -139,6 +142,7 @@ impl Plan {
         let (mut steps, names) = compile_nodes(&graph)?;
         let outputs = compile_outputs(&graph, &names)?;
         let slots = graph.inputs.len() + graph.nodes.len();
+        fuse_residuals(&graph, &mut steps, &outputs);
         let read = schedule(&mut steps, &outputs, slots);
         fuse(&graph, &mut steps);
         let inputs_read = read[..graph.inputs.len()].to_vec();
@@ -303,6 +307,14 @@ impl Plan {
         let op = match &step.fused {
             Fused::No => &node.op,
             Fused::Into(op) => op,
+            Fused::WithResidual(attrs) => {
+                return ops::conv_add(attrs, args).map_err(|ops::Mismatch(reason)| {
+                    Error::ShapeMismatch {
+                        context: format!("{} node '{}'", node.op.name(), node.name),
+                        reason,
+                    }
+                });
+            }
             Fused::Forward => {
                 let mut args = args;
                 return Ok(args
@@ -489,6 +501,55 @@ fn schedule(steps: &mut [Step], outputs: &[(usize, bool)], slots: usize) -> Vec<
         .collect()
 }
 
+/// Folds each Add into the Conv that computes one of its operands, when the
+/// Add is the only reader of that Conv output (which is no graph output)
+/// and its other operand is computed before the Conv runs: the Conv adds
+/// it to each output block while it is in cache, and the Add's step hands
+/// the Conv's output through. A residual connection's Add, computed apart,
+/// reads two tensors that two threads' tasks left in two cores' caches.
+/// Runs before [`schedule`], which then sees the residual read by the Conv.
+fn fuse_residuals(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
+    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
+    for step in steps.iter() {
+        for operand in &step.operands {
+            if let Operand::Value(s) = *operand {
+                readers[s] += 1;
+            }
+        }
+    }
+    let producer = |slot: usize| slot.checked_sub(graph.inputs.len());
+    for j in 0..steps.len() {
+        if !matches!(graph.nodes[j].op, Op::Add) {
+            continue;
+        }
+        let [Operand::Value(a), Operand::Value(b)] = steps[j].operands[..] else {
+            continue;
+        };
+        for (sum, residual) in [(a, b), (b, a)] {
+            let Some(p) = producer(sum) else { continue };
+            let Op::Conv(attrs) = &graph.nodes[p].op else {
+                continue;
+            };
+            let ready = producer(residual).is_none_or(|q| q < p);
+            let output = outputs.iter().any(|&(s, _)| s == sum);
+            if sum == residual
+                || !ready
+                || output
+                || readers[sum] != 1
+                || steps[p].fused != Fused::No
+                || attrs.activation != Activation::None
+            {
+                continue;
+            }
+            steps[p].operands.push(Operand::Value(residual));
+            steps[p].fused = Fused::WithResidual(attrs.clone());
+            steps[j].operands = vec![Operand::Value(sum)];
+            steps[j].fused = Fused::Forward;
+            break;
+        }
+    }
+}
+
 /// Folds each Relu or Clip into the Conv before it when the activation is
 /// the Conv output's only reader and takes it by move: the Conv then
 /// applies the activation to each output block while it is in cache, and
@@ -514,7 +575,21 @@ fn fuse(graph: &Graph, steps: &mut [Step]) {
             continue;
         };
         let Some(p) = producer(slot) else { continue };
-        if readers[slot] != 1 || steps[p].fused != Fused::No {
+        if readers[slot] != 1 {
+            continue;
+        }
+        // An Add folded into a Conv: the activation goes to that Conv too.
+        if steps[p].fused == Fused::Forward
+            && let [Operand::Last(sum)] = steps[p].operands[..]
+            && let Some(q) = producer(sum)
+            && let Fused::WithResidual(attrs) = &mut steps[q].fused
+            && attrs.activation == Activation::None
+        {
+            attrs.activation = activation;
+            steps[j].fused = Fused::Forward;
+            continue;
+        }
+        if steps[p].fused != Fused::No {
             continue;
         }
         let Op::Conv(attrs) = &graph.nodes[p].op else {
@@ -815,6 +890,57 @@ mod tests {
         let out = plan.run(&[x], &mut weights[..]).unwrap();
         assert_eq!(out[0].data(), &[0.0, 2.0, 4.0]);
         assert_eq!(out[1].data(), &[-2.0, 3.5, 5.5]);
+    }
+
+    #[test]
+    fn fuses_a_residual_add_and_its_activation_into_the_conv() {
+        let conv = Op::Conv(ConvAttrs {
+            kernel: [1, 1],
+            strides: [1, 1],
+            pads: [0; 4],
+            dilations: [1, 1],
+            group: 1,
+            activation: Activation::None,
+        });
+        let g = Graph {
+            inputs: vec![input("x", 4)],
+            params: vec![ParamInfo {
+                name: "w".into(),
+                shape: vec![1, 1, 1, 1],
+            }],
+            nodes: vec![
+                // Conv, Add (residual first), Relu: one step does all three.
+                node("c", conv.clone(), &["x", "w"]),
+                node("s", Op::Add, &["x", "c"]),
+                node("r", Op::Relu, &["s"]),
+                // A Conv that is also a graph output keeps its own value.
+                node("d", conv.clone(), &["x", "w"]),
+                node("t", Op::Add, &["d", "x"]),
+                // The residual is computed after the Conv: not folded.
+                node("e", conv, &["x", "w"]),
+                node("f", Op::Relu, &["x"]),
+                node("u", Op::Add, &["e", "f"]),
+            ],
+            outputs: vec!["r".into(), "d".into(), "t".into(), "u".into()],
+        };
+        let plan = Plan::new(g).unwrap();
+        let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
+        assert!(matches!(
+            fused[0],
+            Fused::WithResidual(ConvAttrs {
+                activation: Activation::Relu,
+                ..
+            })
+        ));
+        assert_eq!(fused[1..3], [&Fused::Forward, &Fused::Forward]);
+        assert!(fused[3..].iter().all(|f| **f == Fused::No));
+        let x = Tensor::new(vec![1, 1, 1, 3], vec![-1.0, 1.0, 2.0]).unwrap();
+        let mut weights = [Tensor::new(vec![1, 1, 1, 1], vec![2.0]).unwrap()];
+        let out = plan.run(&[x], &mut weights[..]).unwrap();
+        assert_eq!(out[0].data(), &[0.0, 3.0, 6.0]);
+        assert_eq!(out[1].data(), &[-2.0, 2.0, 4.0]);
+        assert_eq!(out[2].data(), &[-3.0, 3.0, 6.0]);
+        assert_eq!(out[3].data(), &[-2.0, 3.0, 6.0]);
     }
 
     #[test]

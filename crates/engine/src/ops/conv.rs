@@ -20,17 +20,19 @@
 //!   ([`PANEL_LEN`]), into a buffer reused across bands and calls, so the
 //!   unrolled matrix stays in cache and is never allocated whole.
 //!
-//! The GEMM only writes its output (`beta = 0`); bias and activation are
-//! then applied in one pass over each output block while it is in cache.
+//! The GEMM only writes its output (`beta = 0`); bias, the residual of a
+//! fused Add (see [`conv`]) and activation are then applied in one pass
+//! over each output block while it is in cache.
 //! With more than one thread, one product is split into tasks that each do
 //! their share of im2col, GEMM, bias and activation ([`Unit`]); with small
 //! products and several batch items or groups, each task takes whole ones.
 
 mod winograd;
 
+use std::borrow::Cow;
 use std::ops::Range;
 
-use super::elementwise::{activate, clip, relu};
+use super::elementwise::{activate, activation, binary, clip, relu};
 use super::window::Axis;
 use super::{KernelResult, Mismatch};
 use crate::graph::{Activation, ConvAttrs};
@@ -47,27 +49,53 @@ pub(crate) use winograd::{
 /// bands make the GEMM calls too narrow (measured on ResNet-18).
 const PANEL_LEN: usize = 1 << 18;
 
-/// Runs Conv on X `[N, C, H, W]`, W `[M, C/group, kH, kW]` and B `[M]`.
+/// Runs Conv on X `[N, C, H, W]`, W `[M, C/group, kH, kW]` and B `[M]`,
+/// then adds `residual` (when given: the other operand of an Add that read
+/// the Conv) before the activation.
 pub(crate) fn conv(
     attrs: &ConvAttrs,
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
 ) -> KernelResult {
-    let geo = Geometry::new(attrs, x.shape(), w.shape(), bias.map(Tensor::shape))?;
+    let mut geo = Geometry::new(attrs, x.shape(), w.shape(), bias.map(Tensor::shape))?;
     let shape = vec![geo.batch, geo.out_channels, geo.h.output(), geo.w.output()];
     let len = volume(&shape)
         .ok_or_else(|| Mismatch(format!("the output shape {shape:?} is too large")))?;
+    let residual = match residual {
+        Some(r) if r.shape() != shape => {
+            // Broadcast: the Conv, then the Add and the activation as nodes.
+            let plain = ConvAttrs {
+                activation: Activation::None,
+                ..attrs.clone()
+            };
+            let y = conv(&plain, x, w, bias, None)?;
+            let y = binary(Cow::Owned(y), Cow::Borrowed(r), |a, b| a + b)?;
+            return Ok(activation(Cow::Owned(y), attrs.activation));
+        }
+        r => r.map(Tensor::data),
+    };
     // Every strategy writes every output element.
     let mut y = crate::buffers::take(len);
     if len > 0 {
         let bias = bias.map(Tensor::data);
-        if geo.is_depthwise() {
-            depthwise(&geo, x.data(), w.data(), bias, &mut y);
-        } else if winograd::applies(&geo) {
-            winograd::conv(&geo, x.data(), w.data(), bias, &mut y);
+        if geo.is_depthwise() || winograd::applies(&geo) {
+            // These add the residual in a pass of their own, after the bias.
+            let act = match residual {
+                Some(_) => std::mem::replace(&mut geo.activation, Activation::None),
+                None => geo.activation,
+            };
+            if geo.is_depthwise() {
+                depthwise(&geo, x.data(), w.data(), bias, &mut y);
+            } else {
+                winograd::conv(&geo, x.data(), w.data(), bias, &mut y);
+            }
+            if let Some(r) = residual {
+                kernels::bias_add_activate(&mut y, 0.0, r, act);
+            }
         } else {
-            grouped(&geo, x.data(), w.data(), bias, &mut y)?;
+            grouped(&geo, x.data(), w.data(), bias, residual, &mut y)?;
         }
     }
     Ok(Tensor::from_parts(shape, y))
@@ -183,6 +211,7 @@ fn grouped(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
     y: &mut [f32],
 ) -> Result<(), Mismatch> {
     let group_channels = geo.channels / geo.group;
@@ -200,6 +229,7 @@ fn grouped(
     // Output rows per im2col band: the whole image when it fits.
     let band = (PANEL_LEN / (depth * out_width).max(1)).clamp(1, geo.h.output());
 
+    let unit_len = group_outputs * out_plane;
     // Computes the outputs of `unit` (batch item * group) into `out` with
     // `tasks` tasks.
     let run = |unit: usize, out: &mut [f32], tasks: usize| {
@@ -212,6 +242,7 @@ fn grouped(
             image,
             weights: &w[g * group_outputs * depth..][..group_outputs * depth],
             bias: bias.map(|b| &b[g * group_outputs..][..group_outputs]),
+            residual: residual.map(|r| &r[unit * unit_len..][..unit_len]),
             depth,
             band,
         };
@@ -220,7 +251,6 @@ fn grouped(
     };
 
     let units = geo.batch * geo.group;
-    let unit_len = group_outputs * out_plane;
     let threads = crate::threads::threads();
     // Enough units to share evenly, or products too small to split.
     let by_units = (units >= threads && units.is_multiple_of(threads)) || units >= 4 * threads;
@@ -264,6 +294,9 @@ struct Unit<'a> {
     /// `[M/group, depth]`.
     weights: &'a [f32],
     bias: Option<&'a [f32]>,
+    /// What the Conv's output is added to before the activation, laid out
+    /// like the unit's output.
+    residual: Option<&'a [f32]>,
     depth: usize,
     /// Output rows per im2col band.
     band: usize,
@@ -373,13 +406,21 @@ impl Unit<'_> {
                     };
                     let at = (steps.start - range.start) * step_len;
                     let bias = |r: usize| self.bias.map_or(0.0, |b| b[channels.start + r]);
+                    // Bias, residual and activation of row `r`'s new segment.
+                    let finish = |r: usize, segment: &mut [f32]| match self.residual {
+                        Some(res) => {
+                            let first = (channels.start + r) * out_plane + steps.start * step_len;
+                            let res = &res[first..][..segment.len()];
+                            kernels::bias_add_activate(segment, bias(r), res, geo.activation);
+                        }
+                        None => kernels::bias_activate(segment, bias(r), geo.activation),
+                    };
                     match &mut out {
                         TileOut::Rows(rows) => {
                             let view = MatMut::strided(&mut rows[at..], count, cols, out_plane);
                             kernels::gemm_single(1.0, weights, rhs, 0.0, view);
                             for (r, row) in rows.chunks_mut(out_plane).enumerate() {
-                                let segment = &mut row[at..at + cols];
-                                kernels::bias_activate(segment, bias(r), geo.activation);
+                                finish(r, &mut row[at..at + cols]);
                             }
                         }
                         TileOut::Segments(segments) => {
@@ -392,7 +433,7 @@ impl Unit<'_> {
                             {
                                 let segment = &mut segment[at..at + cols];
                                 segment.copy_from_slice(row);
-                                kernels::bias_activate(segment, bias(r), geo.activation);
+                                finish(r, segment);
                             }
                         }
                     }
@@ -1067,8 +1108,21 @@ mod tests {
         let x = rng.tensor(&case.x);
         let w = rng.tensor(&case.w);
         let b = case.bias.then(|| rng.tensor(&case.w[..1]));
-        let got = conv(&case.attrs, &x, &w, b.as_ref()).unwrap();
+        let got = conv(&case.attrs, &x, &w, b.as_ref(), None).unwrap();
         assert_close(&got, &naive(&case.attrs, &x, &w, b.as_ref()));
+        // With a residual added before the activation: one of the output's
+        // shape (added block by block) and one that broadcasts.
+        let plain = ConvAttrs {
+            activation: Activation::None,
+            ..case.attrs.clone()
+        };
+        let sum = naive(&plain, &x, &w, b.as_ref());
+        let shape = sum.shape().to_vec();
+        for r in [rng.tensor(&shape), rng.tensor(&[1, shape[1], 1, 1])] {
+            let got = conv(&case.attrs, &x, &w, b.as_ref(), Some(&r)).unwrap();
+            let added = binary(Cow::Borrowed(&sum), Cow::Borrowed(&r), |a, b| a + b).unwrap();
+            assert_close(&got, &activation(Cow::Owned(added), case.attrs.activation));
+        }
     }
 
     fn case(
@@ -1252,6 +1306,7 @@ mod tests {
                 &Tensor::zeros(x.to_vec()),
                 &Tensor::zeros(w.to_vec()),
                 b.as_ref(),
+                None,
             )
             .unwrap_err()
             .0
@@ -1273,6 +1328,7 @@ mod tests {
             &c.attrs,
             &Tensor::zeros(c.x.clone()),
             &Tensor::zeros(c.w.clone()),
+            None,
             None,
         )
         .unwrap();

@@ -92,6 +92,27 @@ pub(crate) fn bias_activate_body<const FMA: bool>(
     }
 }
 
+/// `data[i] = activation((data[i] + bias) + residual[i])` over the shorter
+/// length: a Conv's bias, the Add of a residual connection that read it,
+/// and the activation after that Add, in the graph's order. Compiled per
+/// instruction set by `kernels::bias_add_activate`.
+#[inline(always)]
+pub(crate) fn bias_add_activate_body<const FMA: bool>(
+    data: &mut [f32],
+    bias: f32,
+    residual: &[f32],
+    activation: Activation,
+) {
+    let pairs = data.iter_mut().zip(residual);
+    match activation {
+        Activation::None => pairs.for_each(|(v, r)| *v = (*v + bias) + r),
+        Activation::Relu => pairs.for_each(|(v, r)| *v = relu((*v + bias) + r)),
+        Activation::Clip { min, max } => {
+            pairs.for_each(|(v, r)| *v = clip((*v + bias) + r, min, max));
+        }
+    }
+}
+
 /// `f(a, b)` element by element, with numpy broadcasting.
 pub(crate) fn binary(
     a: Cow<'_, Tensor>,

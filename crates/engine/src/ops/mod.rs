@@ -22,9 +22,9 @@ pub(crate) use conv::{
     OutputRows, TileSource, depthwise3x3_body, winograd_input_body, winograd_output_body,
     winograd_weights_body,
 };
-pub(crate) use elementwise::bias_activate_body;
+pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body};
 
-use crate::graph::{Activation, Op};
+use crate::graph::{Activation, ConvAttrs, Op};
 use crate::tensor::Tensor;
 
 /// Why a kernel cannot run on its operands: what was expected and what came.
@@ -54,14 +54,33 @@ pub(crate) fn arity(op: &Op) -> RangeInclusive<usize> {
     }
 }
 
+/// Runs a Conv whose output an Add read together with `inputs`' last
+/// tensor (the residual), and nothing else did: `inputs` are the Conv's
+/// (X, W and maybe B) then the residual, and the result is the Add's
+/// output, with `attrs`' activation applied after the Add. A residual of
+/// the output's shape is added as each output block is finished; one that
+/// broadcasts is added after the Conv, as the Add would.
+pub(crate) fn conv_add(attrs: &ConvAttrs, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
+    let y = match inputs.as_slice() {
+        [x, w, r] => conv::conv(attrs, x, w, None, Some(r)),
+        [x, w, b, r] => conv::conv(attrs, x, w, Some(b), Some(r)),
+        _ => Err(Mismatch(format!(
+            "a Conv with a residual takes 3 or 4 inputs, got {}",
+            inputs.len()
+        ))),
+    };
+    recycle(inputs);
+    y
+}
+
 /// Runs `op` on `inputs`.
 pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
     use elementwise::{activation, binary, map, sigmoid};
     match op {
         Op::Conv(attrs) => {
             let y = match inputs.as_slice() {
-                [x, w] => conv::conv(attrs, x, w, None),
-                [x, w, b] => conv::conv(attrs, x, w, Some(b)),
+                [x, w] => conv::conv(attrs, x, w, None, None),
+                [x, w, b] => conv::conv(attrs, x, w, Some(b), None),
                 _ => Err(wrong_arity(op, inputs.len())),
             };
             recycle(inputs);

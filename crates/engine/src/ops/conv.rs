@@ -80,20 +80,18 @@ pub(crate) fn conv(
     let mut y = crate::buffers::take(len);
     if len > 0 {
         let bias = bias.map(Tensor::data);
-        if geo.is_depthwise() || winograd::applies(&geo) {
-            // These add the residual in a pass of their own, after the bias.
+        if geo.is_depthwise() {
+            // Depthwise adds the residual in a pass of its own, after the bias.
             let act = match residual {
                 Some(_) => std::mem::replace(&mut geo.activation, Activation::None),
                 None => geo.activation,
             };
-            if geo.is_depthwise() {
-                depthwise(&geo, x.data(), w.data(), bias, &mut y);
-            } else {
-                winograd::conv(&geo, x.data(), w.data(), bias, &mut y);
-            }
+            depthwise(&geo, x.data(), w.data(), bias, &mut y);
             if let Some(r) = residual {
                 kernels::bias_add_activate(&mut y, 0.0, r, act);
             }
+        } else if winograd::applies(&geo) {
+            winograd::conv(&geo, x.data(), w.data(), bias, residual, &mut y);
         } else {
             grouped(&geo, x.data(), w.data(), bias, residual, &mut y)?;
         }

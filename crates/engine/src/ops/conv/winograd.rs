@@ -33,7 +33,7 @@ use std::ops::Range;
 use super::{Geometry, Scratch, grow, with_scratch};
 use crate::graph::Activation;
 use crate::kernels::{self, MatMut, MatRef};
-use crate::ops::bias_activate_body;
+use crate::ops::{bias_activate_body, bias_add_activate_body};
 use crate::threads::{for_each_task, threads};
 
 /// Tiles (or kernels) one step of a transform works on.
@@ -74,7 +74,16 @@ pub(super) fn applies(geo: &Geometry) -> bool {
 }
 
 /// Computes the Conv of `geo` (for which [`applies`] holds) into `y`.
-pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+/// `residual`, when given, has `y`'s layout and is added after the bias,
+/// before the activation.
+pub(super) fn conv(
+    geo: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let (c, m) = (geo.channels, geo.out_channels);
     let mut u = crate::buffers::take(16 * m * c);
     transform_weights(w, &mut u, m * c);
@@ -86,7 +95,11 @@ pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y
         .clamp(1, tile_rows);
     let tasks = threads().min(tile_rows);
     let per_task = tile_rows.div_ceil(tasks);
-    for (image, out) in x.chunks(c * in_plane).zip(y.chunks_mut(m * out_plane)) {
+    for (n, (image, out)) in x
+        .chunks(c * in_plane)
+        .zip(y.chunks_mut(m * out_plane))
+        .enumerate()
+    {
         // Each task's tile rows, and its rows of every output plane.
         let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
             ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
@@ -96,6 +109,7 @@ pub(super) fn conv(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y
             image,
             u: &u,
             bias,
+            residual: residual.map(|r| &r[n * m * out_plane..][..m * out_plane]),
         };
         for_each_task(work, |(rows, mut segments)| {
             with_scratch(|scratch| {
@@ -162,6 +176,8 @@ struct Layer<'a> {
     /// The transformed weights: 16 matrices `[M, C]`.
     u: &'a [f32],
     bias: Option<&'a [f32]>,
+    /// Laid out like the image's output, `[M, OH, OW]`.
+    residual: Option<&'a [f32]>,
 }
 
 impl Layer<'_> {
@@ -217,11 +233,16 @@ impl Layer<'_> {
                 MatMut::new(&mut p[xi * m * tiles..], m, tiles),
             );
         }
+        let first = 2 * band.start * out_width;
         for (channel, segment) in segments.iter_mut().enumerate() {
+            let len = out_rows * out_width;
             let out = OutputRows {
-                rows: &mut segment[at..][..out_rows * out_width],
+                rows: &mut segment[at..][..len],
                 width: out_width,
                 bias: self.bias.map_or(0.0, |b| b[channel]),
+                residual: self
+                    .residual
+                    .map(|r| &r[channel * geo.out_plane() + first..][..len]),
                 activation: geo.activation,
             };
             kernels::winograd_output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
@@ -251,6 +272,8 @@ pub(crate) struct OutputRows<'a> {
     pub rows: &'a mut [f32],
     pub width: usize,
     pub bias: f32,
+    /// Added after the bias (a fused Add), laid out like `rows`.
+    pub residual: Option<&'a [f32]>,
     pub activation: Activation,
 }
 
@@ -427,7 +450,10 @@ pub(crate) fn winograd_output_body<const FMA: bool>(
             *cell = s0[n] + s1[n] + s2[n];
         }
     }
-    bias_activate_body::<FMA>(out.rows, out.bias, out.activation);
+    match out.residual {
+        Some(r) => bias_add_activate_body::<FMA>(out.rows, out.bias, r, out.activation),
+        None => bias_activate_body::<FMA>(out.rows, out.bias, out.activation),
+    }
 }
 
 /// `dst[t] = f(a[t], b[t])`.
@@ -532,7 +558,7 @@ mod tests {
             let geo = Geometry::new(&attrs, xt.shape(), wt.shape(), Some(bt.shape())).unwrap();
             assert!(applies(&geo), "{:?}", (n, c, h, wd));
             let mut y = vec![f32::NAN; n * m * geo.out_plane()];
-            conv(&geo, &x, &w, Some(&bias), &mut y);
+            conv(&geo, &x, &w, Some(&bias), None, &mut y);
             let want = direct(&x, &w, &bias, (n, c, h, wd), m, pads);
             let want: Vec<f32> = want
                 .into_iter()

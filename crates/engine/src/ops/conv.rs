@@ -244,7 +244,11 @@ fn grouped(
             depth,
             band,
         };
-        let by_channels = tasks > 1 && pointwise && group_outputs >= ROW_SPLIT_MIN * tasks;
+        // Split the weights, not the image, when they are the larger
+        // operand: every task packs the operand it shares whole.
+        let by_channels = tasks > 1
+            && group_outputs >= ROW_SPLIT_MIN * tasks
+            && (pointwise || 2 * out_plane <= group_outputs);
         unit.tiles(out, tasks, by_channels);
     };
 
@@ -1200,6 +1204,13 @@ mod tests {
         // Pointwise with few: split by columns, several tiles per task.
         let c = case([1, 64, 64, 64], 96, 1, [1, 1], [1, 1], [0; 4], [1, 1]);
         check(&c, 7);
+        // im2col with more output channels than twice the output cells
+        // (ResNet-18's last convolutions): split by channels too.
+        if crate::threads::threads() > 1 {
+            assert!(kernels::splits_itself(128, 64 * 9, 25));
+        }
+        let c = case([1, 64, 5, 5], 128, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]);
+        check(&c, 10);
         // Depthwise with enough work to split its planes over threads:
         // the 3x3 kernel and the general loop.
         let c = case(

@@ -387,6 +387,10 @@ impl Unit<'_> {
                     (TILE_LEN / count).max(16).min(range.len().max(1))
                 } else if pointwise {
                     range.len()
+                } else if matches!(out, TileOut::Segments(_)) {
+                    // The product buffer, copied out after each band, stays
+                    // in cache.
+                    self.band.min((TILE_LEN / (count * step_len)).max(1))
                 } else {
                     self.band
                 };

@@ -517,10 +517,13 @@ multiversion! {
     ) => winograd_output_body;
 }
 
-/// [`dot`] with 32 partial sums, which vectorise.
+/// Partial sums of [`dot`], [`dots4`] and [`sum`]: enough to vectorise
+/// (a sum in order is one long chain of dependent additions).
+const LANES: usize = 32;
+
+/// [`dot`] with [`LANES`] partial sums.
 #[inline(always)]
 fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
-    const LANES: usize = 32;
     let n = x.len().min(y.len());
     let (xs, x_rest) = x[..n].as_chunks::<LANES>();
     let (ys, y_rest) = y[..n].as_chunks::<LANES>();
@@ -530,26 +533,12 @@ fn dot_body<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
             acc[l] = fmadd::<FMA>(x[l], y[l], acc[l]);
         }
     }
-    let mut sum = 0.0;
-    for (x, y) in x_rest.iter().zip(y_rest) {
-        sum = fmadd::<FMA>(*x, *y, sum);
-    }
-    // A fixed pairwise order, the same on every CPU of one kind.
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0] + sum
+    fold_lanes(acc, tail_dot::<FMA>(x_rest, y_rest))
 }
 
-/// [`sum`] with 32 partial sums, which vectorise (a sum in order is one
-/// long chain of dependent additions), added pairwise in a fixed order.
+/// [`sum`] with [`LANES`] partial sums.
 #[inline(always)]
 fn sum_body<const FMA: bool>(x: &[f32]) -> f32 {
-    const LANES: usize = 32;
     let (xs, rest) = x.as_chunks::<LANES>();
     let mut acc = [0.0f32; LANES];
     for x in xs {
@@ -557,14 +546,7 @@ fn sum_body<const FMA: bool>(x: &[f32]) -> f32 {
             acc[l] += x[l];
         }
     }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
-        }
-    }
-    acc[0] + rest.iter().sum::<f32>()
+    fold_lanes(acc, rest.iter().sum::<f32>())
 }
 
 /// Four [`dot_body`]s in one pass over `x`, each summed in the same order
@@ -573,7 +555,6 @@ fn sum_body<const FMA: bool>(x: &[f32]) -> f32 {
 /// reading one after the other.
 #[inline(always)]
 fn dots4_body<const FMA: bool>(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] {
-    const LANES: usize = 32;
     let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
     let (xs, x_rest) = x[..n].as_chunks::<LANES>();
     let (c0, r0) = ys[0][..n].as_chunks::<LANES>();
@@ -593,26 +574,34 @@ fn dots4_body<const FMA: bool>(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] {
             a3[l] = fmadd::<FMA>(x[l], y3[l], a3[l]);
         }
     }
-    let finish = |mut acc: [f32; LANES], rest: &[f32]| {
-        let mut sum = 0.0;
-        for (x, y) in x_rest.iter().zip(rest) {
-            sum = fmadd::<FMA>(*x, *y, sum);
-        }
-        let mut width = LANES;
-        while width > 1 {
-            width /= 2;
-            for l in 0..width {
-                acc[l] += acc[l + width];
-            }
-        }
-        acc[0] + sum
-    };
     [
-        finish(a0, r0),
-        finish(a1, r1),
-        finish(a2, r2),
-        finish(a3, r3),
+        fold_lanes(a0, tail_dot::<FMA>(x_rest, r0)),
+        fold_lanes(a1, tail_dot::<FMA>(x_rest, r1)),
+        fold_lanes(a2, tail_dot::<FMA>(x_rest, r2)),
+        fold_lanes(a3, tail_dot::<FMA>(x_rest, r3)),
     ]
+}
+
+/// The dot product of the elements past the last whole chunk, in order.
+#[inline(always)]
+fn tail_dot<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
+    x.iter()
+        .zip(y)
+        .fold(0.0, |sum, (x, y)| fmadd::<FMA>(*x, *y, sum))
+}
+
+/// `rest` plus the partial sums `acc`, added pairwise in a fixed order
+/// (the same on every CPU of one kind).
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES], rest: f32) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0] + rest
 }
 
 /// `a * b + c`, fused when `FMA` (and then one instruction).

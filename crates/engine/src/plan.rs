@@ -848,31 +848,44 @@ mod tests {
         assert!(source.loaded.is_empty());
     }
 
-    #[test]
-    fn fuses_an_activation_into_the_conv_before_it_only_when_alone() {
-        let conv = Op::Conv(ConvAttrs {
+    /// A 1x1 Conv of one channel: multiplies by its weight `w`.
+    fn scaling_conv() -> Op {
+        Op::Conv(ConvAttrs {
             kernel: [1, 1],
             strides: [1, 1],
             pads: [0; 4],
             dilations: [1, 1],
             group: 1,
             activation: Activation::None,
-        });
-        let g = Graph {
+        })
+    }
+
+    /// `nodes` over input `x` (rank 4) and the weight `w` of a [`scaling_conv`].
+    fn with_scaling_weight(nodes: Vec<Node>, outputs: &[&str]) -> Graph {
+        Graph {
             inputs: vec![input("x", 4)],
             params: vec![ParamInfo {
                 name: "w".into(),
                 shape: vec![1, 1, 1, 1],
             }],
-            nodes: vec![
+            nodes,
+            outputs: outputs.iter().map(|&o| o.into()).collect(),
+        }
+    }
+
+    #[test]
+    fn fuses_an_activation_into_the_conv_before_it_only_when_alone() {
+        let conv = scaling_conv();
+        let g = with_scaling_weight(
+            vec![
                 node("c", conv.clone(), &["x", "w"]),
                 node("r", Op::Relu, &["c"]),
                 node("d", conv, &["x", "w"]),
                 node("e", Op::Clip { min: 0.0, max: 1.5 }, &["d"]),
                 node("f", Op::Add, &["d", "e"]),
             ],
-            outputs: vec!["r".into(), "f".into()],
-        };
+            &["r", "f"],
+        );
         let plan = Plan::new(g).unwrap();
         let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
         assert!(matches!(
@@ -894,21 +907,9 @@ mod tests {
 
     #[test]
     fn fuses_a_residual_add_and_its_activation_into_the_conv() {
-        let conv = Op::Conv(ConvAttrs {
-            kernel: [1, 1],
-            strides: [1, 1],
-            pads: [0; 4],
-            dilations: [1, 1],
-            group: 1,
-            activation: Activation::None,
-        });
-        let g = Graph {
-            inputs: vec![input("x", 4)],
-            params: vec![ParamInfo {
-                name: "w".into(),
-                shape: vec![1, 1, 1, 1],
-            }],
-            nodes: vec![
+        let conv = scaling_conv();
+        let g = with_scaling_weight(
+            vec![
                 // Conv, Add (residual first), Relu: one step does all three.
                 node("c", conv.clone(), &["x", "w"]),
                 node("s", Op::Add, &["x", "c"]),
@@ -921,8 +922,8 @@ mod tests {
                 node("f", Op::Relu, &["x"]),
                 node("u", Op::Add, &["e", "f"]),
             ],
-            outputs: vec!["r".into(), "d".into(), "t".into(), "u".into()],
-        };
+            &["r", "d", "t", "u"],
+        );
         let plan = Plan::new(g).unwrap();
         let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
         assert!(matches!(

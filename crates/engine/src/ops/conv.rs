@@ -307,10 +307,10 @@ struct Unit<'a> {
 
 impl Unit<'_> {
     /// Computes the unit with `tasks` tasks, each taking a block of output
-    /// channels (`by_channels`, pointwise only: each task then reads the
-    /// whole image) or of output columns (pointwise) or rows (im2col) for
-    /// every channel. A task works through its block a few columns at a
-    /// time: im2col for them, the GEMM, then one pass of bias and
+    /// channels (`by_channels`: each task then reads, or unrolls, the whole
+    /// image) or of output columns (pointwise) or rows (im2col) for every
+    /// channel. A task works through its block a few columns at a time:
+    /// im2col for them, the GEMM, then one pass of bias, residual and
     /// activation while the block is in cache. A task that owns whole rows
     /// of the output has the GEMM write there; a task that owns segments of
     /// rows has it write into a small buffer of its own, then copies that

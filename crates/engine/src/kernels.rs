@@ -604,6 +604,247 @@ fn fold_lanes(mut acc: [f32; LANES], rest: f32) -> f32 {
     acc[0] + rest
 }
 
+/// Sixteen planes of a 3x3 depthwise convolution with one cell of padding
+/// on every side and the same stride (1 or 2) along both axes, for
+/// [`depthwise3x3_x16`].
+pub(crate) struct Sixteen<'a> {
+    /// `[16, H, W]`: one plane per lane, back to back.
+    pub input: &'a [f32],
+    /// `W`.
+    pub width: usize,
+    pub stride: usize,
+    /// `taps[t][l]`: tap `t` (row-major over the 3x3 kernel) of lane `l`.
+    pub taps: [[f32; 16]; 9],
+    /// Lane `l`'s bias.
+    pub bias: [f32; 16],
+    pub activation: Activation,
+}
+
+/// Computes `planes` into `out` (`[16, OH, OW]`) sixteen planes to a
+/// vector, where the CPU has AVX-512, and returns true; returns false,
+/// touching nothing, where it has not (the caller then takes the planes one
+/// at a time). `scratch` is working memory; its contents do not matter.
+///
+/// The planes are transposed, 16x16 cells at a time, into a padded
+/// `[H + 2, W + 2, 16]` layout; every output cell is then nine vector
+/// multiply-adds at fixed offsets, whatever the stride and however narrow
+/// the plane, and the cells are transposed back. Each lane sums its taps in
+/// the order of the one-plane kernel ([`depthwise3x3`]) for a cell away
+/// from the edges, so the two agree bit for bit wherever that kernel pads
+/// rather than skips the edge taps (planes narrower than 32 cells and
+/// stride 2). It pays where planes are narrow or strided: the one-plane
+/// kernel's vectors then run mostly empty or wait for a deinterleave.
+pub(crate) fn depthwise3x3_x16(
+    planes: &Sixteen<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::depthwise3x3` is compiled with, and the function is
+        // otherwise safe.
+        unsafe {
+            x16::depthwise3x3(planes, out, scratch)
+        };
+        return true;
+    }
+    let _ = (planes, out, scratch);
+    false
+}
+
+/// AVX-512 code of [`depthwise3x3_x16`].
+#[cfg(target_arch = "x86_64")]
+mod x16 {
+    use std::arch::x86_64::{
+        __m512, __mmask16, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_setzero_ps,
+        _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    };
+
+    use super::Sixteen;
+    use crate::graph::Activation;
+    use crate::ops::{clip, relu};
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn depthwise3x3(planes: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+        // One copy of the loops per activation, applied as each cell is stored.
+        match planes.activation {
+            Activation::None => run(planes, out, scratch, |v| v),
+            Activation::Relu => run(planes, out, scratch, relu),
+            Activation::Clip { min, max } => run(planes, out, scratch, |v| clip(v, min, max)),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn run(p: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>, act: impl Fn(f32) -> f32) {
+        let (width, stride) = (p.width, p.stride);
+        let plane = p.input.len() / 16;
+        let height = plane / width;
+        let out_height = (height - 1) / stride + 1;
+        let out_width = (width - 1) / stride + 1;
+        let out_plane = out_height * out_width;
+        assert_eq!(out.len(), 16 * out_plane, "sixteen output planes");
+        let pitch = width + 2;
+        let padded = (height + 2) * pitch;
+        let need = 16 * (padded + out_plane);
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (pad, cells) = scratch[..need].split_at_mut(16 * padded);
+        let (pad, _) = pad.as_chunks_mut::<16>();
+        let (cells, _) = cells.as_chunks_mut::<16>();
+        // The padding: rows 0 and H + 1, columns 0 and W + 1.
+        pad[..pitch].fill([0.0; 16]);
+        pad[(height + 1) * pitch..].fill([0.0; 16]);
+        for r in 1..=height {
+            pad[r * pitch] = [0.0; 16];
+            pad[r * pitch + width + 1] = [0.0; 16];
+        }
+        // In: sixteen cells of every plane at a time, flat across rows.
+        let (mut r, mut c) = (1, 1);
+        for first in (0..plane).step_by(16) {
+            let n = (plane - first).min(16);
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (lane, v) in rows.iter_mut().enumerate() {
+                *v = load(&p.input[lane * plane + first..][..n]);
+            }
+            for v in &transpose(rows)[..n] {
+                store(&mut pad[r * pitch + c], *v);
+                c += 1;
+                if c > width {
+                    (r, c) = (r + 1, 1);
+                }
+            }
+        }
+        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = &p.taps;
+        for (y, out_row) in cells.chunks_exact_mut(out_width).enumerate() {
+            let row = |ki: usize| &pad[(y * stride + ki) * pitch..][..pitch];
+            let (r0, r1, r2) = (row(0), row(1), row(2));
+            for (x, cell) in out_row.iter_mut().enumerate() {
+                let at = x * stride;
+                let (s0, s1, s2) = (&r0[at], &r0[at + 1], &r0[at + 2]);
+                let (s3, s4, s5) = (&r1[at], &r1[at + 1], &r1[at + 2]);
+                let (s6, s7, s8) = (&r2[at], &r2[at + 1], &r2[at + 2]);
+                for l in 0..16 {
+                    let top =
+                        w2[l].mul_add(s2[l], w1[l].mul_add(s1[l], w0[l].mul_add(s0[l], p.bias[l])));
+                    let mid = w5[l].mul_add(s5[l], w4[l].mul_add(s4[l], w3[l] * s3[l]));
+                    let bottom = w8[l].mul_add(s8[l], w7[l].mul_add(s7[l], w6[l] * s6[l]));
+                    cell[l] = act(top + mid + bottom);
+                }
+            }
+        }
+        // Out: sixteen cells of every plane at a time.
+        for first in (0..out_plane).step_by(16) {
+            let n = (out_plane - first).min(16);
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (v, cell) in rows.iter_mut().zip(&cells[first..first + n]) {
+                *v = load(cell);
+            }
+            for (lane, v) in transpose(rows).into_iter().enumerate() {
+                store(&mut out[lane * out_plane + first..][..n], v);
+            }
+        }
+    }
+
+    /// The first `src.len()` (at most 16) lanes from `src`, the others 0.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn load(src: &[f32]) -> __m512 {
+        let mask = lanes(src.len());
+        #[allow(unsafe_code)]
+        // SAFETY: the mask enables the first `src.len()` lanes only, so the
+        // load reads the elements of `src` and nothing past them (masked
+        // lanes are not accessed and cannot fault).
+        unsafe {
+            _mm512_maskz_loadu_ps(mask, src.as_ptr())
+        }
+    }
+
+    /// Writes the first `dst.len()` (at most 16) lanes of `v` to `dst`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn store(dst: &mut [f32], v: __m512) {
+        let mask = lanes(dst.len());
+        #[allow(unsafe_code)]
+        // SAFETY: as in `load`: only the elements of `dst` are written.
+        unsafe {
+            _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v)
+        }
+    }
+
+    /// The mask of the first `n` lanes; `n` must be at most 16.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        assert!(n <= 16, "at most sixteen lanes");
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// `rows` transposed: 64 shuffles on four registers' worth of lanes.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn transpose(r: [__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved within each 128-bit lane.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        // u[4g + j], 128-bit lane L: column 4L + j of rows 4g .. 4g + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (lo01, hi01, lo23, hi23) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+        }
+        // Gather column j's four 128-bit pieces (rows 0-3, 4-7, 8-11, 12-15).
+        let mut columns: [__m512; 16] = [_mm512_setzero_ps(); 16];
+        for j in 0..4 {
+            // Columns j and 8 + j (`even`) or 4 + j and 12 + j (`odd`), rows 0-7 and 8-15.
+            let even_top = _mm512_shuffle_f32x4::<0x88>(u[j], u[4 + j]);
+            let even_bottom = _mm512_shuffle_f32x4::<0x88>(u[8 + j], u[12 + j]);
+            let odd_top = _mm512_shuffle_f32x4::<0xDD>(u[j], u[4 + j]);
+            let odd_bottom = _mm512_shuffle_f32x4::<0xDD>(u[8 + j], u[12 + j]);
+            columns[j] = _mm512_shuffle_f32x4::<0x88>(even_top, even_bottom);
+            columns[8 + j] = _mm512_shuffle_f32x4::<0xDD>(even_top, even_bottom);
+            columns[4 + j] = _mm512_shuffle_f32x4::<0x88>(odd_top, odd_bottom);
+            columns[12 + j] = _mm512_shuffle_f32x4::<0xDD>(odd_top, odd_bottom);
+        }
+        columns
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn transpose_swaps_rows_and_columns() {
+            if super::super::isa() != super::super::Isa::Avx512 {
+                return;
+            }
+            let rows: [[f32; 16]; 16] =
+                std::array::from_fn(|i| std::array::from_fn(|j| (16 * i + j) as f32));
+            let mut t = [[0.0f32; 16]; 16];
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe {
+                let columns = transpose(rows.map(|row| load(&row)));
+                for (dst, v) in t.iter_mut().zip(columns) {
+                    store(dst, v);
+                }
+            }
+            for i in 0..16 {
+                for j in 0..16 {
+                    assert_eq!(t[i][j], rows[j][i], "cell ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
 /// `a * b + c`, fused when `FMA` (and then one instruction).
 #[inline(always)]
 pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

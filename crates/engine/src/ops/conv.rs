@@ -473,6 +473,8 @@ struct Scratch {
     product: Vec<f32>,
     /// A few rows, for Winograd's transforms.
     rows: Vec<f32>,
+    /// Padded planes, for depthwise convolutions.
+    planes: Vec<f32>,
 }
 
 thread_local! {
@@ -582,61 +584,114 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     } else {
         1
     };
-    let per_task = planes.div_ceil(tasks);
+    // Narrow or strided 3x3 planes go sixteen at a time where the CPU can.
+    let sixteen = fast && out_width < SIXTEEN_BELOW;
+    let per_task = if sixteen {
+        planes.div_ceil(tasks).next_multiple_of(16)
+    } else {
+        planes.div_ceil(tasks)
+    };
     for_each_chunk(
         y,
         per_task * out_plane,
-        Vec::new,
-        |scratch, index, block| {
-            for (i, out) in block.chunks_mut(out_plane).enumerate() {
-                let p = index * per_task + i;
-                let c = p % geo.channels;
-                let plane = &x[p * in_plane..][..in_plane];
-                let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
-                let b = bias.map_or(0.0, |b| b[c]);
-                if fast {
-                    kernels::depthwise3x3(
-                        plane,
-                        width,
-                        stride,
-                        taps,
-                        b,
-                        geo.activation,
-                        out,
-                        out_width,
-                        scratch,
-                    );
-                    continue;
-                }
-                out.fill(b);
-                for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
-                    let span = geo.h.span(oh);
-                    for t in 0..span.taps {
-                        let ki = span.first_tap + t;
-                        let src = &plane[(span.first + t * geo.h.dilation()) * width..][..width];
-                        for (kj, cols) in columns.iter().enumerate() {
-                            if cols.is_empty() {
-                                continue;
-                            }
-                            let weight = taps[ki * kw + kj];
-                            let first = geo.w.input_index(cols.start, kj);
-                            let dst = &mut out_row[cols.clone()];
-                            if stride == 1 {
-                                let src = &src[first..first + dst.len()];
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d += weight * v;
+        || (),
+        |(), index, block| {
+            with_scratch(|s| {
+                let scratch = &mut s.planes;
+                let first = index * per_task;
+                let mut done = 0;
+                if sixteen {
+                    for out in block.chunks_exact_mut(16 * out_plane) {
+                        let p = first + done;
+                        let c = p % geo.channels;
+                        let (taps, bias) = match w.get(c * 9..(c + 16) * 9) {
+                            // Sixteen channels in a row (a block may also wrap
+                            // round to the next batch item's first channels).
+                            Some(run) => {
+                                let mut taps = [[0.0; 16]; 9];
+                                for (l, kernel) in run.chunks_exact(9).enumerate() {
+                                    for (tap, &v) in taps.iter_mut().zip(kernel) {
+                                        tap[l] = v;
+                                    }
                                 }
-                            } else {
-                                let src = src[first..].iter().step_by(stride);
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d += weight * v;
+                                let bias = match bias {
+                                    Some(b) => b[c..c + 16].try_into().expect("16 biases"),
+                                    None => [0.0; 16],
+                                };
+                                (taps, bias)
+                            }
+                            None => {
+                                let c: [usize; 16] =
+                                    std::array::from_fn(|l| (p + l) % geo.channels);
+                                let taps = std::array::from_fn(|t| c.map(|c| w[c * 9 + t]));
+                                (taps, c.map(|c| bias.map_or(0.0, |b| b[c])))
+                            }
+                        };
+                        let planes = kernels::Sixteen {
+                            input: &x[p * in_plane..][..16 * in_plane],
+                            width,
+                            stride,
+                            taps,
+                            bias,
+                            activation: geo.activation,
+                        };
+                        if !kernels::depthwise3x3_x16(&planes, out, scratch) {
+                            break;
+                        }
+                        done += 16;
+                    }
+                }
+                for (i, out) in block.chunks_mut(out_plane).enumerate().skip(done) {
+                    let p = first + i;
+                    let c = p % geo.channels;
+                    let plane = &x[p * in_plane..][..in_plane];
+                    let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
+                    let b = bias.map_or(0.0, |b| b[c]);
+                    if fast {
+                        kernels::depthwise3x3(
+                            plane,
+                            width,
+                            stride,
+                            taps,
+                            b,
+                            geo.activation,
+                            out,
+                            out_width,
+                            scratch,
+                        );
+                        continue;
+                    }
+                    out.fill(b);
+                    for (oh, out_row) in out.chunks_mut(out_width).enumerate() {
+                        let span = geo.h.span(oh);
+                        for t in 0..span.taps {
+                            let ki = span.first_tap + t;
+                            let src =
+                                &plane[(span.first + t * geo.h.dilation()) * width..][..width];
+                            for (kj, cols) in columns.iter().enumerate() {
+                                if cols.is_empty() {
+                                    continue;
+                                }
+                                let weight = taps[ki * kw + kj];
+                                let first = geo.w.input_index(cols.start, kj);
+                                let dst = &mut out_row[cols.clone()];
+                                if stride == 1 {
+                                    let src = &src[first..first + dst.len()];
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d += weight * v;
+                                    }
+                                } else {
+                                    let src = src[first..].iter().step_by(stride);
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d += weight * v;
+                                    }
                                 }
                             }
                         }
                     }
+                    activate(geo.activation, out);
                 }
-                activate(geo.activation, out);
-            }
+            });
         },
     );
 }
@@ -957,6 +1012,12 @@ impl Plane<'_> {
     }
 }
 
+/// Output rows narrower than this go sixteen planes at a time
+/// ([`kernels::depthwise3x3_x16`]) where the CPU can. On MobileNetV2's
+/// 28-wide planes (stride 1, or 2 from 56) and wider, the transposes cost
+/// more than the one-plane kernel loses to short rows.
+const SIXTEEN_BELOW: usize = 16;
+
 /// Output rows narrower than this go through [`Plane::flat`].
 const FLAT_BELOW: usize = 32;
 
@@ -1181,6 +1242,18 @@ mod tests {
             case([1, 2, 21, 40], 2, 2, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
             case([1, 2, 1, 1], 2, 2, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             case([1, 2, 2, 3], 2, 2, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]),
+            // 3x3 depthwise, sixteen planes at a time: blocks that wrap
+            // round to the next batch item, a tail of single planes
+            case([2, 24, 7, 7], 24, 24, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            case(
+                [3, 13, 14, 11],
+                13,
+                13,
+                [3, 3],
+                [2, 2],
+                [1, 1, 1, 1],
+                [1, 1],
+            ),
             // depthwise with a channel multiplier goes through im2col
             case([2, 3, 6, 6], 6, 3, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             // kernel as large as the padded input
@@ -1305,6 +1378,62 @@ mod tests {
                     );
                     let got = Tensor::new(want.shape().to_vec(), out).unwrap();
                     assert_close(&got, &want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_planes_match_the_one_plane_kernel_bit_for_bit() {
+        // Where the one-plane kernel pads rather than skips the edge taps
+        // (narrow planes, and stride 2), the two sum in the same order.
+        let mut rng = Rng(23);
+        let sizes = [(1, 1), (2, 3), (7, 7), (14, 14), (13, 9), (5, 17), (28, 28)];
+        for (h, w) in sizes {
+            for stride in [1, 2] {
+                if stride == 1 && w >= FLAT_BELOW {
+                    continue;
+                }
+                let activation = Activation::Clip {
+                    min: -0.1,
+                    max: 0.2,
+                };
+                let c = case([1, 16, h, w], 16, 16, [3, 3], [stride; 2], [1; 4], [1, 1]);
+                let (x, taps, b) = (rng.tensor(&c.x), rng.tensor(&c.w), rng.tensor(&[16]));
+                let out_plane = h.div_ceil(stride) * w.div_ceil(stride);
+                let planes = kernels::Sixteen {
+                    input: x.data(),
+                    width: w,
+                    stride,
+                    taps: std::array::from_fn(|t| std::array::from_fn(|l| taps.data()[l * 9 + t])),
+                    bias: b.data().try_into().unwrap(),
+                    activation,
+                };
+                let mut got = vec![f32::NAN; 16 * out_plane];
+                let mut scratch = vec![f32::NAN; 1 << 16];
+                if !kernels::depthwise3x3_x16(&planes, &mut got, &mut scratch) {
+                    return; // not on this CPU
+                }
+                for l in 0..16 {
+                    let mut want = vec![f32::NAN; out_plane];
+                    kernels::depthwise3x3(
+                        &x.data()[l * h * w..][..h * w],
+                        w,
+                        stride,
+                        &taps.data()[l * 9..][..9],
+                        b.data()[l],
+                        activation,
+                        &mut want,
+                        w.div_ceil(stride),
+                        &mut scratch,
+                    );
+                    let got = &got[l * out_plane..][..out_plane];
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(got),
+                        bits(&want),
+                        "{h}x{w}, stride {stride}, plane {l}"
+                    );
                 }
             }
         }

@@ -22,7 +22,7 @@ pub(crate) use conv::{
     OutputRows, TileSource, depthwise3x3_body, winograd_input_body, winograd_output_body,
     winograd_weights_body,
 };
-pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body};
+pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body, clip, relu};
 
 use crate::graph::{Activation, ConvAttrs, Op};
 use crate::tensor::Tensor;

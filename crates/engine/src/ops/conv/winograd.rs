@@ -201,6 +201,7 @@ impl Layer<'_> {
             columns: v,
             product: p,
             rows: scratch,
+            ..
         } = scratch;
         grow(v, 16 * c * tiles);
         grow(p, 16 * m * tiles);

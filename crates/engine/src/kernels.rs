@@ -709,11 +709,14 @@ mod x16 {
             for (lane, v) in rows.iter_mut().enumerate() {
                 *v = load(&p.input[lane * plane + first..][..n]);
             }
-            for v in &transpose(rows)[..n] {
-                store(&mut pad[r * pitch + c], *v);
-                c += 1;
-                if c > width {
-                    (r, c) = (r + 1, 1);
+            // A loop of constant length, unrolled, keeps the cells in registers.
+            for (j, v) in transpose(rows).into_iter().enumerate() {
+                if j < n {
+                    store(&mut pad[r * pitch + c], v);
+                    c += 1;
+                    if c > width {
+                        (r, c) = (r + 1, 1);
+                    }
                 }
             }
         }

@@ -6,7 +6,9 @@
 //!   group's GEMM would have a single row, too thin for a GEMM kernel. The
 //!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
 //!   kernel ([`depthwise3x3_body`]) that computes each output row in one
-//!   vectorised pass over nine shifted input rows.
+//!   vectorised pass over nine shifted input rows; narrow planes go
+//!   sixteen at a time, one per vector lane, on AVX-512
+//!   ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out and 64 output tiles of 2x2): 16 GEMMs
 //!   on transformed weights and inputs, 16 multiply-adds per tile and
@@ -584,8 +586,10 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     } else {
         1
     };
-    // Narrow or strided 3x3 planes go sixteen at a time where the CPU can.
-    let sixteen = fast && out_width < SIXTEEN_BELOW;
+    // Narrow planes go sixteen at a time where the CPU can: those the
+    // one-plane kernel deinterleaves (stride 2), and those whose rows fill
+    // half a vector at most.
+    let sixteen = fast && out_width < SIXTEEN_BELOW && (stride == 2 || out_width <= 8);
     let per_task = if sixteen {
         planes.div_ceil(tasks).next_multiple_of(16)
     } else {
@@ -1012,10 +1016,12 @@ impl Plane<'_> {
     }
 }
 
-/// Output rows narrower than this go sixteen planes at a time
-/// ([`kernels::depthwise3x3_x16`]) where the CPU can. On MobileNetV2's
-/// 28-wide planes (stride 1, or 2 from 56) and wider, the transposes cost
-/// more than the one-plane kernel loses to short rows.
+/// Output rows narrower than this may go sixteen planes at a time
+/// ([`kernels::depthwise3x3_x16`]). Measured per node on MobileNetV2 (Xeon,
+/// AVX-512): 7x7 planes and stride 2 into 14x14 or 7x7 gain 25-60 %; 14x14
+/// planes at stride 1 gain 0.01 ms per node at 1 thread and lose as much at
+/// 2, so they stay one plane at a time; from 28-wide planes on, the
+/// transposes cost more than the one-plane kernel loses to short rows.
 const SIXTEEN_BELOW: usize = 16;
 
 /// Output rows narrower than this go through [`Plane::flat`].

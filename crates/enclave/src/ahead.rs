@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use capsule_format::Unsealer;
 use zeroize::Zeroize;
@@ -50,6 +51,13 @@ impl Drop for Buffers {
         }
     }
 }
+
+/// How long [`Opener::next`] polls, off the pool, before it sleeps.
+const SPIN: Duration = Duration::from_micros(500);
+
+/// Spin-loop hints between two polls of [`Opener::next`] (well under a µs), so
+/// that the opener is not kept from the lock it reports through.
+const POLL_SPINS: usize = 64;
 
 /// Layers queued to open and layers opened, in the order they were queued.
 pub(crate) struct Opener<L> {
@@ -97,7 +105,12 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     /// The next layer opened, in queue order, waiting for it (and running the pool's
     /// jobs meanwhile when called on one of its threads, as the opening job may be
     /// queued behind them); `None` if nothing is queued or being opened.
+    ///
+    /// Off the pool, it polls for up to [`SPIN`] before it sleeps: a thread woken
+    /// from a condition variable resumes tens of µs late in a virtual machine,
+    /// as much as a small layer's whole wait.
     pub fn next(&self) -> Option<Opened<L>> {
+        let spin_until = Instant::now() + SPIN;
         let mut state = self.lock();
         loop {
             if let Some(opened) = state.done.pop_front() {
@@ -110,6 +123,12 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                 drop(state);
                 if let Some(rayon::Yield::Idle) = rayon::yield_now() {
                     std::thread::yield_now();
+                }
+                state = self.lock();
+            } else if Instant::now() < spin_until {
+                drop(state);
+                for _ in 0..POLL_SPINS {
+                    std::hint::spin_loop();
                 }
                 state = self.lock();
             } else {

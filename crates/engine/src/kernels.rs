@@ -23,6 +23,12 @@
 //! one this CPU has (detected once, at run time). The `unsafe` there is
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
+//!
+//! One kernel is written with `std::arch` intrinsics instead, because its
+//! 16x16 transposes are shuffles that LLVM does not find on its own: the
+//! sixteen-plane depthwise convolution ([`depthwise3x3_x16`], AVX-512
+//! only). Its `unsafe` is that call and masked loads and stores whose masks
+//! cover exactly the slices they are given.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

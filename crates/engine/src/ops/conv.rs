@@ -606,39 +606,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                 let mut done = 0;
                 if sixteen {
                     for out in block.chunks_exact_mut(16 * out_plane) {
-                        let p = first + done;
-                        let c = p % geo.channels;
-                        let (taps, bias) = match w.get(c * 9..(c + 16) * 9) {
-                            // Sixteen channels in a row (a block may also wrap
-                            // round to the next batch item's first channels).
-                            Some(run) => {
-                                let mut taps = [[0.0; 16]; 9];
-                                for (l, kernel) in run.chunks_exact(9).enumerate() {
-                                    for (tap, &v) in taps.iter_mut().zip(kernel) {
-                                        tap[l] = v;
-                                    }
-                                }
-                                let bias = match bias {
-                                    Some(b) => b[c..c + 16].try_into().expect("16 biases"),
-                                    None => [0.0; 16],
-                                };
-                                (taps, bias)
-                            }
-                            None => {
-                                let c: [usize; 16] =
-                                    std::array::from_fn(|l| (p + l) % geo.channels);
-                                let taps = std::array::from_fn(|t| c.map(|c| w[c * 9 + t]));
-                                (taps, c.map(|c| bias.map_or(0.0, |b| b[c])))
-                            }
-                        };
-                        let planes = kernels::Sixteen {
-                            input: &x[p * in_plane..][..16 * in_plane],
-                            width,
-                            stride,
-                            taps,
-                            bias,
-                            activation: geo.activation,
-                        };
+                        let planes = sixteen_planes(geo, x, w, bias, first + done);
                         if !kernels::depthwise3x3_x16(&planes, out, scratch) {
                             break;
                         }
@@ -698,6 +666,49 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
             });
         },
     );
+}
+
+/// The operands of planes `p..p + 16` (3x3 depthwise) for
+/// [`kernels::depthwise3x3_x16`].
+fn sixteen_planes<'x>(
+    geo: &Geometry,
+    x: &'x [f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    p: usize,
+) -> kernels::Sixteen<'x> {
+    let in_plane = geo.in_plane();
+    let c = p % geo.channels;
+    let (taps, bias) = match w.get(c * 9..(c + 16) * 9) {
+        // Sixteen channels in a row.
+        Some(run) => {
+            let mut taps = [[0.0; 16]; 9];
+            for (l, kernel) in run.chunks_exact(9).enumerate() {
+                for (tap, &v) in taps.iter_mut().zip(kernel) {
+                    tap[l] = v;
+                }
+            }
+            let bias = match bias {
+                Some(b) => b[c..c + 16].try_into().expect("16 biases"),
+                None => [0.0; 16],
+            };
+            (taps, bias)
+        }
+        // The block wraps round to the next batch item's first channels.
+        None => {
+            let c: [usize; 16] = std::array::from_fn(|l| (p + l) % geo.channels);
+            let taps = std::array::from_fn(|t| c.map(|c| w[c * 9 + t]));
+            (taps, c.map(|c| bias.map_or(0.0, |b| b[c])))
+        }
+    };
+    kernels::Sixteen {
+        input: &x[p * in_plane..][..16 * in_plane],
+        width: geo.w.input(),
+        stride: geo.w.stride(),
+        taps,
+        bias,
+        activation: geo.activation,
+    }
 }
 
 /// One plane of a 3x3 depthwise convolution with one cell of padding on

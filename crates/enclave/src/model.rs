@@ -405,11 +405,9 @@ impl Layout {
         weights: &mut Weights,
     ) -> Result<(), Error> {
         let mut buffers = weights.buffers(self, layer);
-        let chunks = unsealer.header().chunk_count(layer);
         if let Err(e) = crate::stream::open_whole(
             unsealer,
             layer,
-            0..chunks,
             sealed,
             &mut buffers,
             capsule_engine::threads() > 1,
@@ -433,6 +431,11 @@ impl Layout {
             self.install_sealed(unsealer, layer, capsule.sealed_layer(layer), &mut weights)?;
         }
         Ok(weights)
+    }
+
+    /// The params of layer `layer`'s tensors.
+    pub fn params_of(&self, layer: usize) -> &[usize] {
+        &self.layer_params[layer]
     }
 
     /// Zeroizes the weights of layer `layer`; their buffers are kept for the next
@@ -568,10 +571,29 @@ impl Weights {
     }
 
     fn clear(&mut self, index: usize) {
-        if let Some(tensor) = self.tensors[index].take() {
-            self.held -= 4 * tensor.len() as u64;
-            let (_, data) = tensor.into_parts();
+        if let Some(data) = self.unload(index) {
             self.retire(index, data);
+        }
+    }
+
+    /// Whether buffers are kept for the next query (no budget): then a query may
+    /// have them wiped by the opener's job, off its own path ([`Weights::unload`]).
+    pub fn keeps_spares(&self) -> bool {
+        self.keep_spare
+    }
+
+    /// Takes param `index`'s weights out, not wiped: the caller wipes the buffer and
+    /// gives it back with [`Weights::keep`].
+    pub fn unload(&mut self, index: usize) -> Option<Vec<f32>> {
+        let tensor = self.tensors[index].take()?;
+        self.held -= 4 * tensor.len() as u64;
+        Some(tensor.into_parts().1)
+    }
+
+    /// Keeps a buffer of param `index` that has been wiped, for the next query.
+    pub fn keep(&mut self, index: usize, buf: Vec<f32>) {
+        if self.keep_spare {
+            self.spare[index] = buf;
         }
     }
 
@@ -1009,5 +1031,73 @@ mod tests {
                 assert!(good.run(&[ramp(&[batch, 2, 5, 5], 1)]).is_ok());
             }
         }
+    }
+
+    /// A layer larger than two steps of the opener (`fc`, 600 KB, in 1000-byte chunks) is
+    /// opened over several jobs, whole and in order; a tampered chunk in a later step
+    /// is named; and what the opener is given to wipe comes back zeroed, whatever its
+    /// size.
+    #[test]
+    fn the_opener_opens_and_wipes_in_steps() {
+        use crate::ahead::{Buffers, Job, Opener, Spent};
+
+        let (graph, weights) = model(2000);
+        let (bytes, key) = seal(&graph, &weights, 1000);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let unsealer = capsule.unseal(&key).unwrap();
+        let layout = Layout::new(unsealer.header()).unwrap();
+        let layer = unsealer
+            .header()
+            .layers
+            .iter()
+            .position(|l| l.name == "fc")
+            .unwrap();
+        assert!(unsealer.header().layers[layer].plaintext_len > 2 * (256 << 10));
+        let mut store = Weights::new(graph.params.len());
+        let want: Vec<f32> = ["fc", "fc.b"]
+            .iter()
+            .flat_map(|name| weights[*name].data().to_vec())
+            .collect();
+
+        let sealed = capsule.sealed_layer(layer);
+        let mut tampered = sealed.to_vec();
+        let bad_chunk = 600;
+        tampered[bad_chunk * (1000 + capsule_format::TAG_LEN) + 3] ^= 1;
+        let opener = Opener::new();
+        let wiped = rayon::in_place_scope(|scope| {
+            for sealed in [sealed.to_vec(), tampered] {
+                let buffers = Buffers(store.buffers(&layout, layer));
+                let job = Job {
+                    layer,
+                    sealed,
+                    buffers,
+                };
+                opener.push(job, &unsealer, scope);
+            }
+            let spent = [(3, 100), (4, 3 << 20)].map(|(param, len)| Spent {
+                param,
+                buffer: Buffers(vec![vec![1.5; len]]),
+            });
+            opener.retire(spent.into(), &unsealer, scope);
+
+            let opened = opener.next().unwrap();
+            assert!(opened.result.is_ok());
+            let got: Vec<f32> = opened.buffers.take().concat();
+            assert_eq!(got, want);
+            let failed = opener.next().unwrap();
+            match failed.result {
+                Err(capsule_format::Error::ChunkFailed { chunk, .. }) => {
+                    assert_eq!(chunk, bad_chunk as u64)
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(opener.next().is_none());
+            opener.settle()
+        });
+        let mut wiped = wiped;
+        wiped.sort_by_key(|(param, _)| *param);
+        let shape: Vec<(usize, usize)> = wiped.iter().map(|(p, b)| (*p, b.len())).collect();
+        assert_eq!(shape, [(3, 100), (4, 3 << 20)]);
+        assert!(wiped.iter().all(|(_, b)| b.iter().all(|&v| v == 0.0)));
     }
 }

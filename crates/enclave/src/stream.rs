@@ -31,7 +31,7 @@ use capsule_format::{Capsule, TAG_LEN, Unsealer};
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::ahead::{Buffers, Job, Opener};
+use crate::ahead::{Buffers, Job, Opener, Spent};
 use crate::error::Error;
 use crate::model::{Layout, Weights, on_team, wipe};
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
@@ -309,7 +309,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                 stream: self,
                 scope,
             };
-            if piped.stream.streamed.iter().any(|&s| s) {
+            let result = if piped.stream.streamed.iter().any(|&s| s) {
                 layout
                     .staged()
                     .run(inputs, &mut piped, &mut |j, operands, piped| {
@@ -318,7 +318,12 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                     })
             } else {
                 layout.plan().run(inputs, &mut piped)
+            };
+            // The weights released during the run, wiped.
+            for (param, buf) in piped.stream.opener.settle() {
+                piped.stream.weights.keep(param, buf);
             }
+            result
         })
     }
 
@@ -472,7 +477,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             };
             if let (Some(bytes), Some(buffers)) = (bytes, buffers.as_mut())
                 && let Err(e) =
-                    open_whole(self.unsealer, layer, first..last, bytes, buffers, on_team())
+                    open_chunks(self.unsealer, layer, first..last, bytes, buffers, on_team())
             {
                 failed = Some(e);
                 first = last;
@@ -490,7 +495,8 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             return Err(StreamFailure::Rejected(Error::Format(e)));
         }
         self.received += 1;
-        if let Some(buffers) = buffers {
+        if let Some(mut buffers) = buffers {
+            values_from_le(&mut buffers);
             self.weights
                 .install(self.layout, layer, buffers)
                 .map_err(StreamFailure::Rejected)?;
@@ -750,6 +756,12 @@ enum Streamed {
     Stream(StreamFailure),
 }
 
+/// Fewest bytes of a weight buffer that a query at one engine thread leaves to the
+/// opener's job to wipe: below it, queueing the buffer costs about as much as wiping
+/// it (MobileNetV2's layers are mostly smaller; ResNet-18 spent 2.6 ms of its 35
+/// wiping its larger ones on the query's own thread).
+const DEFERRED_WIPE_MIN: usize = 256 << 10;
+
 /// What the engine sees when the stream failed; the stream keeps the real failure.
 fn stream_failed() -> capsule_engine::Error {
     capsule_engine::Error::InvalidWeights {
@@ -806,19 +818,60 @@ where
 
     fn release(&mut self, _node: &Node) {
         let stream = &mut *self.stream;
+        // At one engine thread, large buffers are wiped by the opener's job, on the
+        // other core, between its openings (at two, the pool has no core to spare).
+        let defer = stream.weights.keeps_spares() && capsule_engine::threads() == 1;
+        let mut spent = Vec::new();
         for layer in stream.layout.done_after(stream.node) {
-            stream.layout.evict(layer, stream.weights);
+            if !defer {
+                stream.layout.evict(layer, stream.weights);
+                continue;
+            }
+            for &param in stream.layout.params_of(layer) {
+                if let Some(mut buffer) = stream.weights.unload(param) {
+                    if 4 * buffer.len() < DEFERRED_WIPE_MIN {
+                        wipe(&mut buffer);
+                        stream.weights.keep(param, buffer);
+                    } else {
+                        spent.push(Spent {
+                            param,
+                            buffer: Buffers(vec![buffer]),
+                        });
+                    }
+                }
+            }
+        }
+        if !spent.is_empty() {
+            stream.opener.retire(spent, stream.unsealer, self.scope);
         }
         stream.node += 1;
     }
 }
 
-/// Opens chunks `chunks` of layer `layer` from their sealed bytes `sealed` (back to
-/// back) into `buffers`, the layer's tensors in plaintext order, which exactly fill it
-/// (capsule-v1 §4.3). With `parallel`, chunks are opened in parallel on rayon's pool; a chunk inside one tensor is opened straight into it, one across
-/// tensors into a scratch buffer that is then wiped. On failure the error names the
-/// first chunk that did not authenticate, and `buffers` hold garbage.
+/// Opens every chunk of layer `layer` from its sealed bytes `sealed` into `buffers`,
+/// the layer's tensors in plaintext order, which it exactly fills (capsule-v1 §4.3),
+/// and reads their values in the capsule's byte order. With `parallel`, chunks are
+/// opened in parallel on rayon's pool. On failure the error names the first chunk
+/// that did not authenticate, and `buffers` hold garbage.
 pub(crate) fn open_whole(
+    unsealer: &Unsealer,
+    layer: usize,
+    sealed: &[u8],
+    buffers: &mut [Vec<f32>],
+    parallel: bool,
+) -> Result<(), capsule_format::Error> {
+    let chunks = 0..unsealer.header().chunk_count(layer);
+    open_chunks(unsealer, layer, chunks, sealed, buffers, parallel)?;
+    values_from_le(buffers);
+    Ok(())
+}
+
+/// Opens chunks `chunks` of layer `layer` from their sealed bytes `sealed` (back to
+/// back) into their places in `buffers`, the layer's tensors in plaintext order. A
+/// chunk inside one tensor is opened straight into it, one across tensors into a
+/// scratch buffer that is then wiped. The bytes stay in the capsule's order: once
+/// every chunk is open, [`values_from_le`] reads them. Errors as [`open_whole`].
+pub(crate) fn open_chunks(
     unsealer: &Unsealer,
     layer: usize,
     chunks: Range<u64>,
@@ -857,11 +910,15 @@ pub(crate) fn open_whole(
     } else {
         targets.into_iter().map(open).collect()
     };
-    results.into_iter().collect::<Result<(), _>>()?;
-    for buf in buffers.iter_mut() {
+    results.into_iter().collect()
+}
+
+/// A layer's opened tensors, read in the capsule's byte order (once: on a big-endian
+/// machine this swaps bytes).
+pub(crate) fn values_from_le(buffers: &mut [Vec<f32>]) {
+    for buf in buffers {
         from_le(buf);
     }
-    Ok(())
 }
 
 /// Cuts `buffers` (a layer's tensors in plaintext order, as bytes) into the pieces each

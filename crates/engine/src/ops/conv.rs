@@ -1350,6 +1350,30 @@ mod tests {
     }
 
     #[test]
+    fn deinterleave_matches_the_cell_by_cell_split() {
+        for len in 0..100usize {
+            let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            // Outputs as long as the pairs, one longer (odd rows), and shorter.
+            for (e_len, o_len) in [(len / 2, len / 2), (len.div_ceil(2), len / 2), (3, 2)] {
+                let mut want = (vec![-1.0; e_len], vec![-1.0; o_len]);
+                for (i, &v) in src.iter().enumerate() {
+                    let (dst, at) = if i % 2 == 0 {
+                        (&mut want.0, i / 2)
+                    } else {
+                        (&mut want.1, i / 2)
+                    };
+                    if let Some(d) = dst.get_mut(at) {
+                        *d = v;
+                    }
+                }
+                let mut got = (vec![-1.0; e_len], vec![-1.0; o_len]);
+                deinterleave(&src, &mut got.0, &mut got.1);
+                assert_eq!(got, want, "{len} cells into {e_len} and {o_len}");
+            }
+        }
+    }
+
+    #[test]
     fn depthwise3x3_ignores_what_its_scratch_holds() {
         // The kernel clears only the padding cells that valid outputs
         // read: NaNs left in the scratch by an earlier plane must not leak.

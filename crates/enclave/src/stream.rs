@@ -323,6 +323,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             for (param, buf) in piped.stream.opener.settle() {
                 piped.stream.weights.keep(param, buf);
             }
+            piped.stream.opener.close();
             result
         })
     }

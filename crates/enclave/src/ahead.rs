@@ -1,17 +1,20 @@
-//! Opening layers ahead of the nodes that read them, on rayon's pool.
+//! Opening layers ahead of the nodes that read them, and wiping spent ones, on
+//! rayon's pool.
 //!
 //! A query's stream hands each layer it received, sealed, to an [`Opener`]; one job
 //! on rayon's pool at a time opens the queued layers in order, while the query's
 //! thread computes the nodes before them. Keeping to one job bounds the unsealing
 //! to one core at a time, so that at one engine thread it takes the second core and
-//! at two it never holds both.
+//! at two it never holds both. At one engine thread the stream also hands it large
+//! buffers its nodes are done with ([`Spent`]), to wipe when no layer waits to be
+//! opened; [`Opener::settle`] gives them back.
 //!
-//! Each job opens at most [`STEP_BYTES`] and then queues the next one. At two threads
-//! the query's nodes split their work over the same pool, and a worker waiting for
-//! its share of a node to come back runs other jobs meanwhile: a job that opened
-//! whole layers kept that node waiting (and the other core idle) until it was done.
-//! MobileNetV2 streaming at two threads spent 2.3 ms more than plain per query that
-//! way, for 1.1 ms of opening.
+//! On the pool, a job opens or wipes at most [`STEP_BYTES`] and then queues the next
+//! one, so that a worker that picks it up while it waits for its share of a node
+//! returns within tens of µs (a job that opened whole layers could hold it for a
+//! millisecond; MobileNetV2 and ResNet-18 measured the same either way). At one
+//! engine thread the job instead stays on its core until the run closes it (see
+//! [`Opener::new`]).
 //!
 //! Not here: which layers to open ahead and when (the stream decides, within its
 //! look-ahead and memory budget), and the layers' bytes themselves.

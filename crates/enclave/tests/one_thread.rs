@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use capsule_engine::{Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo, set_threads};
-use capsule_format::{Capsule, ModelKey, Policy, SealRequest};
+use capsule_format::{Capsule, Policy};
+use common::{SealedCapsule, bits};
+
+mod common;
 
 fn ramp(shape: &[usize], seed: usize) -> Tensor {
     let n: usize = shape.iter().product();
@@ -60,32 +63,13 @@ fn model() -> (Graph, HashMap<String, Tensor>) {
     (graph, weights)
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.data().iter().map(|v| v.to_bits()).collect()
-}
-
 #[test]
 fn streaming_gives_the_plain_bits_query_after_query_at_one_and_two_threads() {
     let (graph, weights) = model();
     let plain = Model::new(graph.clone(), weights.clone()).unwrap();
-    let key = ModelKey::generate();
     for chunk_size in [1000, capsule_format::DEFAULT_CHUNK_SIZE] {
-        let request = SealRequest {
-            architecture: serde_json::to_value(&graph).unwrap(),
-            preprocessing: None,
-            labels: None,
-            detector: None,
-            policy: Policy::default(),
-            chunk_size,
-            layers: capsule_enclave::seal_layers(&graph, &weights, ""),
-        };
-        let bytes = capsule_format::seal(
-            &request,
-            &key,
-            capsule_format::new_capsule_id(),
-            &mut |_| {},
-        )
-        .unwrap();
+        let SealedCapsule { bytes, key } =
+            common::seal_model(&graph, &weights, Policy::default(), chunk_size);
         let capsule = Capsule::parse(&bytes).unwrap();
         for threads in [1, 2] {
             set_threads(threads);

@@ -52,14 +52,24 @@ pub fn mnist_capsule(policy: Policy) -> SealedCapsule {
 pub fn mnist_capsule_in_chunks(policy: Policy, chunk_size: u32) -> SealedCapsule {
     let onnx = std::fs::read(mnist_onnx()).expect("the bundled MNIST model");
     let imported = capsule_onnx::import(&onnx).expect("MNIST imports");
+    seal_model(&imported.graph, &imported.weights, policy, chunk_size)
+}
+
+/// Seals `graph` and its `weights` as `mlcapsule seal` does, under a new key.
+pub fn seal_model(
+    graph: &Graph,
+    weights: &HashMap<String, Tensor>,
+    policy: Policy,
+    chunk_size: u32,
+) -> SealedCapsule {
     let request = SealRequest {
-        architecture: serde_json::to_value(&imported.graph).unwrap(),
+        architecture: serde_json::to_value(graph).unwrap(),
         preprocessing: None,
         labels: None,
         detector: None,
         policy,
         chunk_size,
-        layers: capsule_enclave::seal_layers(&imported.graph, &imported.weights, ""),
+        layers: capsule_enclave::seal_layers(graph, weights, ""),
     };
     let key = ModelKey::generate();
     let bytes = capsule_format::seal(

@@ -71,8 +71,9 @@ const SPIN: Duration = Duration::from_micros(500);
 /// kept from the lock it reports through.
 const POLL_SPINS: usize = 64;
 
-/// Most bytes one job of the opener opens (at least one chunk) or wipes before it
-/// queues the next job: a few tens of µs.
+/// Most bytes the opener's job opens (at least one chunk) or wipes in one step, a
+/// few tens of µs, before it looks at its queues again (and, on the pool, queues
+/// itself anew).
 const STEP_BYTES: usize = 256 << 10;
 
 /// A weight tensor's buffer that its query no longer reads, to be wiped and then kept

@@ -1046,12 +1046,7 @@ mod tests {
         let capsule = Capsule::parse(&bytes).unwrap();
         let unsealer = capsule.unseal(&key).unwrap();
         let layout = Layout::new(unsealer.header()).unwrap();
-        let layer = unsealer
-            .header()
-            .layers
-            .iter()
-            .position(|l| l.name == "fc")
-            .unwrap();
+        let layer = layout_layer(&unsealer, "fc");
         assert!(unsealer.header().layers[layer].plaintext_len > 2 * (256 << 10));
         let mut store = Weights::new(graph.params.len());
         let want: Vec<f32> = ["fc", "fc.b"]
@@ -1099,5 +1094,93 @@ mod tests {
         let shape: Vec<(usize, usize)> = wiped.iter().map(|(p, b)| (*p, b.len())).collect();
         assert_eq!(shape, [(3, 100), (4, 3 << 20)]);
         assert!(wiped.iter().all(|(_, b)| b.iter().all(|&v| v == 0.0)));
+    }
+
+    /// Chunks opened in parallel from a thread off rayon's pool (a query at one engine
+    /// thread, opening the layer its next node reads) are shared with one of the pool's
+    /// workers: the layer comes out whole, and with two tampered chunks the error names
+    /// the first, as a serial pass would.
+    #[test]
+    fn chunks_shared_with_a_worker_open_whole_and_name_the_first_failure() {
+        use crate::stream::open_chunks;
+
+        let (graph, weights) = model(2000);
+        let (bytes, key) = seal(&graph, &weights, 1000);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let unsealer = capsule.unseal(&key).unwrap();
+        let layout = Layout::new(unsealer.header()).unwrap();
+        let layer = layout_layer(&unsealer, "fc");
+        let count = unsealer.header().chunk_count(layer);
+        let mut store = Weights::new(graph.params.len());
+        let want: Vec<f32> = ["fc", "fc.b"]
+            .iter()
+            .flat_map(|name| weights[*name].data().to_vec())
+            .collect();
+        assert!(rayon::current_thread_index().is_none());
+
+        let sealed = capsule.sealed_layer(layer);
+        let mut buffers = store.buffers(&layout, layer);
+        open_chunks(&unsealer, layer, 0..count, sealed, &mut buffers, true).unwrap();
+        assert_eq!(buffers.concat(), want);
+
+        let mut tampered = sealed.to_vec();
+        for bad in [550, 120] {
+            tampered[bad * (1000 + capsule_format::TAG_LEN) + 7] ^= 1;
+        }
+        for _ in 0..20 {
+            let err = open_chunks(&unsealer, layer, 0..count, &tampered, &mut buffers, true);
+            match err {
+                Err(capsule_format::Error::ChunkFailed { chunk, .. }) => assert_eq!(chunk, 120),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// A layer the query waits for, larger than `SPLIT_MIN`, is opened on every core
+    /// at once (here, off the pool, on the pool's workers); it comes out whole either way.
+    #[test]
+    fn a_waited_for_layer_opens_whole_when_split() {
+        use crate::ahead::{Buffers, Job, Opener};
+
+        let (graph, weights) = model(8000);
+        let (bytes, key) = seal(&graph, &weights, 4096);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let unsealer = capsule.unseal(&key).unwrap();
+        let layout = Layout::new(unsealer.header()).unwrap();
+        let layer = layout_layer(&unsealer, "fc");
+        assert!(unsealer.header().layers[layer].plaintext_len > 2 << 20);
+        let mut store = Weights::new(graph.params.len());
+        let want: Vec<f32> = ["fc", "fc.b"]
+            .iter()
+            .flat_map(|name| weights[*name].data().to_vec())
+            .collect();
+        let mut split = 0;
+        for _ in 0..20 {
+            let opener = Opener::new();
+            let got = rayon::in_place_scope(|scope| {
+                let job = Job {
+                    layer,
+                    sealed: capsule.sealed_layer(layer),
+                    buffers: Buffers(store.buffers(&layout, layer)),
+                };
+                opener.push(job, &unsealer, scope);
+                let opened = opener.next().unwrap();
+                assert!(opened.result.is_ok());
+                opened.buffers.take()
+            });
+            assert_eq!(got.concat(), want);
+            split += opener.splits();
+        }
+        // The waiter is usually first to the lock; the opener then splits the layer.
+        assert!(split > 0, "never split in 20 queries");
+    }
+
+    fn layout_layer(unsealer: &capsule_format::Unsealer, name: &str) -> usize {
+        unsealer
+            .header()
+            .layers
+            .iter()
+            .position(|l| l.name == name)
+            .unwrap()
     }
 }

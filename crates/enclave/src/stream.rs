@@ -33,7 +33,9 @@ use zeroize::Zeroizing;
 
 use crate::ahead::{Buffers, Job, Opener, Spent};
 use crate::error::Error;
-use crate::model::{Layout, Weights, on_team, wipe};
+use crate::model::{
+    Layout, SHARE_MIN_PIECES, Weights, alone_off_pool, on_team, share_with_worker, wipe,
+};
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
 
 /// Most plaintext bytes of layers opened ahead of the node that reads them, when
@@ -459,7 +461,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         let mut buffers = keep.then(|| self.weights.buffers(self.layout, layer));
         let group = self.feed.group(capsule_engine::threads()).max(1);
         // The node waits for this layer: at one engine thread the other core helps.
-        let share = on_team() || capsule_engine::threads() == 1;
+        let share = on_team() || alone_off_pool();
         let mut sealed = std::mem::take(&mut self.weights.sealed);
         let mut first = 0;
         let mut failed = None;
@@ -879,8 +881,8 @@ pub(crate) fn open_whole(
 ///
 /// `parallel` says the caller has nothing else for the other cores to do. On one of
 /// rayon's workers the chunks are then split over the pool; off it (a query at one
-/// engine thread) this thread shares them with one worker, from
-/// [`SHARE_MIN_CHUNKS`] chunks on. One core opened at 4-6 GB/s inside a query here,
+/// engine thread) this thread shares them with one worker ([`share_with_worker`]),
+/// from [`SHARE_MIN_PIECES`] chunks on. One core opened at 4-6 GB/s inside a query here,
 /// two together at about 9-10 (a 9.4 MB layer: 1.7 ms alone, 0.9-1.06 ms shared).
 pub(crate) fn open_chunks(
     unsealer: &Unsealer,
@@ -924,42 +926,25 @@ pub(crate) fn open_chunks(
             targets.into_par_iter().map(open).collect();
         return results.into_iter().collect();
     }
-    if targets.len() < SHARE_MIN_CHUNKS {
+    if targets.len() < SHARE_MIN_PIECES {
         return targets.into_iter().try_for_each(open);
     }
-    // Off the pool (a query on one engine thread): this thread and one of the pool's
-    // workers take chunks in turn from one queue, so the worker's wake-up costs only
-    // the chunks it misses.
-    let queue = Mutex::new(targets.into_iter());
     let failed: Mutex<Option<(u64, capsule_format::Error)>> = Mutex::new(None);
-    let drain = || {
-        loop {
-            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
-            let Some(target) = next else { break };
-            let chunk = target.0;
-            if let Err(e) = open(target) {
-                let mut failed = failed.lock().unwrap_or_else(PoisonError::into_inner);
-                // The first chunk that failed, in chunk order, as a serial pass reports.
-                if failed.as_ref().is_none_or(|&(c, _)| c > chunk) {
-                    *failed = Some((chunk, e));
-                }
+    share_with_worker(targets.into_iter(), |target| {
+        let chunk = target.0;
+        if let Err(e) = open(target) {
+            let mut failed = failed.lock().unwrap_or_else(PoisonError::into_inner);
+            // The first chunk that failed, in chunk order, as a serial pass reports.
+            if failed.as_ref().is_none_or(|&(c, _)| c > chunk) {
+                *failed = Some((chunk, e));
             }
         }
-    };
-    rayon::in_place_scope(|scope| {
-        scope.spawn(|_| drain());
-        drain();
     });
     match failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
         None => Ok(()),
         Some((_, e)) => Err(e),
     }
 }
-
-/// Fewest chunks a thread off the pool shares with one of the pool's workers when it
-/// opens them in parallel: waking the worker takes tens of µs here, about what one
-/// 256 KiB chunk takes to open.
-const SHARE_MIN_CHUNKS: usize = 4;
 
 /// A layer's opened tensors, read in the capsule's byte order (once: on a big-endian
 /// machine this swaps bytes).

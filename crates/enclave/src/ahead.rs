@@ -6,8 +6,8 @@
 //! thread computes the nodes before them. Keeping to one job bounds the unsealing
 //! to one core at a time, so that at one engine thread it takes the second core and
 //! at two it never holds both, except when the query waits for the layer it opens:
-//! then a large layer's rest is opened on every core ([`SPLIT_MIN`]). At one engine
-//! thread the stream also hands it large
+//! then the query's thread opens the rest, on every core ([`Opener::next`]). At one
+//! engine thread the stream also hands it large
 //! buffers its nodes are done with ([`Spent`]), to wipe when no layer waits to be
 //! opened; [`Opener::settle`] gives them back.
 //!
@@ -78,15 +78,6 @@ const POLL_SPINS: usize = 64;
 /// itself anew).
 const STEP_BYTES: usize = 256 << 10;
 
-/// Fewest bytes left of a layer that its job, finding the query waiting for it, opens
-/// on every core at once rather than step by step on one: the query's thread has
-/// nothing else to do, and one core opened at 4-6 GB/s inside a query here, two at
-/// about 9 (see `stream::open_chunks`). Below it, the wake-ups this costs at one
-/// engine thread (the pool's other worker, then the query's thread) eat the gain.
-/// ResNet-18 under a 24 MiB budget, streaming/plain: 1.42-1.46 → 1.33-1.39 at one
-/// thread, 1.76-1.86 → 1.62-1.69 at two.
-const SPLIT_MIN: u64 = 8 * STEP_BYTES as u64;
-
 /// A weight tensor's buffer that its query no longer reads, to be wiped and then kept
 /// for the next query; wiped when dropped unless taken.
 pub(crate) struct Spent {
@@ -106,13 +97,22 @@ pub(crate) struct Opener<L> {
 /// How long an opener's job that lingers waits for more work before it stops.
 const LINGER: Duration = Duration::from_millis(1);
 
+/// A layer out of the opener's queue.
+enum Ready<L> {
+    Opened(Opened<L>),
+    /// Handed over, to be opened from this chunk on.
+    Handed(Job<L>, u64),
+}
+
 struct State<L> {
     /// Layers not yet wholly opened; the first is under way from chunk `next_chunk`
     /// (and out of the queue while `opening`).
     queue: VecDeque<Job<L>>,
     next_chunk: u64,
     opening: bool,
-    done: VecDeque<Opened<L>>,
+    /// Layers out of the queue, in its order: opened, or handed to [`Opener::next`]
+    /// to open the rest of.
+    done: VecDeque<Ready<L>>,
     /// Buffers to wipe; the first is wiped up to value `wiped_to` (and out of the
     /// queue while `wiping`).
     spent: VecDeque<Spent>,
@@ -121,11 +121,9 @@ struct State<L> {
     wiped: Vec<(usize, Vec<f32>)>,
     /// [`Opener::next`] waits for the first queued layer.
     waited_on: bool,
-    /// The job opens the rest of its layer on every core (see [`SPLIT_MIN`]).
-    split: bool,
-    /// Layers opened split so far.
+    /// Layers handed over so far.
     #[cfg(test)]
-    splits: usize,
+    handovers: usize,
     /// A job on the pool works through the queues (always so while one is not empty).
     running: bool,
     /// [`Opener::close`] was called.
@@ -153,9 +151,8 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                 wiping: false,
                 wiped: Vec::new(),
                 waited_on: false,
-                split: false,
                 #[cfg(test)]
-                splits: 0,
+                handovers: 0,
                 running: false,
                 closed: false,
             }),
@@ -209,15 +206,48 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
 
     /// The next layer opened, in queue order, waiting for it; `None` if nothing is
     /// queued or being opened.
-    pub fn next(&self) -> Option<Opened<L>> {
-        self.wait_for(|state| {
-            let answer = match state.done.pop_front() {
-                Some(opened) => Some(Some(opened)),
+    ///
+    /// While it waits, the opener's job hands it the layer at its next step, and this
+    /// thread opens the rest, on every core it can ([`open_chunks`] in parallel):
+    /// it has nothing else to do, and one core opened at 4-6 GB/s inside a query
+    /// here, two at about 9. The job goes on to the next layers, or helps.
+    pub fn next(&self, unsealer: &Unsealer) -> Option<Opened<L>> {
+        let next = self.wait_for(|state| {
+            let next = match state.done.pop_front() {
+                Some(ready) => Some(Some(ready)),
                 None if state.queue.is_empty() && !state.opening => Some(None),
                 None => None,
             };
-            state.waited_on = answer.is_none();
-            answer
+            state.waited_on = next.is_none();
+            next
+        });
+        let (mut job, first) = match next? {
+            Ready::Opened(opened) => return Some(opened),
+            Ready::Handed(job, first) => (job, first),
+        };
+        let header = unsealer.header();
+        let sealed_chunk = header.chunk_size as usize + TAG_LEN;
+        let sealed = job.sealed.as_ref();
+        let at = usize::try_from(first)
+            .map_or(sealed.len(), |c| c.saturating_mul(sealed_chunk))
+            .min(sealed.len());
+        let count = header.chunk_count(job.layer);
+        let result = open_chunks(
+            unsealer,
+            job.layer,
+            first..count,
+            &sealed[at..],
+            &mut job.buffers.0,
+            true,
+        );
+        if result.is_ok() {
+            values_from_le(&mut job.buffers.0);
+        }
+        Some(Opened {
+            layer: job.layer,
+            sealed: job.sealed,
+            buffers: job.buffers,
+            result,
         })
     }
 
@@ -268,9 +298,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                     std::thread::yield_now();
                 }
                 state = self.lock();
-            } else if Instant::now() < spin_until && !state.split {
-                // While a layer is opened split, this thread sleeps instead: spinning,
-                // it would take a core from the pool's workers.
+            } else if Instant::now() < spin_until {
                 drop(state);
                 for _ in 0..POLL_SPINS {
                     std::hint::spin_loop();
@@ -295,18 +323,26 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         let _stopped = Stopped(&self);
         let mut idle_since: Option<Instant> = None;
         loop {
+            if self.linger {
+                // First the query's share of a layer it opens itself.
+                rayon::yield_now();
+            }
             let mut state = self.lock();
             let mut worked = true;
             if let Some(job) = state.queue.pop_front() {
                 let first = state.next_chunk;
-                state.opening = true;
-                let header = unsealer.header();
-                let left = (header.chunk_count(job.layer) - first)
-                    .saturating_mul(u64::from(header.chunk_size));
-                state.split = state.waited_on && state.done.is_empty() && left >= SPLIT_MIN;
-                let split = state.split;
-                drop(state);
-                state = self.open_step(job, first, unsealer, split);
+                if state.waited_on && state.done.is_empty() {
+                    state.next_chunk = 0;
+                    state.done.push_back(Ready::Handed(job, first));
+                    #[cfg(test)]
+                    {
+                        state.handovers += 1;
+                    }
+                } else {
+                    state.opening = true;
+                    drop(state);
+                    state = self.open_step(job, first, unsealer);
+                }
             } else if let Some(spent) = state.spent.pop_front() {
                 let from = state.wiped_to;
                 state.wiping = true;
@@ -320,10 +356,6 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                 // query's thread wake a worker for it.
                 drop(state);
                 idle_since.get_or_insert_with(Instant::now);
-                // Takes the query's share of a layer it opens itself.
-                if let Some(rayon::Yield::Executed) = rayon::yield_now() {
-                    idle_since = None;
-                }
                 for _ in 0..POLL_SPINS {
                     std::hint::spin_loop();
                 }
@@ -361,18 +393,13 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         mut job: Job<L>,
         first: u64,
         unsealer: &Unsealer,
-        split: bool,
     ) -> MutexGuard<'_, State<L>> {
         let header = unsealer.header();
         let count = header.chunk_count(job.layer);
         let sealed_chunk = header.chunk_size as usize + TAG_LEN;
-        let last = if split {
-            count
-        } else {
-            first
-                .saturating_add((STEP_BYTES / sealed_chunk).max(1) as u64)
-                .min(count)
-        };
+        let last = first
+            .saturating_add((STEP_BYTES / sealed_chunk).max(1) as u64)
+            .min(count);
         let sealed = job.sealed.as_ref();
         let at = |chunk: u64| {
             usize::try_from(chunk)
@@ -385,7 +412,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
             first..last,
             &sealed[at(first)..at(last)],
             &mut job.buffers.0,
-            split,
+            false,
         );
         let finished = result.is_err() || last == count;
         if finished && result.is_ok() {
@@ -393,19 +420,14 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         }
         let mut state = self.lock();
         state.opening = false;
-        #[cfg(test)]
-        {
-            state.splits += usize::from(split);
-        }
-        state.split = false;
         if finished {
             state.next_chunk = 0;
-            state.done.push_back(Opened {
+            state.done.push_back(Ready::Opened(Opened {
                 layer: job.layer,
                 sealed: job.sealed,
                 buffers: job.buffers,
                 result,
-            });
+            }));
         } else {
             state.next_chunk = last;
             state.queue.push_front(job);
@@ -441,10 +463,10 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         state
     }
 
-    /// How many layers were opened split (see [`SPLIT_MIN`]).
+    /// How many layers the job handed to [`Opener::next`].
     #[cfg(test)]
-    pub fn splits(&self) -> usize {
-        self.lock().splits
+    pub fn handovers(&self) -> usize {
+        self.lock().handovers
     }
 
     fn lock(&self) -> MutexGuard<'_, State<L>> {

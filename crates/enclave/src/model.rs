@@ -1115,18 +1115,18 @@ mod tests {
             });
             opener.retire(spent.into(), &unsealer, scope);
 
-            let opened = opener.next().unwrap();
+            let opened = opener.next(&unsealer).unwrap();
             assert!(opened.result.is_ok());
             let got: Vec<f32> = opened.buffers.take().concat();
             assert_eq!(got, want);
-            let failed = opener.next().unwrap();
+            let failed = opener.next(&unsealer).unwrap();
             match failed.result {
                 Err(capsule_format::Error::ChunkFailed { chunk, .. }) => {
                     assert_eq!(chunk, bad_chunk as u64)
                 }
                 other => panic!("{other:?}"),
             }
-            assert!(opener.next().is_none());
+            assert!(opener.next(&unsealer).is_none());
             opener.settle()
         });
         let mut wiped = wiped;
@@ -1176,10 +1176,11 @@ mod tests {
         }
     }
 
-    /// A layer the query waits for, larger than `SPLIT_MIN`, is opened on every core
-    /// at once (here, off the pool, on the pool's workers); it comes out whole either way.
+    /// A layer the query waits for is handed to its thread, which opens the rest on
+    /// every core (here, off the pool, with one of the pool's workers), while the
+    /// opener goes on to the next layers; all come out whole and in queue order.
     #[test]
-    fn a_waited_for_layer_opens_whole_when_split() {
+    fn a_waited_for_layer_opens_whole_when_handed_over() {
         use crate::ahead::{Buffers, Job, Opener};
 
         let (graph, weights) = model(8000);
@@ -1187,32 +1188,56 @@ mod tests {
         let capsule = Capsule::parse(&bytes).unwrap();
         let unsealer = capsule.unseal(&key).unwrap();
         let layout = Layout::new(unsealer.header()).unwrap();
-        let layer = layout_layer(&unsealer, "fc");
-        assert!(unsealer.header().layers[layer].plaintext_len > 2 << 20);
+        let fc = layout_layer(&unsealer, "fc");
+        assert!(unsealer.header().layers[fc].plaintext_len > 2 << 20);
+        // fc first, then two small layers, which the opener may finish while the
+        // query's thread still opens fc.
+        let order = [
+            fc,
+            layout_layer(&unsealer, "out"),
+            layout_layer(&unsealer, "conv"),
+        ];
         let mut store = Weights::new(graph.params.len());
-        let want: Vec<f32> = ["fc", "fc.b"]
+        let want: Vec<Vec<f32>> = order
             .iter()
-            .flat_map(|name| weights[*name].data().to_vec())
+            .map(|&layer| {
+                layout
+                    .params_of(layer)
+                    .iter()
+                    .flat_map(|&p| weights[&graph.params[p].name].data().to_vec())
+                    .collect()
+            })
             .collect();
-        let mut split = 0;
-        for _ in 0..20 {
+        let mut handed = 0;
+        for _ in 0..50 {
             let opener = Opener::new();
-            let got = rayon::in_place_scope(|scope| {
-                let job = Job {
-                    layer,
-                    sealed: capsule.sealed_layer(layer),
-                    buffers: Buffers(store.buffers(&layout, layer)),
-                };
-                opener.push(job, &unsealer, scope);
-                let opened = opener.next().unwrap();
-                assert!(opened.result.is_ok());
-                opened.buffers.take()
+            let got: Vec<(usize, Vec<f32>)> = rayon::in_place_scope(|scope| {
+                for layer in order {
+                    let job = Job {
+                        layer,
+                        sealed: capsule.sealed_layer(layer),
+                        buffers: Buffers(store.buffers(&layout, layer)),
+                    };
+                    opener.push(job, &unsealer, scope);
+                }
+                order
+                    .iter()
+                    .map(|_| {
+                        let opened = opener.next(&unsealer).unwrap();
+                        assert!(opened.result.is_ok());
+                        (opened.layer, opened.buffers.take().concat())
+                    })
+                    .collect()
             });
-            assert_eq!(got.concat(), want);
-            split += opener.splits();
+            let layers: Vec<usize> = got.iter().map(|(l, _)| *l).collect();
+            assert_eq!(layers, order);
+            for ((_, values), want) in got.iter().zip(&want) {
+                assert_eq!(values, want);
+            }
+            handed += opener.handovers();
         }
-        // The waiter is usually first to the lock; the opener then splits the layer.
-        assert!(split > 0, "never split in 20 queries");
+        // The waiter is usually first to the lock; the opener then hands it fc.
+        assert!(handed > 0, "never handed over in 50 queries");
     }
 
     fn layout_layer(unsealer: &capsule_format::Unsealer, name: &str) -> usize {

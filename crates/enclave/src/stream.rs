@@ -362,7 +362,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         {
             self.ahead.pop_front();
             self.ahead_bytes -= bytes;
-            let opened = match self.opener.next() {
+            let opened = match self.opener.next(self.unsealer) {
                 Some(opened) if opened.layer == layer => opened,
                 _ => {
                     return Err(StreamFailure::Broken(Error::Internal {

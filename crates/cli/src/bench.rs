@@ -26,16 +26,14 @@
 
 mod defenses;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
-use capsule_format::{
-    Capsule, LayerPlaintext, ModelKey, Policy, SealRequest, seal as seal_capsule,
-};
+use capsule_format::{Capsule, ModelKey, Policy, SealRequest, seal as seal_capsule};
 use clap::Args;
 
 /// AES-256-GCM throughput of one core here as issue 4 states it (`ring`, in place,
@@ -366,8 +364,8 @@ struct Sealed {
 }
 
 impl Sealed {
-    /// Seals `case` as `mlcapsule seal` would: one layer per node that
-    /// first reads a weight, default chunk size.
+    /// Seals `case` as `mlcapsule seal` would (its grouping into layers, default
+    /// chunk size).
     fn new(case: &Case) -> anyhow::Result<Sealed> {
         let request = SealRequest {
             architecture: serde_json::to_value(&case.graph)?,
@@ -376,7 +374,7 @@ impl Sealed {
             detector: None,
             policy: Policy::default(),
             chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
-            layers: layers(&case.graph, &case.weights),
+            layers: capsule_enclave::seal_layers(&case.graph, &case.weights, ""),
         };
         let key = ModelKey::generate();
         let bytes = seal_capsule(
@@ -428,30 +426,6 @@ fn time_opening(capsule: &Capsule<'_>, key: &ModelKey) -> anyhow::Result<f64> {
         .collect::<anyhow::Result<Vec<f64>>>()?;
     samples.sort_by(f64::total_cmp);
     Ok(samples[samples.len() / 2])
-}
-
-/// Groups the weights into layers as `mlcapsule seal` does: each layer
-/// holds the params a node is the first to read, named after that node.
-/// The capsule's tensor table lists a layer's tensors in this order.
-fn layers<'a>(graph: &Graph, weights: &'a HashMap<String, Tensor>) -> Vec<LayerPlaintext<'a>> {
-    let mut assigned = HashSet::new();
-    let mut out = Vec::new();
-    for node in &graph.nodes {
-        let tensors: Vec<_> = node
-            .inputs
-            .iter()
-            .filter_map(|name| weights.get_key_value(name))
-            .filter(|(name, _)| assigned.insert(name.as_str()))
-            .map(|(name, t)| (name.clone(), t.shape().to_vec(), t.data()))
-            .collect();
-        if !tensors.is_empty() {
-            out.push(LayerPlaintext {
-                name: node.name.clone(),
-                tensors,
-            });
-        }
-    }
-    out
 }
 
 /// Table 1's row: a dense `n x n` layer with bias, as an ONNX Gemm with

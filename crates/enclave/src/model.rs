@@ -562,12 +562,10 @@ impl Weights {
     /// Zeroizes a buffer of param `index` that is done, and keeps it for the next query
     /// or frees it.
     pub fn retire(&mut self, index: usize, mut buf: Vec<f32>) {
+        wipe(&mut buf);
         if self.keep_spare {
             // Keeps the length: the next query opens into it without a pass of its own.
-            wipe(&mut buf);
             self.spare[index] = buf;
-        } else {
-            buf.zeroize();
         }
     }
 

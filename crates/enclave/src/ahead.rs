@@ -92,6 +92,9 @@ pub(crate) struct Opener<L> {
     ready: Condvar,
     /// Its job waits for more work, up to [`LINGER`], rather than stop.
     linger: bool,
+    /// No job: [`Opener::next`] opens each layer and [`Opener::retire`] wipes each
+    /// buffer on the query's thread (there is no other core to do it on).
+    inline: bool,
 }
 
 /// How long an opener's job that lingers waits for more work before it stops.
@@ -137,10 +140,17 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     /// for a sleeping worker must wake it, which cost 37 µs per layer in this
     /// virtual machine (nine times per MobileNetV2 query). On the pool, a job
     /// that lingered could sit on top of the query's own work, so it stops.
+    ///
+    /// With one engine thread and rayon's pool no larger (one core, or a CPU quota
+    /// or affinity of one), there is no job at all: a job would only take turns
+    /// with the query on its core, and the query would spin while waiting for it
+    /// (ResNet-18 at 1 thread under `taskset -c 1`, streaming/plain: 1.66-1.70).
     pub fn new() -> Arc<Opener<L>> {
-        let linger = capsule_engine::threads() == 1 && rayon::current_thread_index().is_none();
+        let alone = capsule_engine::threads() == 1 && rayon::current_thread_index().is_none();
+        let inline = alone && rayon::current_num_threads() <= 1;
         Arc::new(Opener {
-            linger,
+            linger: alone && !inline,
+            inline,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 next_chunk: 0,
@@ -171,7 +181,9 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     {
         let mut state = self.lock();
         state.queue.push_back(job);
-        self.start(state, unsealer, scope);
+        if !self.inline {
+            self.start(state, unsealer, scope);
+        }
     }
 
     /// Queues `spent` to wipe once no layer waits to be opened, and starts a job on
@@ -184,6 +196,18 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     ) where
         L: 'scope,
     {
+        if self.inline {
+            let mut wiped = Vec::new();
+            for Spent { param, buffer } in spent {
+                let mut buffers = buffer.take();
+                for buf in &mut buffers {
+                    wipe(buf);
+                }
+                wiped.extend(buffers.into_iter().map(|b| (param, b)));
+            }
+            self.lock().wiped.extend(wiped);
+            return;
+        }
         let mut state = self.lock();
         state.spent.extend(spent);
         self.start(state, unsealer, scope);
@@ -212,7 +236,12 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     /// it has nothing else to do, and one core opened at 4-6 GB/s inside a query
     /// here, two at about 9. The job goes on to the next layers, or helps.
     pub fn next(&self, unsealer: &Unsealer) -> Option<Opened<L>> {
+        let inline = self.inline;
         let next = self.wait_for(|state| {
+            if inline {
+                let first = std::mem::take(&mut state.next_chunk);
+                return Some(state.queue.pop_front().map(|job| Ready::Handed(job, first)));
+            }
             let next = match state.done.pop_front() {
                 Some(ready) => Some(Some(ready)),
                 None if state.queue.is_empty() && !state.opening => Some(None),

@@ -634,10 +634,13 @@ pub(crate) fn wipe<T: Default + Copy + Send>(buf: &mut [T]) {
     std::hint::black_box(buf);
 }
 
-/// Whether this is a query at one engine thread, on the caller's thread: the pool's
-/// workers are then free, but handing them work means waking one.
+/// Whether this is a query at one engine thread, on the caller's thread, with a worker
+/// in rayon's pool to spare (not so on one core): the pool's workers are then free, but
+/// handing them work means waking one.
 pub(crate) fn alone_off_pool() -> bool {
-    capsule_engine::threads() == 1 && rayon::current_thread_index().is_none()
+    capsule_engine::threads() == 1
+        && rayon::current_thread_index().is_none()
+        && rayon::current_num_threads() > 1
 }
 
 /// Fewest pieces (of a layer's chunks, or of [`WIPE_PIECE`] bytes) that a thread off the

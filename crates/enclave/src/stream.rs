@@ -926,7 +926,7 @@ pub(crate) fn open_chunks(
             targets.into_par_iter().map(open).collect();
         return results.into_iter().collect();
     }
-    if targets.len() < SHARE_MIN_PIECES {
+    if targets.len() < SHARE_MIN_PIECES || rayon::current_num_threads() < 2 {
         return targets.into_iter().try_for_each(open);
     }
     let failed: Mutex<Option<(u64, capsule_format::Error)>> = Mutex::new(None);

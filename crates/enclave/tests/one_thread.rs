@@ -2,90 +2,9 @@
 //! the next layers and the wiping of large spent ones to the pool's other worker.
 //! In a test binary of its own, because `set_threads` is process-wide.
 
-use std::collections::HashMap;
-
-use capsule_engine::{Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo, set_threads};
-use capsule_format::{Capsule, Policy};
-use common::{SealedCapsule, bits};
-
 mod common;
-
-fn ramp(shape: &[usize], seed: usize) -> Tensor {
-    let n: usize = shape.iter().product();
-    let data = (0..n)
-        .map(|i| ((i * 7 + seed * 13) % 29) as f32 / 14.0 - 1.0)
-        .collect();
-    Tensor::new(shape.to_vec(), data).unwrap()
-}
-
-/// x [?, 300] -> Gemm(fc [400, 300], fc.b) -> Relu -> Gemm(out [10, 400]): `fc` is
-/// 480 KB, above what a one-thread query wipes on its own thread.
-fn model() -> (Graph, HashMap<String, Tensor>) {
-    let gemm = Op::Gemm {
-        alpha: 1.0,
-        beta: 1.0,
-        trans_a: false,
-        trans_b: true,
-    };
-    let node = |name: &str, op: Op, inputs: &[&str], out: &str| Node {
-        name: name.into(),
-        op,
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        outputs: vec![out.into()],
-    };
-    let param = |name: &str, shape: &[usize]| ParamInfo {
-        name: name.into(),
-        shape: shape.to_vec(),
-    };
-    let graph = Graph {
-        inputs: vec![ValueInfo {
-            name: "x".into(),
-            shape: vec![None, Some(300)],
-        }],
-        params: vec![
-            param("fc", &[400, 300]),
-            param("fc.b", &[400]),
-            param("out", &[10, 400]),
-        ],
-        nodes: vec![
-            node("fc", gemm.clone(), &["x", "fc", "fc.b"], "h"),
-            node("relu", Op::Relu, &["h"], "r"),
-            node("out", gemm, &["r", "out"], "y"),
-        ],
-        outputs: vec!["y".into()],
-    };
-    let weights = graph
-        .params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.name.clone(), ramp(&p.shape, i)))
-        .collect();
-    (graph, weights)
-}
 
 #[test]
 fn streaming_gives_the_plain_bits_query_after_query_at_one_and_two_threads() {
-    let (graph, weights) = model();
-    let plain = Model::new(graph.clone(), weights.clone()).unwrap();
-    for chunk_size in [1000, capsule_format::DEFAULT_CHUNK_SIZE] {
-        let SealedCapsule { bytes, key } =
-            common::seal_model(&graph, &weights, Policy::default(), chunk_size);
-        let capsule = Capsule::parse(&bytes).unwrap();
-        for threads in [1, 2] {
-            set_threads(threads);
-            let mut streaming =
-                capsule_enclave::StreamingModel::open(&capsule, &key, None).unwrap();
-            // Each query opens into the buffers the previous one had wiped.
-            for (batch, seed) in [(1, 1), (1, 2), (9, 3), (1, 4), (9, 5)] {
-                let x = ramp(&[batch, 300], seed);
-                let want = plain.run(std::slice::from_ref(&x)).unwrap();
-                let got = streaming.run(std::slice::from_ref(&x)).unwrap();
-                assert_eq!(
-                    bits(&got[0]),
-                    bits(&want[0]),
-                    "chunk {chunk_size}, {threads} threads, batch {batch}"
-                );
-            }
-        }
-    }
+    common::streaming::streaming_matches_plain_query_after_query(&[1, 2]);
 }

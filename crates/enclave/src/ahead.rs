@@ -187,7 +187,8 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     }
 
     /// Queues `spent` to wipe once no layer waits to be opened, and starts a job on
-    /// `scope` unless one is running. [`Opener::settle`] gives the buffers back.
+    /// `scope` unless one is running. [`Opener::settle`] gives the buffers back. Not
+    /// for an opener that [runs inline](Opener::inline): it would only wipe them there.
     pub fn retire<'scope>(
         self: &Arc<Self>,
         spent: Vec<Spent>,
@@ -196,18 +197,6 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     ) where
         L: 'scope,
     {
-        if self.inline {
-            let mut wiped = Vec::new();
-            for Spent { param, buffer } in spent {
-                let mut buffers = buffer.take();
-                for buf in &mut buffers {
-                    wipe(buf);
-                }
-                wiped.extend(buffers.into_iter().map(|b| (param, b)));
-            }
-            self.lock().wiped.extend(wiped);
-            return;
-        }
         let mut state = self.lock();
         state.spent.extend(spent);
         self.start(state, unsealer, scope);
@@ -239,8 +228,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         let inline = self.inline;
         let next = self.wait_for(|state| {
             if inline {
-                let first = std::mem::take(&mut state.next_chunk);
-                return Some(state.queue.pop_front().map(|job| Ready::Handed(job, first)));
+                return Some(state.queue.pop_front().map(|job| Ready::Handed(job, 0)));
             }
             let next = match state.done.pop_front() {
                 Some(ready) => Some(Some(ready)),
@@ -257,15 +245,12 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         let header = unsealer.header();
         let sealed_chunk = header.chunk_size as usize + TAG_LEN;
         let sealed = job.sealed.as_ref();
-        let at = usize::try_from(first)
-            .map_or(sealed.len(), |c| c.saturating_mul(sealed_chunk))
-            .min(sealed.len());
         let count = header.chunk_count(job.layer);
         let result = open_chunks(
             unsealer,
             job.layer,
             first..count,
-            &sealed[at..],
+            &sealed[chunk_at(sealed, first, sealed_chunk)..],
             &mut job.buffers.0,
             true,
         );
@@ -430,11 +415,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
             .saturating_add((STEP_BYTES / sealed_chunk).max(1) as u64)
             .min(count);
         let sealed = job.sealed.as_ref();
-        let at = |chunk: u64| {
-            usize::try_from(chunk)
-                .map_or(sealed.len(), |c| c.saturating_mul(sealed_chunk))
-                .min(sealed.len())
-        };
+        let at = |chunk: u64| chunk_at(sealed, chunk, sealed_chunk);
         let result = open_chunks(
             unsealer,
             job.layer,
@@ -492,6 +473,12 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         state
     }
 
+    /// Whether this opener has no job (see [`Opener::new`]): layers open, and buffers
+    /// are best wiped, on the query's thread, when it gets to them.
+    pub fn inline(&self) -> bool {
+        self.inline
+    }
+
     /// How many layers the job handed to [`Opener::next`].
     #[cfg(test)]
     pub fn handovers(&self) -> usize {
@@ -521,4 +508,12 @@ impl<L> Drop for Stopped<'_, L> {
             self.0.ready.notify_all();
         }
     }
+}
+
+/// Where chunk `chunk` starts in a layer's sealed bytes `sealed`, chunks of
+/// `sealed_chunk` bytes back to back (the end, past the last).
+fn chunk_at(sealed: &[u8], chunk: u64, sealed_chunk: usize) -> usize {
+    usize::try_from(chunk)
+        .map_or(sealed.len(), |c| c.saturating_mul(sealed_chunk))
+        .min(sealed.len())
 }

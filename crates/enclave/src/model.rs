@@ -1090,10 +1090,7 @@ mod tests {
         let layer = layout_layer(&unsealer, "fc");
         assert!(unsealer.header().layers[layer].plaintext_len > 2 * (256 << 10));
         let mut store = Weights::new(graph.params.len());
-        let want: Vec<f32> = ["fc", "fc.b"]
-            .iter()
-            .flat_map(|name| weights[*name].data().to_vec())
-            .collect();
+        let want = layer_values(&layout, &graph, &weights, layer);
 
         let sealed = capsule.sealed_layer(layer);
         let mut tampered = sealed.to_vec();
@@ -1153,10 +1150,7 @@ mod tests {
         let layer = layout_layer(&unsealer, "fc");
         let count = unsealer.header().chunk_count(layer);
         let mut store = Weights::new(graph.params.len());
-        let want: Vec<f32> = ["fc", "fc.b"]
-            .iter()
-            .flat_map(|name| weights[*name].data().to_vec())
-            .collect();
+        let want = layer_values(&layout, &graph, &weights, layer);
         assert!(rayon::current_thread_index().is_none());
 
         let sealed = capsule.sealed_layer(layer);
@@ -1201,13 +1195,7 @@ mod tests {
         let mut store = Weights::new(graph.params.len());
         let want: Vec<Vec<f32>> = order
             .iter()
-            .map(|&layer| {
-                layout
-                    .params_of(layer)
-                    .iter()
-                    .flat_map(|&p| weights[&graph.params[p].name].data().to_vec())
-                    .collect()
-            })
+            .map(|&layer| layer_values(&layout, &graph, &weights, layer))
             .collect();
         let mut handed = 0;
         for _ in 0..50 {
@@ -1239,6 +1227,20 @@ mod tests {
         }
         // The waiter is usually first to the lock; the opener then hands it fc.
         assert!(handed > 0, "never handed over in 50 queries");
+    }
+
+    /// Layer `layer`'s weights as it opens: its tensors' values back to back.
+    fn layer_values(
+        layout: &Layout,
+        graph: &Graph,
+        weights: &HashMap<String, Tensor>,
+        layer: usize,
+    ) -> Vec<f32> {
+        layout
+            .params_of(layer)
+            .iter()
+            .flat_map(|&p| weights[&graph.params[p].name].data().to_vec())
+            .collect()
     }
 
     fn layout_layer(unsealer: &capsule_format::Unsealer, name: &str) -> usize {

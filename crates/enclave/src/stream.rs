@@ -825,9 +825,13 @@ where
         let stream = &mut *self.stream;
         // At one engine thread, large buffers are wiped by the opener's job, on the
         // other core, between its openings, while the next nodes run (at two, the
-        // pool has no core to spare; after the last node, nothing would overlap).
+        // pool has no core to spare; after the last node, nothing would overlap; on
+        // one core, there is no other).
         let last = stream.node + 1 >= stream.layout.plan().graph().nodes.len();
-        let defer = stream.weights.keeps_spares() && capsule_engine::threads() == 1 && !last;
+        let defer = stream.weights.keeps_spares()
+            && capsule_engine::threads() == 1
+            && !last
+            && !stream.opener.inline();
         let mut spent = Vec::new();
         for layer in stream.layout.done_after(stream.node) {
             if !defer {

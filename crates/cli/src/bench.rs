@@ -816,9 +816,29 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is not a usable size"))
 }
 
-/// Three decimals: enough for milliseconds, short JSON.
+/// Four significant digits: short JSON that still tells 0.0054 from 0.0046 ms
+/// (three decimals printed a 0.3 µs defense as 0 and dense 256x256's 5 µs
+/// products as 0.005 or 0.006).
 fn round(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
+}
+
+#[cfg(test)]
+mod round_tests {
+    use super::round;
+
+    #[test]
+    fn keeps_four_significant_digits() {
+        assert_eq!(round(0.000_312_34), 0.000_312_3);
+        assert_eq!(round(0.005_449), 0.005_449);
+        assert_eq!(round(123.456_7), 123.5);
+        assert_eq!(round(1474.12), 1474.0);
+        assert_eq!(round(0.0), 0.0);
+    }
 }
 
 #[cfg(test)]

@@ -13,8 +13,10 @@
 //! - `sealed-cached`: the capsule unsealed once
 //!   ([`capsule_enclave::SealedModel`]), as the enclave keeps a model.
 //!
-//! After one warm-up query per mode, the modes take turns query by query,
-//! so that a noisy machine slows all three alike and the ratios stay fair.
+//! After one warm-up query per mode, the modes take turns sample by sample,
+//! so that a noisy machine slows all three alike and the ratios stay fair. A
+//! sample is one query, or the mean of a few in a row when the quickest mode
+//! takes under [`SAMPLE_MIN_MS`] (the same count in every mode).
 //! Each case reports the median, min and max, and the streaming mode also
 //! issue 4's AES-GCM bound (the layer bytes it unseals per query divided by
 //! [`AES_GCM_BYTES_PER_SEC`]) and the time one core takes to open them here
@@ -29,7 +31,7 @@ mod defenses;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
@@ -142,10 +144,17 @@ struct Case {
     item_shape: Vec<usize>,
 }
 
+/// Shortest sample: a mode whose query is quicker runs several queries in a row per
+/// sample, the same number in every mode, and a sample is their mean. This VM's clock
+/// reads whole µs, so single 5 µs queries (dense 256x256) could only time as 5 or 6.
+const SAMPLE_MIN_MS: f64 = 0.1;
+
 /// What one mode of one case measured.
 struct Timing {
     mode: Mode,
+    /// Milliseconds per query, each the mean of `reps` queries in a row.
     samples: Vec<f64>,
+    reps: usize,
 }
 
 impl Timing {
@@ -304,40 +313,45 @@ fn bench_case(
         let mut shape = vec![batch];
         shape.extend(&case.item_shape);
         let inputs = [pseudo_random(&shape, 1)];
-        let mut query = |mode: Mode| -> anyhow::Result<f64> {
+        // Milliseconds per query, over `reps` queries in a row.
+        let mut query = |mode: Mode, reps: usize| -> anyhow::Result<f64> {
             let start = Instant::now();
-            let output = match mode {
-                Mode::Plain => plain.run(&inputs)?,
-                Mode::Streaming => match &mut stream {
-                    Some(model) => model.run(&inputs)?,
-                    None => bail!("the streaming mode needs the sealed case"),
-                },
-                Mode::Cached => cached.as_ref().expect("cached").run(&inputs)?,
-            };
-            let elapsed = start.elapsed();
-            std::hint::black_box(output);
-            Ok(elapsed.as_secs_f64() * 1e3)
+            for _ in 0..reps {
+                let output = match mode {
+                    Mode::Plain => plain.run(&inputs)?,
+                    Mode::Streaming => match &mut stream {
+                        Some(model) => model.run(&inputs)?,
+                        None => bail!("the streaming mode needs the sealed case"),
+                    },
+                    Mode::Cached => cached.as_ref().expect("cached").run(&inputs)?,
+                };
+                std::hint::black_box(output);
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
         };
 
         // Warm-up: caches, allocator, the engine's buffers; it also sizes the run.
-        let mut first = Duration::ZERO;
+        let mut first = Vec::new();
         for &mode in modes {
-            first += Duration::from_secs_f64(query(mode)? / 1e3);
+            first.push(query(mode, 1)?);
         }
+        let quickest = first.iter().copied().fold(f64::INFINITY, f64::min);
+        let reps = ((SAMPLE_MIN_MS / quickest.max(1e-6)).ceil() as usize).clamp(1, 1000);
         let rounds = runs.unwrap_or_else(|| {
-            let per_round = first.as_secs_f64().max(1e-6);
-            ((1.5 / per_round) as usize).clamp(3, 30)
+            let per_round = first.iter().sum::<f64>() / 1e3 * reps as f64;
+            ((1.5 / per_round.max(1e-6)) as usize).clamp(3, 30)
         });
         let mut timings: Vec<Timing> = modes
             .iter()
             .map(|&mode| Timing {
                 mode,
                 samples: Vec::with_capacity(rounds),
+                reps,
             })
             .collect();
         for _ in 0..rounds {
             for timing in &mut timings {
-                timing.samples.push(query(timing.mode)?);
+                timing.samples.push(query(timing.mode, reps)?);
             }
         }
         let weight_bytes = case.graph.param_count() * size_of::<f32>();
@@ -667,6 +681,7 @@ impl Report {
                     "min_ms": round(t.min()),
                     "max_ms": round(t.max()),
                     "runs": t.samples.len(),
+                    "queries_per_sample": t.reps,
                     "weight_bytes": weight_bytes,
                 });
                 if let (Some(plain), true) = (plain, t.mode != Mode::Plain) {

@@ -2,7 +2,8 @@
 //! the keys other tools read. Timings are not checked: benchmarks are not
 //! tests.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 fn bench(args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
@@ -100,4 +101,26 @@ fn a_user_model_in_plain_mode_only() {
     assert_eq!(lines[0]["mode"], "plain");
     assert_eq!(lines[0]["threads"], 1);
     assert_eq!(lines[0]["batch"], 2);
+}
+
+/// A reader that stops early (`mlcapsule bench --json | head -1`) ends the run
+/// quietly, not with a panic about the closed pipe.
+#[test]
+fn a_closed_stdout_ends_the_run_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
+        .args(["bench", "--quick", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the mlcapsule binary runs");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with('{'), "{first}");
+    // The reader is dropped: the next line written fails with a broken pipe.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

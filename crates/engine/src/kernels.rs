@@ -8,7 +8,7 @@
 //! it was given. A failed check is a bug in the engine, not in the model or
 //! its input, and panics rather than touching memory the slices do not cover.
 //!
-//! [`gemm`] routes each product: a few rows against a large transposed
+//! [`gemm()`] routes each product: a few rows against a large transposed
 //! matrix (a dense layer at small batch, `x * W^T`) goes to a row-dot kernel
 //! that streams `W` once, at memory speed; everything else to `gemm`.
 //!
@@ -25,10 +25,12 @@
 //! were detected.
 //!
 //! One kernel is written with `std::arch` intrinsics instead, because its
-//! 16x16 transposes are shuffles that LLVM does not find on its own: the
-//! sixteen-plane depthwise convolution ([`depthwise3x3_x16`], AVX-512
-//! only). Its `unsafe` is that call and masked loads and stores whose masks
-//! cover exactly the slices they are given.
+//! transposes are shuffles that LLVM does not find on its own: the
+//! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
+//! (16x16 transposes) and for AVX2 (8x8). Its `unsafe` is that call, masked
+//! loads and stores whose masks cover exactly the slices they are given
+//! (AVX-512), and whole-vector loads and stores of eight-element arrays
+//! (AVX2).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -143,7 +145,7 @@ const ROW_DOT_MAX_ROWS: usize = 8;
 /// Columns of C one row-dot task computes.
 const ROW_DOT_BLOCK: usize = 64;
 
-/// True when [`gemm`] splits an `m x k` by `k x n` product over threads
+/// True when [`gemm()`] splits an `m x k` by `k x n` product over threads
 /// itself; callers then must not run such products in parallel tasks.
 pub(crate) fn splits_itself(m: usize, k: usize, n: usize) -> bool {
     threads::threads() > 1 && m.saturating_mul(k).saturating_mul(n) >= PARALLEL_MIN_WORK
@@ -160,7 +162,7 @@ pub(crate) fn gemm(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMu
     product(alpha, a, b, beta, c, true);
 }
 
-/// [`gemm`] on the calling thread only, for callers that already split
+/// [`gemm()`] on the calling thread only, for callers that already split
 /// their work over threads.
 pub(crate) fn gemm_single(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) {
     product(alpha, a, b, beta, c, false);
@@ -627,7 +629,8 @@ pub(crate) struct Sixteen<'a> {
 }
 
 /// Computes `planes` into `out` (`[16, OH, OW]`) sixteen planes to a
-/// vector, where the CPU has AVX-512, and returns true; returns false,
+/// vector (two with AVX2), where the CPU has AVX-512 or AVX2 and FMA, and
+/// returns true; returns false,
 /// touching nothing, where it has not (the caller then takes the planes one
 /// at a time). `scratch` is working memory; its contents do not matter.
 ///
@@ -646,18 +649,135 @@ pub(crate) fn depthwise3x3_x16(
     scratch: &mut Vec<f32>,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::depthwise3x3` is compiled with, and the function is
-        // otherwise safe.
-        unsafe {
-            x16::depthwise3x3(planes, out, scratch)
-        };
-        return true;
+    match isa() {
+        Isa::Avx512 => {
+            #[allow(unsafe_code)]
+            // SAFETY: `isa` returns `Avx512` only when the CPU has every
+            // feature `x16::depthwise3x3` is compiled with, and the function
+            // is otherwise safe.
+            unsafe {
+                x16::depthwise3x3(planes, out, scratch)
+            };
+            return true;
+        }
+        Isa::Avx2 => {
+            #[allow(unsafe_code)]
+            // SAFETY: as above, for AVX2 and FMA and `x8::depthwise3x3`.
+            unsafe {
+                x8::depthwise3x3(planes, out, scratch)
+            };
+            return true;
+        }
+        Isa::Baseline => {}
     }
     let _ = (planes, out, scratch);
     false
+}
+
+/// What the sixteen-plane kernels share whatever their instruction set: the
+/// padded `[H + 2, W + 2, 16]` layout in `scratch` and the walk over its
+/// cells. Every item is `#[inline(always)]`, so that each
+/// `#[target_feature]` copy compiles it with its own vectors.
+#[cfg(target_arch = "x86_64")]
+mod interleaved {
+    use super::Sixteen;
+
+    /// The dimensions of one call.
+    pub(super) struct Layout {
+        pub width: usize,
+        pub stride: usize,
+        /// Cells per input plane.
+        pub plane: usize,
+        pub out_width: usize,
+        /// Cells per output plane.
+        pub out_plane: usize,
+        /// Cells per padded row (`W + 2`).
+        pub pitch: usize,
+        /// Cells of the padded layout.
+        pub padded: usize,
+    }
+
+    impl Layout {
+        /// The layout of `p`, whose output takes `out_len` elements.
+        #[inline(always)]
+        pub(super) fn new(p: &Sixteen<'_>, out_len: usize) -> Layout {
+            let (width, stride) = (p.width, p.stride);
+            let plane = p.input.len() / 16;
+            let height = plane / width;
+            let out_height = (height - 1) / stride + 1;
+            let out_width = (width - 1) / stride + 1;
+            let out_plane = out_height * out_width;
+            assert_eq!(out_len, 16 * out_plane, "sixteen output planes");
+            let pitch = width + 2;
+            Layout {
+                width,
+                stride,
+                plane,
+                out_width,
+                out_plane,
+                pitch,
+                padded: (height + 2) * pitch,
+            }
+        }
+
+        /// The padded input, its border zeroed, and the output cells, both
+        /// carved out of `scratch`.
+        #[inline(always)]
+        pub(super) fn split<'s>(
+            &self,
+            scratch: &'s mut Vec<f32>,
+        ) -> (&'s mut [[f32; 16]], &'s mut [[f32; 16]]) {
+            let need = 16 * (self.padded + self.out_plane);
+            if scratch.len() < need {
+                scratch.resize(need, 0.0);
+            }
+            let (pad, cells) = scratch[..need].split_at_mut(16 * self.padded);
+            let (pad, _) = pad.as_chunks_mut::<16>();
+            let (cells, _) = cells.as_chunks_mut::<16>();
+            // The padding: rows 0 and H + 1, columns 0 and W + 1.
+            let (pitch, height) = (self.pitch, self.padded / self.pitch - 2);
+            pad[..pitch].fill([0.0; 16]);
+            pad[(height + 1) * pitch..].fill([0.0; 16]);
+            for r in 1..=height {
+                pad[r * pitch] = [0.0; 16];
+                pad[r * pitch + self.width + 1] = [0.0; 16];
+            }
+            (pad, cells)
+        }
+
+        /// A walk over the padded layout's inner cells, row by row: where
+        /// input cells 0, 1, .. of every plane go.
+        #[inline(always)]
+        pub(super) fn cursor(&self) -> Cursor {
+            Cursor {
+                row: 1,
+                column: 1,
+                pitch: self.pitch,
+                width: self.width,
+            }
+        }
+    }
+
+    /// See [`Layout::cursor`].
+    pub(super) struct Cursor {
+        row: usize,
+        column: usize,
+        pitch: usize,
+        width: usize,
+    }
+
+    impl Cursor {
+        /// The padded index of the next input cell.
+        #[inline(always)]
+        pub(super) fn next(&mut self) -> usize {
+            let at = self.row * self.pitch + self.column;
+            self.column += 1;
+            if self.column > self.width {
+                (self.row, self.column) = (self.row + 1, 1);
+            }
+            at
+        }
+    }
 }
 
 /// AVX-512 code of [`depthwise3x3_x16`].
@@ -669,6 +789,7 @@ mod x16 {
     };
 
     use super::Sixteen;
+    use super::interleaved::Layout;
     use crate::graph::Activation;
     use crate::ops::{clip, relu};
 
@@ -684,31 +805,11 @@ mod x16 {
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     fn run(p: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>, act: impl Fn(f32) -> f32) {
-        let (width, stride) = (p.width, p.stride);
-        let plane = p.input.len() / 16;
-        let height = plane / width;
-        let out_height = (height - 1) / stride + 1;
-        let out_width = (width - 1) / stride + 1;
-        let out_plane = out_height * out_width;
-        assert_eq!(out.len(), 16 * out_plane, "sixteen output planes");
-        let pitch = width + 2;
-        let padded = (height + 2) * pitch;
-        let need = 16 * (padded + out_plane);
-        if scratch.len() < need {
-            scratch.resize(need, 0.0);
-        }
-        let (pad, cells) = scratch[..need].split_at_mut(16 * padded);
-        let (pad, _) = pad.as_chunks_mut::<16>();
-        let (cells, _) = cells.as_chunks_mut::<16>();
-        // The padding: rows 0 and H + 1, columns 0 and W + 1.
-        pad[..pitch].fill([0.0; 16]);
-        pad[(height + 1) * pitch..].fill([0.0; 16]);
-        for r in 1..=height {
-            pad[r * pitch] = [0.0; 16];
-            pad[r * pitch + width + 1] = [0.0; 16];
-        }
+        let layout = Layout::new(p, out.len());
+        let (plane, out_plane) = (layout.plane, layout.out_plane);
+        let (pad, cells) = layout.split(scratch);
         // In: sixteen cells of every plane at a time, flat across rows.
-        let (mut r, mut c) = (1, 1);
+        let mut cursor = layout.cursor();
         for first in (0..plane).step_by(16) {
             let n = (plane - first).min(16);
             let mut rows = [_mm512_setzero_ps(); 16];
@@ -718,16 +819,13 @@ mod x16 {
             // A loop of constant length, unrolled, keeps the cells in registers.
             for (j, v) in transpose(rows).into_iter().enumerate() {
                 if j < n {
-                    store(&mut pad[r * pitch + c], v);
-                    c += 1;
-                    if c > width {
-                        (r, c) = (r + 1, 1);
-                    }
+                    store(&mut pad[cursor.next()], v);
                 }
             }
         }
+        let (pitch, stride) = (layout.pitch, layout.stride);
         let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = &p.taps;
-        for (y, out_row) in cells.chunks_exact_mut(out_width).enumerate() {
+        for (y, out_row) in cells.chunks_exact_mut(layout.out_width).enumerate() {
             let row = |ki: usize| &pad[(y * stride + ki) * pitch..][..pitch];
             let (r0, r1, r2) = (row(0), row(1), row(2));
             for (x, cell) in out_row.iter_mut().enumerate() {
@@ -847,6 +945,215 @@ mod x16 {
             }
             for i in 0..16 {
                 for j in 0..16 {
+                    assert_eq!(t[i][j], rows[j][i], "cell ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 code of [`depthwise3x3_x16`]: the layout and taps of [`x16`],
+/// with the transposes eight lanes wide, for each half of the sixteen
+/// planes in turn.
+#[cfg(target_arch = "x86_64")]
+mod x8 {
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_mul_ps, _mm256_permute2f128_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    };
+
+    use super::Sixteen;
+    use super::interleaved::Layout;
+    use crate::graph::Activation;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn depthwise3x3(planes: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+        // One copy of the loops per activation, applied as each cell is stored.
+        // `max(0, x)` and `min(max, max(min, x))` keep a NaN as `relu` and
+        // `clip` do: the instructions return their second operand when
+        // either is NaN.
+        let zero = _mm256_setzero_ps();
+        match planes.activation {
+            Activation::None => run(planes, out, scratch, |v| v),
+            Activation::Relu => run(planes, out, scratch, |v| _mm256_max_ps(zero, v)),
+            Activation::Clip { min, max } => {
+                let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
+                run(planes, out, scratch, |v| {
+                    _mm256_min_ps(max, _mm256_max_ps(min, v))
+                })
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn run(
+        p: &Sixteen<'_>,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        act: impl Fn(__m256) -> __m256,
+    ) {
+        let layout = Layout::new(p, out.len());
+        let (plane, out_plane) = (layout.plane, layout.out_plane);
+        let (pad, cells) = layout.split(scratch);
+        // In: eight cells of eight planes at a time, flat across rows.
+        let mut cursor = layout.cursor();
+        for first in (0..plane).step_by(8) {
+            let n = (plane - first).min(8);
+            let at: [usize; 8] = std::array::from_fn(|_| cursor.next());
+            for half in 0..2 {
+                let rows: [__m256; 8] =
+                    std::array::from_fn(|i| load(&p.input[(8 * half + i) * plane + first..][..n]));
+                for (&at, v) in at.iter().zip(transpose(rows)).take(n) {
+                    store(&mut pad[at][8 * half..][..8], v);
+                }
+            }
+        }
+        taps(p, &layout, pad, cells, act);
+        // Out: eight cells of eight planes at a time.
+        for first in (0..out_plane).step_by(8) {
+            let n = (out_plane - first).min(8);
+            for half in 0..2 {
+                let mut rows = [_mm256_setzero_ps(); 8];
+                for (v, cell) in rows.iter_mut().zip(&cells[first..first + n]) {
+                    *v = load(&cell[8 * half..][..8]);
+                }
+                for (i, v) in transpose(rows).into_iter().enumerate() {
+                    store(&mut out[(8 * half + i) * out_plane + first..][..n], v);
+                }
+            }
+        }
+    }
+
+    /// Every output cell, as [`super::x16`] computes them (the same sums in the
+    /// same order), but for eight lanes at a time over every cell: their taps and bias then stay
+    /// in registers while the cells stream past. (Written with intrinsics:
+    /// the compiler unrolls an eight-lane loop and then leaves it scalar.)
+    #[target_feature(enable = "avx2,fma")]
+    fn taps(
+        p: &Sixteen<'_>,
+        layout: &Layout,
+        pad: &[[f32; 16]],
+        cells: &mut [[f32; 16]],
+        act: impl Fn(__m256) -> __m256,
+    ) {
+        let (pitch, stride) = (layout.pitch, layout.stride);
+        for half in [0, 8] {
+            let lanes = |cell: &[f32; 16]| load(&cell[half..][..8]);
+            let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.each_ref().map(lanes);
+            let bias = lanes(&p.bias);
+            for (y, out_row) in cells.chunks_exact_mut(layout.out_width).enumerate() {
+                let row = |ki: usize| &pad[(y * stride + ki) * pitch..][..pitch];
+                let (r0, r1, r2) = (row(0), row(1), row(2));
+                for (x, cell) in out_row.iter_mut().enumerate() {
+                    let at = x * stride;
+                    let tap = |w: __m256, row: &[[f32; 16]], kj: usize, acc: __m256| {
+                        _mm256_fmadd_ps(w, lanes(&row[at + kj]), acc)
+                    };
+                    let top = tap(w2, r0, 2, tap(w1, r0, 1, tap(w0, r0, 0, bias)));
+                    let mid = tap(w5, r1, 2, tap(w4, r1, 1, _mm256_mul_ps(w3, lanes(&r1[at]))));
+                    let bottom = tap(w8, r2, 2, tap(w7, r2, 1, _mm256_mul_ps(w6, lanes(&r2[at]))));
+                    let v = act(_mm256_add_ps(_mm256_add_ps(top, mid), bottom));
+                    store(&mut cell[half..][..8], v);
+                }
+            }
+        }
+    }
+
+    /// The first `src.len()` (at most 8) lanes from `src`, the others 0.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load(src: &[f32]) -> __m256 {
+        let mut lanes = [0.0; 8];
+        let full: &[f32; 8] = match src.try_into() {
+            Ok(full) => full,
+            Err(_) => {
+                lanes[..src.len()].copy_from_slice(src);
+                &lanes
+            }
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: the load reads the eight elements of `full`.
+        unsafe {
+            _mm256_loadu_ps(full.as_ptr())
+        }
+    }
+
+    /// Writes the first `dst.len()` (at most 8) lanes of `v` to `dst`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn store(dst: &mut [f32], v: __m256) {
+        let n = dst.len();
+        if let Ok(full) = <&mut [f32; 8]>::try_from(&mut *dst) {
+            #[allow(unsafe_code)]
+            // SAFETY: the store writes the eight elements of `full`.
+            unsafe {
+                _mm256_storeu_ps(full.as_mut_ptr(), v)
+            };
+            return;
+        }
+        let mut lanes = [0.0; 8];
+        #[allow(unsafe_code)]
+        // SAFETY: as above, into `lanes`.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v)
+        };
+        dst.copy_from_slice(&lanes[..n]);
+    }
+
+    /// `rows` transposed: 24 shuffles.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn transpose(r: [__m256; 8]) -> [__m256; 8] {
+        // Pairs of rows interleaved within each 128-bit half.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + j], half H: column 4H + j of rows 4g .. 4g + 4.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for g in 0..2 {
+            let (lo01, hi01, lo23, hi23) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm256_shuffle_ps::<0x44>(lo01, lo23);
+            u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(lo01, lo23);
+            u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(hi01, hi23);
+            u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(hi01, hi23);
+        }
+        // Column j: the low halves of rows 0-3 and 4-7; column 4 + j: the high.
+        let mut columns = [_mm256_setzero_ps(); 8];
+        for j in 0..4 {
+            columns[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j]);
+            columns[4 + j] = _mm256_permute2f128_ps::<0x31>(u[j], u[4 + j]);
+        }
+        columns
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn transpose_swaps_rows_and_columns() {
+            if super::super::isa() == super::super::Isa::Baseline {
+                return;
+            }
+            let rows: [[f32; 8]; 8] =
+                std::array::from_fn(|i| std::array::from_fn(|j| (8 * i + j) as f32));
+            let mut t = [[0.0f32; 8]; 8];
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe {
+                let columns = transpose(rows.map(|row| load(&row)));
+                for (dst, v) in t.iter_mut().zip(columns) {
+                    store(dst, v);
+                }
+            }
+            for i in 0..8 {
+                for j in 0..8 {
                     assert_eq!(t[i][j], rows[j][i], "cell ({i}, {j})");
                 }
             }

@@ -1437,20 +1437,28 @@ mod tests {
         // (narrow planes, and stride 2), the two sum in the same order.
         let mut rng = Rng(23);
         let sizes = [(1, 1), (2, 3), (7, 7), (14, 14), (13, 9), (5, 17), (28, 28)];
+        let activations = [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip {
+                min: -0.1,
+                max: 0.2,
+            },
+        ];
         for (h, w) in sizes {
-            for stride in [1, 2] {
+            for (stride, activation) in [1, 2].into_iter().flat_map(|s| activations.map(|a| (s, a)))
+            {
                 if stride == 1 && w >= FLAT_BELOW {
                     continue;
                 }
-                let activation = Activation::Clip {
-                    min: -0.1,
-                    max: 0.2,
-                };
                 let c = case([1, 16, h, w], 16, 16, [3, 3], [stride; 2], [1; 4], [1, 1]);
                 let (x, taps, b) = (rng.tensor(&c.x), rng.tensor(&c.w), rng.tensor(&[16]));
+                // A NaN in plane 3 must come out as NaN through every activation.
+                let mut x = x.data().to_vec();
+                x[3 * h * w + (h * w) / 2] = f32::NAN;
                 let out_plane = h.div_ceil(stride) * w.div_ceil(stride);
                 let planes = kernels::Sixteen {
-                    input: x.data(),
+                    input: &x,
                     width: w,
                     stride,
                     taps: std::array::from_fn(|t| std::array::from_fn(|l| taps.data()[l * 9 + t])),
@@ -1465,7 +1473,7 @@ mod tests {
                 for l in 0..16 {
                     let mut want = vec![f32::NAN; out_plane];
                     kernels::depthwise3x3(
-                        &x.data()[l * h * w..][..h * w],
+                        &x[l * h * w..][..h * w],
                         w,
                         stride,
                         &taps.data()[l * 9..][..9],
@@ -1476,11 +1484,16 @@ mod tests {
                         &mut scratch,
                     );
                     let got = &got[l * out_plane..][..out_plane];
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    // Any NaN is the same NaN here; every other value, bit for bit.
+                    let bits = |v: &[f32]| {
+                        v.iter()
+                            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                            .collect::<Vec<_>>()
+                    };
                     assert_eq!(
                         bits(got),
                         bits(&want),
-                        "{h}x{w}, stride {stride}, plane {l}"
+                        "{h}x{w}, stride {stride}, {activation:?}, plane {l}"
                     );
                 }
             }

@@ -39,8 +39,13 @@ use crate::model::{
 use crate::protocol::{FrameReader, LayerChunk, MessageType, ReadError};
 
 /// Most plaintext bytes of layers opened ahead of the node that reads them, when
-/// there is no memory budget (there is always room for the next layer).
-const LOOKAHEAD: u64 = 16 << 20;
+/// there is no memory budget (there is always room for the next layer). Enough
+/// for all of ResNet-18 (44.7 MB), whose last, largest layers then open while
+/// the first nodes run: streaming/plain at 2 threads 1.41-1.42 with 16 MiB,
+/// 1.35-1.36 with 32, 1.29-1.34 with 64 and 128 (EPYC Zen 2, alternated runs).
+/// MobileNetV2 fits in any of them; VGG-16 and dense 4096x4096 are bound by
+/// opening and did not move. A caller short of memory sets a budget.
+const LOOKAHEAD: u64 = 64 << 20;
 
 /// Rows of an opened dense layer's B one task takes when the layer runs on
 /// several threads (as the engine's own row-dot kernel splits its work).

@@ -1025,10 +1025,11 @@ mod x8 {
         }
     }
 
-    /// Every output cell, as [`super::x16`] computes them (the same sums in the
-    /// same order), but for eight lanes at a time over every cell: their taps and bias then stay
-    /// in registers while the cells stream past. (Written with intrinsics:
-    /// the compiler unrolls an eight-lane loop and then leaves it scalar.)
+    /// Every output cell, as [`super::x16`] computes them (the same sums in
+    /// the same order), but eight lanes at a time over every cell: their
+    /// taps and bias then stay in registers while the cells stream past.
+    /// (Written with intrinsics: the compiler unrolls an eight-lane loop
+    /// and then leaves it scalar.)
     #[target_feature(enable = "avx2,fma")]
     fn taps(
         p: &Sixteen<'_>,

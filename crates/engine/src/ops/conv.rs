@@ -1241,6 +1241,16 @@ mod tests {
         }
     }
 
+    /// One of each activation the 3x3 kernels fuse.
+    const ACTIVATIONS: [Activation; 3] = [
+        Activation::None,
+        Activation::Relu,
+        Activation::Clip {
+            min: -0.1,
+            max: 0.2,
+        },
+    ];
+
     #[test]
     fn each_strategy_matches_the_definition() {
         let cases = [
@@ -1385,14 +1395,6 @@ mod tests {
         // The kernel clears only the padding cells that valid outputs
         // read: NaNs left in the scratch by an earlier plane must not leak.
         let mut rng = Rng(11);
-        let activations = [
-            Activation::None,
-            Activation::Relu,
-            Activation::Clip {
-                min: -0.1,
-                max: 0.2,
-            },
-        ];
         let sizes = [
             (1, 1),
             (2, 3),
@@ -1406,7 +1408,7 @@ mod tests {
         ];
         for (h, w) in sizes {
             for stride in [1, 2] {
-                for activation in activations {
+                for activation in ACTIVATIONS {
                     let mut c = case([1, 1, h, w], 1, 1, [3, 3], [stride; 2], [1; 4], [1, 1]);
                     c.attrs.activation = activation;
                     let (x, taps, b) = (rng.tensor(&c.x), rng.tensor(&c.w), rng.tensor(&[1]));
@@ -1437,16 +1439,8 @@ mod tests {
         // (narrow planes, and stride 2), the two sum in the same order.
         let mut rng = Rng(23);
         let sizes = [(1, 1), (2, 3), (7, 7), (14, 14), (13, 9), (5, 17), (28, 28)];
-        let activations = [
-            Activation::None,
-            Activation::Relu,
-            Activation::Clip {
-                min: -0.1,
-                max: 0.2,
-            },
-        ];
         for (h, w) in sizes {
-            for (stride, activation) in [1, 2].into_iter().flat_map(|s| activations.map(|a| (s, a)))
+            for (stride, activation) in [1, 2].into_iter().flat_map(|s| ACTIVATIONS.map(|a| (s, a)))
             {
                 if stride == 1 && w >= FLAT_BELOW {
                     continue;

@@ -36,8 +36,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    OutputRows, TileSource, bias_activate_body, bias_add_activate_body, depthwise3x3_body,
-    winograd_input_body, winograd_output_body, winograd_weights_body,
+    OutputRows, Span, TileSource, bias_activate_body, bias_add_activate_body, depthwise3x3_body,
+    max_by_rows_body, winograd_input_body, winograd_output_body, winograd_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -495,6 +495,19 @@ multiversion! {
         residual: &[f32],
         activation: Activation,
     ) => bias_add_activate_body;
+}
+
+multiversion! {
+    /// One plane of a MaxPool without dilation (see `max_by_rows_body`).
+    pub(crate) fn max_by_rows(
+        plane: &[f32],
+        geometry: [usize; 3],
+        rows: &[Span],
+        cols: &[Span],
+        line: &mut [f32],
+        wide: &mut [f32],
+        out: &mut [f32],
+    ) => max_by_rows_body;
 }
 
 multiversion! {

@@ -23,6 +23,8 @@ pub(crate) use conv::{
     winograd_weights_body,
 };
 pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body, clip, relu};
+pub(crate) use pool::max_by_rows_body;
+pub(crate) use window::Span;
 
 use crate::graph::{Activation, ConvAttrs, Op};
 use crate::tensor::Tensor;

@@ -149,8 +149,9 @@ fn pool(
         |line: &mut Vec<f32>, p, out| {
             let plane = &x.data()[p * in_plane..][..in_plane];
             if max_rows {
-                line.resize(width, 0.0);
-                max_by_rows(plane, width, &rows, &cols, line, out);
+                line.resize(2 * width, 0.0);
+                let (line, wide) = line.split_at_mut(width);
+                kernels::max_by_rows(plane, [width, kw, sw], &rows, &cols, line, wide, out);
                 return;
             }
             for (out_row, &rows) in out.chunks_mut(w.output()).zip(&rows) {
@@ -170,23 +171,32 @@ fn pool(
     Ok(Tensor::from_parts(shape, y))
 }
 
-/// [`pool`]'s MaxPool of one plane (`[H, W]`, `W = width`) by rows, for
-/// windows without dilation: `line` (`W` long) holds each output row's
-/// element-wise max of its input rows.
-fn max_by_rows(
+/// [`pool`]'s MaxPool of one plane (`[H, W]`) by rows, for windows
+/// without dilation, `kernel` cells wide and `stride` apart along a row
+/// (`[W, kernel, stride]`): `line` (`W` long) holds each output row's
+/// element-wise max of its input rows, `wide` (`W` long) the max of each run
+/// of `kernel` cells of `line`, so that the windows that lie whole inside
+/// the row take one vectorised pass per cell of the kernel, not a fold each
+/// (ResNet-18's 3x3 MaxPool with stride 2 took 0.99 ms by folds, 6.5 times
+/// onnxruntime's time).
+///
+/// Compiled per instruction set by `kernels::max_by_rows`.
+#[inline(always)]
+pub(crate) fn max_by_rows_body<const FMA: bool>(
     plane: &[f32],
-    width: usize,
+    [width, kernel, stride]: [usize; 3],
     rows: &[Span],
     cols: &[Span],
     line: &mut [f32],
+    wide: &mut [f32],
     out: &mut [f32],
 ) {
-    // The common 2x2 windows with stride 2, where they start: pairs.
-    let pairs = cols
-        .iter()
-        .enumerate()
-        .take_while(|&(o, c)| c.taps == 2 && c.first == 2 * o)
-        .count();
+    // The outputs whose windows lie whole inside the row: consecutive ones,
+    // `stride` cells apart.
+    let start = cols.iter().position(|c| c.taps == kernel);
+    let whole = start.map_or(0..0, |s| {
+        s..s + cols[s..].iter().take_while(|c| c.taps == kernel).count()
+    });
     for (out_row, rows) in out.chunks_mut(cols.len()).zip(rows) {
         if rows.taps == 0 {
             out_row.fill(f32::MIN);
@@ -199,14 +209,63 @@ fn max_by_rows(
                 *l = l.max(v);
             }
         }
-        let (paired, rest) = out_row.split_at_mut(pairs);
-        for (o, pair) in paired.iter_mut().zip(line.chunks_exact(2)) {
-            *o = pair[0].max(pair[1]).max(f32::MIN);
+        if !whole.is_empty() {
+            let at = cols[whole.start].first;
+            let out = &mut out_row[whole.clone()];
+            whole_windows(&line[at..], [kernel, stride], wide, out);
         }
-        for (o, cols) in rest.iter_mut().zip(&cols[pairs..]) {
-            *o = line[cols.first..cols.first + cols.taps]
+        // The windows cut by the row's ends, one fold each.
+        for o in (0..whole.start).chain(whole.end..cols.len()) {
+            let span = cols[o];
+            out_row[o] = line[span.first..span.first + span.taps]
                 .iter()
                 .fold(f32::MIN, |acc, &v| acc.max(v));
+        }
+    }
+}
+
+/// The max of each window of `kernel` cells of `line`, `stride` cells apart
+/// from its start, and of `f32::MIN`, into `out` (`line` holds all of
+/// them); `wide` is working memory at least as long as their span. Written
+/// as passes over slices and pairs, which vectorise: the non-overlapping
+/// 2x2 windows with stride 2 are one pass over pairs.
+#[inline(always)]
+fn whole_windows(line: &[f32], [kernel, stride]: [usize; 2], wide: &mut [f32], out: &mut [f32]) {
+    if kernel == 2 && stride == 2 {
+        for (o, pair) in out.iter_mut().zip(line.as_chunks::<2>().0) {
+            *o = pair[0].max(pair[1]).max(f32::MIN);
+        }
+        return;
+    }
+    let span = (out.len() - 1) * stride + 1;
+    let wide = &mut wide[..span];
+    wide.copy_from_slice(&line[..span]);
+    for t in 1..kernel {
+        for (w, &v) in wide.iter_mut().zip(&line[t..]) {
+            *w = w.max(v);
+        }
+    }
+    match stride {
+        1 => {
+            for (o, &w) in out.iter_mut().zip(wide.iter()) {
+                *o = w.max(f32::MIN);
+            }
+        }
+        2 => {
+            // Pairs, not `step_by`, so that the loop vectorises; the last
+            // window's start has no partner.
+            let (pairs, last) = wide.as_chunks::<2>();
+            for (o, pair) in out.iter_mut().zip(pairs) {
+                *o = pair[0].max(f32::MIN);
+            }
+            if let (Some(o), Some(&w)) = (out.last_mut(), last.first()) {
+                *o = w.max(f32::MIN);
+            }
+        }
+        _ => {
+            for (o, &w) in out.iter_mut().zip(wide.iter().step_by(stride)) {
+                *o = w.max(f32::MIN);
+            }
         }
     }
 }

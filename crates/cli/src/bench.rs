@@ -95,6 +95,10 @@ pub struct BenchArgs {
     /// Only the defenses' per-query costs inside the enclave (noising, detector, PRADA).
     #[arg(long)]
     defenses_only: bool,
+    /// Instead of whole queries, time each node of the networks (or --model files) in
+    /// plain mode: the median per node over the timed queries, slowest first.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// The row families of the paper's tables.
@@ -246,6 +250,23 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     layer_cases.retain(|case| selected(&case.name));
     let runs = if args.quick { Some(3) } else { args.runs };
+    if args.profile {
+        for path in networks.iter().filter(|p| selected(&p.to_string_lossy())) {
+            let case = network(path)?;
+            for &batch in &batches {
+                for &threads in &threads {
+                    profile(
+                        &case,
+                        threads,
+                        batch,
+                        runs.unwrap_or(PROFILE_RUNS),
+                        args.json,
+                    )?;
+                }
+            }
+        }
+        return Ok(());
+    }
     for case in &layer_cases {
         // The paper's layer tables are at batch 1.
         let configs: Vec<(usize, usize)> = threads.iter().map(|&t| (t, 1)).collect();
@@ -366,6 +387,80 @@ fn bench_case(
             },
             &timings,
             held.zip(Some(budget)),
+        );
+    }
+    Ok(())
+}
+
+/// Timed queries per configuration of `bench --profile` when `--runs` is not given.
+const PROFILE_RUNS: usize = 30;
+
+/// Nodes `bench --profile` lists in its table (the slowest; JSON lists all).
+const PROFILE_ROWS: usize = 25;
+
+/// Times each node of `case` over `runs` plain queries (after two to warm up) with
+/// `threads` threads at batch `batch`, and prints the median per node, slowest first.
+fn profile(
+    case: &Case,
+    threads: usize,
+    batch: usize,
+    runs: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let model = Model::new(case.graph.clone(), case.weights.clone())
+        .with_context(|| format!("{} cannot run", case.name))?;
+    capsule_engine::set_threads(threads);
+    let mut shape = vec![batch];
+    shape.extend(&case.item_shape);
+    let inputs = [pseudo_random(&shape, 1)];
+    let nodes = &case.graph.nodes;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); nodes.len()];
+    for run in 0..runs.max(1) + 2 {
+        let (output, times) = model.run_timed(&inputs)?;
+        std::hint::black_box(output);
+        if run >= 2 {
+            for (sample, time) in samples.iter_mut().zip(times) {
+                sample.push(time.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let mut rows: Vec<(usize, f64)> = samples
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| {
+            s.sort_by(f64::total_cmp);
+            (i, s.get(s.len() / 2).copied().unwrap_or(0.0))
+        })
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|&(_, ms)| ms).sum();
+    if json {
+        for &(i, took) in &rows {
+            let row = serde_json::json!({
+                "case": case.name, "threads": threads, "batch": batch, "node": nodes[i].name,
+                "op": nodes[i].op.name(), "median_ms": took,
+            });
+            println!("{row}");
+        }
+        return Ok(());
+    }
+    println!(
+        "\n{} at {threads} thread(s), batch {batch}: {} nodes, medians over {runs} queries \
+         summing to {} ms; the {} slowest",
+        case.name,
+        nodes.len(),
+        ms(total),
+        PROFILE_ROWS.min(rows.len()),
+    );
+    println!("{:>10} {:>6}  {:<18} node", "ms", "share", "op");
+    for &(i, took) in rows.iter().take(PROFILE_ROWS) {
+        let share = 100.0 * took / total.max(f64::MIN_POSITIVE);
+        let node = &nodes[i];
+        println!(
+            "{:>10} {share:>5.1}%  {:<18} {}",
+            ms(took),
+            node.op.name(),
+            node.name
         );
     }
     Ok(())

@@ -103,6 +103,43 @@ fn a_user_model_in_plain_mode_only() {
     assert_eq!(lines[0]["batch"], 2);
 }
 
+#[test]
+fn a_profile_has_one_line_per_node_slowest_first() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
+    let args = [
+        "--model",
+        model,
+        "--threads",
+        "1",
+        "--runs",
+        "3",
+        "--profile",
+    ];
+    let lines = bench(&[&args[..], &["--json"]].concat());
+    let graph = capsule_onnx::import(&std::fs::read(model).unwrap())
+        .unwrap()
+        .graph;
+    assert_eq!(lines.len(), graph.nodes.len());
+    let mut names: Vec<&str> = lines.iter().map(|l| l["node"].as_str().unwrap()).collect();
+    let times: Vec<f64> = lines
+        .iter()
+        .map(|l| l["median_ms"].as_f64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    assert!(times.iter().all(|&t| t >= 0.0));
+    for line in &lines {
+        assert_eq!(
+            (line["case"].as_str(), line["threads"].as_u64()),
+            (Some("mnist-cnn"), Some(1))
+        );
+        assert!(line["op"].is_string(), "{line}");
+    }
+    names.sort_unstable();
+    let mut want: Vec<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(names, want);
+}
+
 /// A reader that stops early (`mlcapsule bench --json | head -1`) ends the run
 /// quietly, not with a panic about the closed pipe.
 #[test]

@@ -409,13 +409,14 @@ fn profile(
 ) -> anyhow::Result<()> {
     let model = Model::new(case.graph.clone(), case.weights.clone())
         .with_context(|| format!("{} cannot run", case.name))?;
+    let runs = runs.max(1);
     capsule_engine::set_threads(threads);
     let mut shape = vec![batch];
     shape.extend(&case.item_shape);
     let inputs = [pseudo_random(&shape, 1)];
     let nodes = &case.graph.nodes;
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); nodes.len()];
-    for run in 0..runs.max(1) + 2 {
+    for run in 0..runs + 2 {
         let (output, times) = model.run_timed(&inputs)?;
         std::hint::black_box(output);
         if run >= 2 {

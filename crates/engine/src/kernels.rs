@@ -231,8 +231,8 @@ const APART_BELOW: usize = 64;
 /// With 49 columns (a Conv on a 7x7 image), one `gemm` call ran the whole
 /// product at the pace of its last, one-column block: `960 x 160` weights
 /// took 0.22 ms, where 48 columns took 0.16 and the last one alone, from
-/// contiguous copies, 0.013 (the same call on the strided column took as
-/// long as the 48). Apart, the product took 0.84-0.89 of one call's time,
+/// contiguous copies, 0.013 (left strided, the 48 and the 1 together took
+/// as long as one call). Apart, the product took 0.84-0.89 of one call's time,
 /// with the same sums (EPYC Zen 2; ResNet-18's `512 x 4608` by 49: 0.89-0.98).
 fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c: MatMut<'_>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);

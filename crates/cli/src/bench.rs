@@ -169,13 +169,7 @@ impl Timing {
     }
 
     fn median(&self) -> f64 {
-        let s = self.sorted();
-        let n = s.len();
-        if n % 2 == 1 {
-            s[n / 2]
-        } else {
-            (s[n / 2 - 1] + s[n / 2]) / 2.0
-        }
+        median(&self.samples)
     }
 
     fn min(&self) -> f64 {
@@ -184,6 +178,18 @@ impl Timing {
 
     fn max(&self) -> f64 {
         *self.sorted().last().expect("at least one sample")
+    }
+}
+
+/// The median of `samples` (the mean of the middle two for an even count; 0 for none).
+fn median(samples: &[f64]) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
 }
 
@@ -426,12 +432,9 @@ fn profile(
         }
     }
     let mut rows: Vec<(usize, f64)> = samples
-        .iter_mut()
+        .iter()
         .enumerate()
-        .map(|(i, s)| {
-            s.sort_by(f64::total_cmp);
-            (i, s.get(s.len() / 2).copied().unwrap_or(0.0))
-        })
+        .map(|(i, s)| (i, median(s)))
         .collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = rows.iter().map(|&(_, ms)| ms).sum();

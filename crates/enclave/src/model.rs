@@ -380,20 +380,22 @@ impl Layout {
     }
 
     /// Weight memory a streamed layer holds while its node runs on `threads` threads:
-    /// one opened chunk per thread, the rows that straddle chunks, and its other tensors.
+    /// one opened chunk and a row per lane (`stream::dense_lanes`), the rows that
+    /// straddle the lanes' runs of chunks, and its other tensors.
     pub fn stream_memory(&self, layer: usize, threads: usize) -> u64 {
         let Some(s) = &self.streamable[layer] else {
             return 0;
         };
         let chunks = self.chunk_counts[layer];
-        let group = (threads.max(1) as u64).min(chunks);
+        let (lanes, runs) = crate::stream::dense_lanes(threads);
+        let (lanes, runs) = ((lanes as u64).min(chunks), (runs as u64).min(chunks));
         let chunk = self.chunk_size.min(self.plaintext_len[layer]);
         let row = 4 * s.gemm.row_len() as u64;
         let others: u64 = (self.layer_tensors[layer].iter().enumerate())
             .filter(|&(i, _)| i != s.b)
             .map(|(_, t)| t.bytes)
             .sum();
-        group * chunk + (group + 1) * row + others
+        lanes * (chunk + row + 4) + (runs + 1) * row + others
     }
 
     /// Unseals layer `layer` whole from its sealed stream into `weights`, the chunks in

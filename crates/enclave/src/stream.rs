@@ -51,6 +51,21 @@ const LOOKAHEAD: u64 = 64 << 20;
 /// several threads (as the engine's own row-dot kernel splits its work).
 const CACHED_BLOCK_ROWS: usize = 64;
 
+/// How a streamed dense layer at `threads` engine threads spreads its chunks: over how
+/// many scratch buffers (threads at once), and into how many runs of consecutive chunks
+/// at most. On the team, each thread takes one run. Off the pool (a query at one engine
+/// thread, or one quick enough to stay on its caller's thread), the caller shares twice
+/// as many runs as there are buffers with one of the pool's workers (when there is one),
+/// so that a worker that wakes up late still takes its half.
+pub(crate) fn dense_lanes(threads: usize) -> (usize, usize) {
+    let lanes = match threads {
+        0 | 1 if rayon::current_num_threads() > 1 => 2,
+        0 | 1 => 1,
+        n => n,
+    };
+    (lanes, 2 * lanes)
+}
+
 /// Why a query's layer stream stopped.
 pub(crate) enum StreamFailure {
     /// The host closed the pipe or it failed: nobody is left to answer.
@@ -598,16 +613,23 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             .map(|(i, t)| (i, self.weights.buffer(t.param, t.bytes as usize / 4)))
             .collect();
         let chunk_bytes = u64::from(header.chunk_size).min(header.layers[layer].plaintext_len);
-        let chunk_floats = (chunk_bytes as usize).div_ceil(4);
+        // Room for a chunk after the part of a row the chunk before it gave, and for
+        // shifting the chunk by up to 3 bytes so that its rows start on floats.
+        let scratch_floats = (chunk_bytes as usize + 4 * gemm.row_len() + 4).div_ceil(4);
         let mut scratch = std::mem::take(&mut self.weights.scratch);
-        // One scratch buffer per thread; each read of the feed (all chunks from memory,
-        // a few from a pipe) is cut into one run of consecutive chunks per thread, so
-        // that the threads meet once per read, not once per `threads` chunks.
-        let lanes = (threads as u64).min(count).max(1) as usize;
+        // One scratch buffer per lane; each read of the feed (all chunks from memory, a
+        // few from a pipe) is cut into runs of consecutive chunks, one per lane on the
+        // team, so that the lanes meet once per read, not once per chunk. Off the pool,
+        // this thread and one worker share more runs (`dense_lanes`).
+        let (lanes, runs) = dense_lanes(threads);
         let group = self.feed.group(threads).clamp(1, count.max(1));
         scratch.resize_with(lanes, || Zeroizing::new(Vec::new()));
         for buf in scratch.iter_mut() {
-            buf.resize(chunk_floats, 0.0);
+            if buf.len() < scratch_floats {
+                // Grown from empty (or from a smaller layer's size, wiped).
+                wipe(buf.as_mut_slice());
+                **buf = vec![0.0; scratch_floats];
+            }
         }
         self.weights
             .note_scratch(self.layout.stream_memory(layer, threads));
@@ -640,22 +662,40 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             let opened: Vec<Result<ChunkOut, capsule_format::Error>> = if on_team()
                 && work.len() > 1
             {
-                let runs: Vec<Vec<_>> = work
-                    .par_chunks(work.len().div_ceil(lanes))
+                work.par_chunks(work.len().div_ceil(lanes))
                     .zip(scratch.par_iter_mut())
-                    .map(|(run, buf)| {
-                        run.iter()
-                            .map(|&(c, sealed)| dense_chunk(unsealer, layer, c, sealed, &job, buf))
-                            .collect()
-                    })
-                    .collect();
-                runs.into_iter().flatten().collect()
-            } else {
-                work.iter()
-                    .map(|&(c, sealed)| {
-                        dense_chunk(unsealer, layer, c, sealed, &job, &mut scratch[0])
-                    })
+                    .map(|(run, buf)| dense_run(unsealer, layer, run, &job, buf))
                     .collect()
+            } else if rayon::current_thread_index().is_none()
+                && rayon::current_num_threads() > 1
+                && lanes > 1
+                && work.len() >= SHARE_MIN_PIECES
+            {
+                let runs = work.chunks(work.len().div_ceil(runs));
+                let free = Mutex::new(scratch.iter_mut().collect::<Vec<_>>());
+                let outs = Mutex::new(Vec::new());
+                share_with_worker(runs.enumerate(), |(i, run)| {
+                    let taken = free.lock().unwrap_or_else(PoisonError::into_inner).pop();
+                    let out = match taken {
+                        Some(buf) => {
+                            let out = dense_run(unsealer, layer, run, &job, buf);
+                            free.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(buf);
+                            out
+                        }
+                        // Not reached: at most two runs at once, one buffer each.
+                        None => dense_run(unsealer, layer, run, &job, &mut Zeroizing::default()),
+                    };
+                    outs.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((i, out));
+                });
+                let mut outs = outs.into_inner().unwrap_or_else(PoisonError::into_inner);
+                outs.sort_by_key(|&(i, _)| i);
+                outs.into_iter().map(|(_, out)| out).collect()
+            } else {
+                vec![dense_run(unsealer, layer, &work, &job, &mut scratch[0])]
             };
             first = last;
             for out in opened {
@@ -1026,13 +1066,13 @@ struct DenseJob<'a> {
     b: usize,
 }
 
-/// What one opened chunk of a streamed layer gave.
+/// What one run of consecutive chunks of a streamed layer gave.
 struct ChunkOut {
     /// The first row of B whose products `dots` starts with.
     first_row: usize,
-    /// `m` products per row of B wholly inside the chunk, in row order.
+    /// `m` products per row of B wholly inside the run, in row order.
     dots: Vec<f32>,
-    /// Bytes of rows that straddle chunks, and of the layer's other tensors.
+    /// Bytes of the rows that straddle the run's ends, and of the layer's other tensors.
     fragments: Vec<Fragment>,
 }
 
@@ -1050,89 +1090,133 @@ enum Target {
     Other(usize),
 }
 
-/// Opens chunk `chunk` of a streamed layer into `scratch`, multiplies its whole rows of
-/// B into the output's products and copies out the rest. `scratch` keeps the chunk's
-/// plaintext until the next chunk overwrites it: [`LayerStream::stream_layer`] wipes
-/// each scratch buffer once, when the layer is done (wiping a 256 KiB buffer after every
-/// chunk cost a third of a streamed dense layer's time beside the decryption).
-fn dense_chunk(
+/// Opens the consecutive chunks `run` of a streamed layer one after the other into
+/// `scratch`, multiplies every row of B that they hold whole into the output's products,
+/// and copies out the rest: the head of a row that began before the run, the tail of one
+/// that goes on after it, and the layer's other tensors. A row that straddles two chunks
+/// of the run is completed in `scratch` itself: the part the first chunk gave is moved to
+/// the front, and the next chunk is opened right after it. `scratch` keeps the plaintext
+/// until the next run overwrites it: [`LayerStream::stream_layer`] wipes each scratch
+/// buffer once, when the layer is done (wiping a 256 KiB buffer after every chunk cost a
+/// third of a streamed dense layer's time beside the decryption).
+fn dense_run(
     unsealer: &Unsealer,
     layer: usize,
-    chunk: u64,
-    sealed: &[u8],
+    run: &[(u64, &[u8])],
     job: &DenseJob<'_>,
     scratch: &mut Zeroizing<Vec<f32>>,
 ) -> Result<ChunkOut, capsule_format::Error> {
-    let span = unsealer.chunk_span(layer, chunk);
-    let len = (span.end - span.start) as usize;
-    if scratch.len() * 4 < len {
-        scratch.resize(len.div_ceil(4), 0.0);
-    }
-    let opened = {
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
-        unsealer.open_chunk_into(layer, chunk, sealed, &mut bytes[..len])
-    };
-    opened.map(|()| split_chunk(&span, job, scratch))
-}
-
-/// The products and fragments of one opened chunk `span` (its plaintext in `values`).
-fn split_chunk(span: &Range<u64>, job: &DenseJob<'_>, values: &[f32]) -> ChunkOut {
-    let bytes: &[u8] = &bytemuck::cast_slice(values)[..(span.end - span.start) as usize];
-    let row_bytes = 4 * job.gemm.row_len() as u64;
+    let k = job.gemm.row_len();
+    let row_bytes = 4 * k as u64;
     let mut out = ChunkOut {
         first_row: 0,
         dots: Vec::new(),
         fragments: Vec::new(),
     };
-    let fragment = |target, offset: u64, range: Range<u64>| Fragment {
-        target,
-        offset: offset as usize,
-        bytes: Zeroizing::new(
-            bytes[(range.start - span.start) as usize..(range.end - span.start) as usize].to_vec(),
-        ),
-    };
-    // The layer's other tensor, C, before or after B.
-    if span.start < job.w.start {
-        let end = span.end.min(job.w.start);
-        out.fragments
-            .push(fragment(Target::Other(0), span.start, span.start..end));
-    }
-    if span.end > job.w.end {
-        let start = span.start.max(job.w.end);
-        out.fragments.push(fragment(
-            Target::Other(job.b + 1),
-            start - job.w.end,
-            start..span.end,
-        ));
-    }
-    let (ws, we) = (span.start.max(job.w.start), span.end.min(job.w.end));
-    let mut pos = ws;
-    // The chunk's whole rows, consecutive: (first row, its index in
-    // `values`, rows).
-    let mut whole_rows: Option<(usize, usize, usize)> = None;
-    while pos < we {
-        let rel = pos - job.w.start;
-        let row = (rel / row_bytes) as usize;
-        let row_end = job.w.start + (row as u64 + 1) * row_bytes;
-        let piece_end = row_end.min(we);
-        let local = (pos - span.start) as usize;
-        let whole = rel.is_multiple_of(row_bytes) && piece_end == row_end;
-        if whole && local.is_multiple_of(4) && cfg!(target_endian = "little") {
-            let run = whole_rows.get_or_insert((row, local / 4, 0));
-            debug_assert_eq!(run.0 + run.2, row);
-            run.2 += 1;
+    // Bytes of the row `carry.0` held at the front of `scratch`, from its start.
+    let mut carry: Option<(usize, usize)> = None;
+    for (i, &(chunk, sealed)) in run.iter().enumerate() {
+        let span = unsealer.chunk_span(layer, chunk);
+        let len = (span.end - span.start) as usize;
+        let (ws, we) = (span.start.max(job.w.start), span.end.min(job.w.end));
+        let carried = carry.map_or(0, |(_, bytes)| bytes);
+        // Where the chunk's plaintext goes: right after the carried bytes, or else so
+        // that the first row starting in it starts on a float.
+        let at = if carried > 0 {
+            carried
+        } else if ws < we {
+            let into_row = (ws - job.w.start) % row_bytes;
+            let boundary = if into_row == 0 {
+                ws
+            } else {
+                ws + row_bytes - into_row
+            };
+            (4 - (boundary - span.start) % 4) as usize % 4
         } else {
-            out.fragments
-                .push(fragment(Target::Row(row), rel % row_bytes, pos..piece_end));
+            0
+        };
+        if scratch.len() * 4 < at + len {
+            // Not reached: stream_layer sizes the buffers. A new buffer, so that the old
+            // one is wiped (a Vec that grows frees its old memory as it is).
+            let mut bigger = Zeroizing::new(vec![0.0f32; (at + len).div_ceil(4)]);
+            bigger[..scratch.len()].copy_from_slice(scratch);
+            *scratch = bigger;
         }
-        pos = piece_end;
+        {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
+            unsealer.open_chunk_into(layer, chunk, sealed, &mut bytes[at..at + len])?;
+        }
+        // `scratch`'s byte `at - carried` holds the layer's plaintext byte `origin`.
+        let origin = span.start - carried as u64;
+        let place = |offset: u64| at - carried + (offset - origin) as usize;
+        let bytes: &[u8] = bytemuck::cast_slice(scratch.as_slice());
+        let fragment = |target, offset: u64, range: Range<u64>| Fragment {
+            target,
+            offset: offset as usize,
+            bytes: Zeroizing::new(bytes[place(range.start)..place(range.end)].to_vec()),
+        };
+        // The layer's other tensor, C, before or after B.
+        if span.start < job.w.start {
+            let end = span.end.min(job.w.start);
+            out.fragments
+                .push(fragment(Target::Other(0), span.start, span.start..end));
+        }
+        if span.end > job.w.end {
+            let from = span.start.max(job.w.end);
+            out.fragments.push(fragment(
+                Target::Other(job.b + 1),
+                from - job.w.end,
+                from..span.end,
+            ));
+        }
+        carry = None;
+        if ws >= we {
+            continue;
+        }
+        let mut pos = if carried > 0 { origin } else { ws };
+        let into_row = (pos - job.w.start) % row_bytes;
+        if into_row != 0 {
+            // The head of a row that began before this run.
+            let row = ((pos - job.w.start) / row_bytes) as usize;
+            let end = (pos + row_bytes - into_row).min(we);
+            out.fragments
+                .push(fragment(Target::Row(row), into_row, pos..end));
+            pos = end;
+        }
+        let whole = ((we - pos) / row_bytes) as usize;
+        let first = ((pos - job.w.start) / row_bytes) as usize;
+        let from = place(pos) / 4;
+        if whole > 0 {
+            let values = &mut scratch[from..from + whole * k];
+            from_le(values);
+            if out.dots.is_empty() {
+                out.first_row = first;
+            }
+            debug_assert_eq!(out.first_row + out.dots.len() / job.m.max(1), first);
+            let done = out.dots.len();
+            out.dots.resize(done + whole * job.m, 0.0);
+            job.gemm.dots(job.a, values, &mut out.dots[done..]);
+            pos += whole as u64 * row_bytes;
+        }
+        if pos < we {
+            let row = first + whole;
+            let rest = (we - pos) as usize;
+            if i + 1 < run.len() {
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
+                let from = place(pos);
+                bytes.copy_within(from..from + rest, 0);
+                carry = Some((row, rest));
+            } else {
+                // The tail of a row that goes on after this run.
+                let bytes: &[u8] = bytemuck::cast_slice(scratch.as_slice());
+                let from = place(pos);
+                out.fragments.push(Fragment {
+                    target: Target::Row(row),
+                    offset: 0,
+                    bytes: Zeroizing::new(bytes[from..from + rest].to_vec()),
+                });
+            }
+        }
     }
-    if let Some((first, at, rows)) = whole_rows {
-        let k = job.gemm.row_len();
-        out.first_row = first;
-        out.dots = vec![0.0; rows * job.m];
-        job.gemm
-            .dots(job.a, &values[at..at + rows * k], &mut out.dots);
-    }
-    out
+    Ok(out)
 }

@@ -6,11 +6,12 @@
 mod common;
 
 #[test]
-fn streaming_on_one_core_gives_the_plain_bits_query_after_query() {
+fn streaming_on_one_core_gives_the_plain_bits_and_names_a_tampered_chunk() {
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build_global()
         .expect("nothing in this test binary has used rayon yet");
     common::streaming::streaming_matches_plain_query_after_query(&[1]);
+    common::streaming::a_tampered_chunk_is_named_query_after_query(&[1]);
     assert_eq!(rayon::current_num_threads(), 1);
 }

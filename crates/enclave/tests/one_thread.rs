@@ -5,6 +5,7 @@
 mod common;
 
 #[test]
-fn streaming_gives_the_plain_bits_query_after_query_at_one_and_two_threads() {
+fn streaming_gives_the_plain_bits_and_names_a_tampered_chunk_at_one_and_two_threads() {
     common::streaming::streaming_matches_plain_query_after_query(&[1, 2]);
+    common::streaming::a_tampered_chunk_is_named_query_after_query(&[1, 2]);
 }

@@ -88,3 +88,44 @@ pub fn streaming_matches_plain_query_after_query(threads: &[usize]) {
         }
     }
 }
+
+/// Streams [`two_dense_layers`] at each of `threads` engine threads from a capsule
+/// whose layer `fc` has two chunks tampered with, far apart (in 1000-byte chunks: in
+/// different runs of chunks, whichever threads open them): every query fails naming
+/// the first, and a model opened from the intact capsule then gives the plain bits.
+pub fn a_tampered_chunk_is_named_query_after_query(threads: &[usize]) {
+    let (graph, weights) = two_dense_layers();
+    let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+    let chunk_size = 1000;
+    let SealedCapsule { bytes, key } = seal_model(&graph, &weights, Policy::default(), chunk_size);
+    let capsule = Capsule::parse(&bytes).unwrap();
+    let layer = (capsule.header().layers.iter())
+        .position(|l| l.name == "fc")
+        .expect("fc has a layer");
+    assert!(capsule.header().chunk_count(layer) > 400);
+    let start = capsule.sealed_layer(layer).as_ptr() as usize - bytes.as_ptr() as usize;
+    let mut tampered = bytes.clone();
+    for chunk in [130, 300] {
+        tampered[start + chunk * (chunk_size as usize + capsule_format::TAG_LEN) + 7] ^= 0x10;
+    }
+    let bad = Capsule::parse(&tampered).unwrap();
+    for &threads in threads {
+        set_threads(threads);
+        let mut streaming = capsule_enclave::StreamingModel::open(&bad, &key, None).unwrap();
+        for seed in 1..=3 {
+            let err = streaming.run(&[ramp(&[1, 300], seed)]).unwrap_err();
+            match err {
+                capsule_enclave::Error::Format(capsule_format::Error::ChunkFailed {
+                    layer,
+                    chunk,
+                }) => assert_eq!((layer.as_str(), chunk), ("fc", 130), "{threads} threads"),
+                other => panic!("{threads} threads: {other:?}"),
+            }
+        }
+        let mut good = capsule_enclave::StreamingModel::open(&capsule, &key, None).unwrap();
+        let x = ramp(&[1, 300], 4);
+        let want = plain.run(std::slice::from_ref(&x)).unwrap();
+        let got = good.run(std::slice::from_ref(&x)).unwrap();
+        assert_eq!(bits(&got[0]), bits(&want[0]), "{threads} threads");
+    }
+}

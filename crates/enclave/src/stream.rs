@@ -14,7 +14,7 @@
 //! place: no copy of the ciphertext or the plaintext, no conversion pass). A
 //! dense layer that only one Gemm reads is never whole in memory: each opened
 //! chunk's rows of B are multiplied into the output at once, in a per-thread
-//! buffer that is wiped after each chunk ([`StreamedGemm`]).
+//! buffer that is wiped when the layer is done ([`StreamedGemm`]).
 //!
 //! The chunks come from a [`Feed`]: the host's `Layer` frames in the
 //! enclave ([`FrameFeed`]), or a capsule in memory for the provider's

@@ -6,9 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use capsule_enclave::{DefenseStatus, EnclaveProcess, Status, default_enclave_binary};
+use capsule_enclave::{
+    CapsuleFile, CapsuleSource, DefenseStatus, EnclaveProcess, Status, default_enclave_binary,
+};
 use capsule_engine::Tensor;
-use capsule_format::{Capsule, SealedGrant};
+use capsule_format::SealedGrant;
 use clap::Args;
 use serde::Deserialize;
 use serde_json::json;
@@ -141,8 +143,9 @@ fn spawn(
     Ok(enclave)
 }
 
-fn read_capsule(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+/// The capsule at `path`, its prefix read: the rest is read as it is streamed.
+fn open_capsule(path: &Path) -> anyhow::Result<CapsuleFile> {
+    CapsuleFile::open(path).with_context(|| format!("{}", path.display()))
 }
 
 #[derive(Deserialize)]
@@ -163,8 +166,7 @@ struct TopupReply {
 
 /// Runs `mlcapsule setup`: attest the enclave to the server and receive the licence.
 pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
-    let bytes = read_capsule(&args.capsule)?;
-    let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", args.capsule.display()))?;
+    let capsule = open_capsule(&args.capsule)?;
     let capsule_id = hex::encode(capsule.header().capsule_id);
     let state = args.dirs.state();
     if state.has(&capsule_id) {
@@ -222,7 +224,7 @@ fn open_instance(
     dirs: &ClientDirs,
     state: &StateDir,
     instance: &Instance,
-    capsule: &Capsule<'_>,
+    capsule: &CapsuleFile,
     memory_budget: Option<u64>,
 ) -> anyhow::Result<(EnclaveProcess, Status)> {
     let (_, sealed) = state.load(&instance.capsule_id)?;
@@ -252,18 +254,16 @@ fn keep_defense_state(
 /// memory (§8.1). Also returns the enclave process's peak resident memory after the
 /// query, as the host reads it (`VmHWM`), where it can.
 pub fn run(
-    capsule_path: &Path,
-    bytes: &[u8],
+    capsule: &CapsuleFile,
     batch: &Tensor,
     dirs: &ClientDirs,
     memory_budget: Option<u64>,
 ) -> anyhow::Result<(Tensor, Status, Option<u64>)> {
-    let capsule = Capsule::parse(bytes).with_context(|| format!("{}", capsule_path.display()))?;
     let capsule_id = hex::encode(capsule.header().capsule_id);
     let state = dirs.state();
     let (instance, _) = state.load(&capsule_id)?;
-    let (mut enclave, _) = open_instance(dirs, &state, &instance, &capsule, memory_budget)?;
-    let result = enclave.query(&capsule, batch);
+    let (mut enclave, _) = open_instance(dirs, &state, &instance, capsule, memory_budget)?;
+    let result = enclave.query(capsule, batch);
     let peak_rss = enclave.peak_rss();
     keep_defense_state(&mut enclave, &state, &capsule_id)?;
     let (output, status) = result?;
@@ -327,8 +327,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let state = args.dirs.state();
     let instances = match &args.capsule {
         Some(path) => {
-            let bytes = read_capsule(path)?;
-            let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
+            let capsule = open_capsule(path)?;
             vec![state.load(&hex::encode(capsule.header().capsule_id))?.0]
         }
         None => state.list()?,
@@ -342,9 +341,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             .capsule
             .clone()
             .unwrap_or_else(|| instance.capsule_path.clone());
-        let bytes = read_capsule(&path)
+        let capsule = open_capsule(&path)
             .with_context(|| "pass the capsule's new path: mlcapsule status MODEL.capsule")?;
-        let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
         let (_, status) = open_instance(&args.dirs, &state, &instance, &capsule, None)?;
         if !args.json {
             println!(
@@ -380,8 +378,7 @@ pub fn topup(args: TopupArgs) -> anyhow::Result<()> {
     let state = args.dirs.state();
     let instance = match &args.capsule {
         Some(path) => {
-            let bytes = read_capsule(path)?;
-            let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
+            let capsule = open_capsule(path)?;
             state.load(&hex::encode(capsule.header().capsule_id))?.0
         }
         None => {
@@ -399,8 +396,7 @@ pub fn topup(args: TopupArgs) -> anyhow::Result<()> {
         .capsule
         .clone()
         .unwrap_or_else(|| instance.capsule_path.clone());
-    let bytes = read_capsule(&path)?;
-    let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
+    let capsule = open_capsule(&path)?;
     let (mut enclave, before) = open_instance(&args.dirs, &state, &instance, &capsule, None)?;
     let server = args
         .server

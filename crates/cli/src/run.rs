@@ -1,11 +1,12 @@
 //! `mlcapsule run`: classify inputs with a capsule and its key, or a plain ONNX model.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use capsule_enclave::{SealedModel, Status};
+use capsule_enclave::{CapsuleFile, CapsuleSource, SealedModel, Status};
 use capsule_engine::{Graph, Model, Tensor};
-use capsule_format::{Capsule, Header, ModelKey, Preprocessing};
+use capsule_format::{Capsule, ModelKey, Preprocessing};
 use clap::Args;
 use serde::Serialize;
 
@@ -62,10 +63,8 @@ impl RunArgs {
 enum Loaded {
     /// Through the enclave process, with the licence set up in the state directory (offline).
     Enclave {
-        path: PathBuf,
-        bytes: Vec<u8>,
+        capsule: Box<CapsuleFile>,
         graph: Graph,
-        header: Box<Header>,
     },
     /// In this process, with the model key (the provider's developer mode).
     Sealed(Box<SealedModel>),
@@ -84,7 +83,7 @@ impl Loaded {
 
     fn preprocessing(&self) -> Option<&Preprocessing> {
         match self {
-            Loaded::Enclave { header, .. } => header.preprocessing.as_ref(),
+            Loaded::Enclave { capsule, .. } => capsule.header().preprocessing.as_ref(),
             Loaded::Sealed(m) => m.header().preprocessing.as_ref(),
             Loaded::Plain(_) => None,
         }
@@ -94,10 +93,11 @@ impl Loaded {
     /// policies: spec/policy.md §4 step 4): it releases probabilities, possibly rounded or
     /// cut to the top k, never logits, so they are shown as they are.
     fn shaped_output(&self) -> bool {
-        let Loaded::Enclave { header, .. } = self else {
+        let Loaded::Enclave { capsule, .. } = self else {
             return false;
         };
-        header
+        capsule
+            .header()
             .policy
             .defense
             .as_ref()
@@ -107,7 +107,7 @@ impl Loaded {
 
     fn labels(&self) -> Option<&[String]> {
         match self {
-            Loaded::Enclave { header, .. } => header.labels.as_deref(),
+            Loaded::Enclave { capsule, .. } => capsule.header().labels.as_deref(),
             Loaded::Sealed(m) => m.header().labels.as_deref(),
             Loaded::Plain(_) => None,
         }
@@ -122,9 +122,8 @@ impl Loaded {
         memory_budget: Option<u64>,
     ) -> anyhow::Result<(Tensor, Option<EnclaveReport>)> {
         let mut outputs = match self {
-            Loaded::Enclave { path, bytes, .. } => {
-                let (output, status, peak_rss) =
-                    client::run(path, bytes, &batch, dirs, memory_budget)?;
+            Loaded::Enclave { capsule, .. } => {
+                let (output, status, peak_rss) = client::run(capsule, &batch, dirs, memory_budget)?;
                 return Ok((output, Some((status, peak_rss))));
             }
             Loaded::Sealed(m) => m.run(&[batch])?,
@@ -141,27 +140,26 @@ type EnclaveReport = (Status, Option<u64>);
 
 fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
     let path = &args.model;
+    if args.key.is_none() && is_capsule(path)? {
+        // The client's way: through the enclave, which reads the capsule as the host
+        // streams it. The header is public; the enclave authenticates it before it runs
+        // anything.
+        let capsule = CapsuleFile::open(path).with_context(|| format!("{}", path.display()))?;
+        let graph: Graph = serde_json::from_value(capsule.header().architecture.clone())
+            .with_context(|| {
+                format!(
+                    "{}: the architecture is not one this mlcapsule can run; upgrade mlcapsule",
+                    path.display()
+                )
+            })?;
+        return Ok(Loaded::Enclave {
+            capsule: Box::new(capsule),
+            graph,
+        });
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.starts_with(b"mlcapsule/") || args.key.is_some() {
+    if let Some(key_path) = &args.key {
         let capsule = Capsule::parse(&bytes).with_context(|| format!("{}", path.display()))?;
-        let Some(key_path) = &args.key else {
-            // The client's way: through the enclave. The header is public; the
-            // enclave authenticates it before it runs anything.
-            let header = capsule.header().clone();
-            let graph: Graph =
-                serde_json::from_value(header.architecture.clone()).with_context(|| {
-                    format!(
-                        "{}: the architecture is not one this mlcapsule can run; upgrade mlcapsule",
-                        path.display()
-                    )
-                })?;
-            return Ok(Loaded::Enclave {
-                path: path.clone(),
-                bytes,
-                graph,
-                header: Box::new(header),
-            });
-        };
         let text = std::fs::read_to_string(key_path)
             .with_context(|| format!("cannot read key file {}", key_path.display()))?;
         let key =
@@ -178,6 +176,19 @@ fn load_model(args: &RunArgs) -> anyhow::Result<Loaded> {
     })?;
     Ok(Loaded::Plain(Model::new(imported.graph, imported.weights)?))
 }
+
+/// Whether the file at `path` starts as a capsule does (or as a capsule of another
+/// version, which [`CapsuleFile::open`] then names).
+fn is_capsule(path: &Path) -> anyhow::Result<bool> {
+    let mut start = Vec::with_capacity(MAGIC.len());
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAGIC.len() as u64).read_to_end(&mut start))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(start == MAGIC)
+}
+
+/// How every capsule's version line starts.
+const MAGIC: &[u8] = b"mlcapsule/";
 
 /// One input row's best classes.
 #[derive(Serialize)]

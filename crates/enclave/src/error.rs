@@ -149,6 +149,13 @@ pub enum Error {
         /// The operating system's error.
         reason: String,
     },
+    /// Host: the capsule file could not be read while it was streamed to the enclave.
+    CapsuleFile {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// Host: the enclave process is gone (exited, killed, or closed its pipes).
     EnclaveDied {
         /// How it ended, as far as the host can tell.
@@ -196,6 +203,7 @@ impl Error {
             Error::Protocol { .. } => "malformed_frame",
             Error::Internal { .. } => "internal",
             Error::Spawn { .. } => "spawn_failed",
+            Error::CapsuleFile { .. } => "capsule_file_unreadable",
             Error::EnclaveDied { .. } => "enclave_died",
             Error::Unknown { code, .. } => code,
         }
@@ -470,6 +478,11 @@ impl fmt::Display for Error {
             Error::Spawn { path, reason } => write!(
                 f,
                 "cannot start the enclave binary {} ({reason}); install mlcapsule-enclave next to mlcapsule or set MLCAPSULE_ENCLAVE",
+                path.display()
+            ),
+            Error::CapsuleFile { path, reason } => write!(
+                f,
+                "cannot read the capsule file {} ({reason}); nothing was counted unless the status shows it",
                 path.display()
             ),
             Error::EnclaveDied { reason } => write!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use capsule_attest::Evidence;
 use capsule_engine::Tensor;
-use capsule_format::{Capsule, SealedGrant, TAG_LEN};
+use capsule_format::SealedGrant;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -23,6 +23,7 @@ use crate::protocol::{
     LayerChunk, LoadRequest, MessageType, OutputReport, PROTOCOL_VERSION, ProvisionRequest,
     Provisioned, QueryRequest, ReadError, Ready, Status, TopUpRequest, ToppedUp,
 };
+use crate::source::CapsuleSource;
 
 /// Environment variable naming the enclave binary, overriding [`default_enclave_binary`].
 pub const ENCLAVE_ENV: &str = "MLCAPSULE_ENCLAVE";
@@ -214,7 +215,11 @@ impl EnclaveProcess {
 
     /// `Load` (§5.5): the sealed licence state and the capsule's header, for a capsule
     /// whose policy keeps no defense state, or the first run of one that does.
-    pub fn load(&mut self, sealed_state: &[u8], capsule: &Capsule<'_>) -> Result<Status, Error> {
+    pub fn load(
+        &mut self,
+        sealed_state: &[u8],
+        capsule: &(impl CapsuleSource + ?Sized),
+    ) -> Result<Status, Error> {
         self.load_with_defense(sealed_state, capsule, None)
     }
 
@@ -223,7 +228,7 @@ impl EnclaveProcess {
     pub fn load_with_defense(
         &mut self,
         sealed_state: &[u8],
-        capsule: &Capsule<'_>,
+        capsule: &(impl CapsuleSource + ?Sized),
         sealed_defense: Option<&[u8]>,
     ) -> Result<Status, Error> {
         let defense = sealed_defense.unwrap_or_default();
@@ -249,7 +254,7 @@ impl EnclaveProcess {
     /// first dimension; each item costs one query.
     pub fn query(
         &mut self,
-        capsule: &Capsule<'_>,
+        capsule: &(impl CapsuleSource + ?Sized),
         input: &Tensor,
     ) -> Result<(Tensor, Status), Error> {
         let (outputs, status) = self.query_all(capsule, std::slice::from_ref(input))?;
@@ -262,7 +267,7 @@ impl EnclaveProcess {
     /// Runs one batch on a model with several inputs, and returns every output.
     pub fn query_all(
         &mut self,
-        capsule: &Capsule<'_>,
+        capsule: &(impl CapsuleSource + ?Sized),
         inputs: &[Tensor],
     ) -> Result<(Vec<Tensor>, Status), Error> {
         let request = QueryRequest {
@@ -286,20 +291,25 @@ impl EnclaveProcess {
         Ok((outputs, report.status))
     }
 
-    /// Streams every layer's sealed chunks, in order (§5.6).
-    fn stream_layers(&mut self, capsule: &Capsule<'_>) -> Result<(), Error> {
-        let header = capsule.header();
-        let sealed_chunk = header.chunk_size as usize + TAG_LEN;
-        for layer in 0..header.layers.len() {
-            let sealed = capsule.sealed_layer(layer);
-            // An empty layer is one empty chunk: just its tag.
-            for (chunk, bytes) in sealed.chunks(sealed_chunk).enumerate() {
+    /// Streams every layer's sealed chunks, in order (§5.6). If the capsule cannot be
+    /// read to the end, the enclave is left waiting for chunks: it is out of step, and
+    /// this handle is closed.
+    fn stream_layers(&mut self, capsule: &(impl CapsuleSource + ?Sized)) -> Result<(), Error> {
+        for layer in 0..capsule.header().layers.len() {
+            let mut chunk = 0u64;
+            let sent = capsule.each_chunk(layer, &mut |bytes| {
                 let at = LayerChunk {
                     layer: layer as u32,
-                    chunk: chunk as u64,
+                    chunk,
                 };
-                self.write(MessageType::Layer, &at, bytes, false)?;
+                chunk += 1;
+                self.write(MessageType::Layer, &at, bytes, false)
+            });
+            if let Err(e @ Error::CapsuleFile { .. }) = sent {
+                self.dead = Some(e.to_string());
+                return Err(e);
             }
+            sent?;
         }
         self.flush()
     }
@@ -573,11 +583,20 @@ mod tests {
     }
 
     /// The host must have no way to a key or a plaintext weight: nothing in
-    /// this file calls what takes a key or yields plaintext.
+    /// this file, nor in what it streams capsules from, calls what takes a key or
+    /// yields plaintext.
     #[test]
     fn host_never_touches_keys_or_plaintext() {
-        let source = include_str!("host.rs");
-        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        for (file, source) in [
+            ("host.rs", include_str!("host.rs")),
+            ("source.rs", include_str!("source.rs")),
+        ] {
+            let code = &source[..source.find("#[cfg(test)]").unwrap()];
+            host_code_never_mentions_keys(file, code);
+        }
+    }
+
+    fn host_code_never_mentions_keys(file: &str, code: &str) {
         for forbidden in [
             "unseal",
             "open_layer",
@@ -591,7 +610,7 @@ mod tests {
             "EnclaveKey::",
             "layer_tensors",
         ] {
-            assert!(!code.contains(forbidden), "host.rs mentions `{forbidden}`");
+            assert!(!code.contains(forbidden), "{file} mentions `{forbidden}`");
         }
     }
 }

@@ -81,6 +81,7 @@ mod ledger;
 mod model;
 pub mod protocol;
 mod session;
+mod source;
 mod stream;
 
 pub use cost::{DefenseCosts, measure_defense_costs};
@@ -91,3 +92,4 @@ pub use host::{ENCLAVE_ENV, EnclaveProcess, default_enclave_binary};
 pub use model::{SealedModel, StreamingModel};
 pub use protocol::{DefenseStatus, PROTOCOL_VERSION, PradaStatus, Ready, Status};
 pub use session::{MAX_DEFENSE_STATE, Session};
+pub use source::{CapsuleFile, CapsuleSource};

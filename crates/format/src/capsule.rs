@@ -11,6 +11,87 @@ use crate::{Error, MAC_LEN, MAX_HEADER_LEN, VERSION_LINE};
 /// A weight tensor opened from a capsule: name, shape, values.
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
+/// Where a capsule's parts lie (capsule-v1 §3, §6), found from its prefix and its
+/// length alone: a host that streams a capsule file to the enclave reads the prefix,
+/// then each layer's sealed bytes where this says, and never holds the whole file.
+///
+/// Like [`Capsule::parse`], it authenticates nothing: the header is checked for
+/// structure only, until the enclave has checked its MAC.
+#[derive(Clone, Debug)]
+pub struct CapsuleLayout {
+    header: Header,
+    /// End of the MAC'd prefix (version line, length, header).
+    mac_start: usize,
+    /// Start of each layer's sealed stream, plus the end of the last one.
+    layer_bounds: Vec<u64>,
+}
+
+impl CapsuleLayout {
+    /// Bytes a capsule's first read must hold for [`CapsuleLayout::prefix_len`]: the
+    /// version line and the header length.
+    pub const START_LEN: usize = VERSION_LINE.len() + 4;
+
+    /// The length of the prefix (version line, header length, header, MAC) of the
+    /// capsule that starts with `start`, its first [`CapsuleLayout::START_LEN`] bytes
+    /// or more. Fails as [`Capsule::parse`] does on a wrong version line or header
+    /// length.
+    pub fn prefix_len(start: &[u8]) -> Result<usize, Error> {
+        let header_len = header_len(start)?;
+        Ok(Self::START_LEN + header_len + MAC_LEN)
+    }
+
+    /// The layout of a capsule of `total_len` bytes that starts with `bytes` (its
+    /// prefix, or more of it). Fails as [`Capsule::parse`] does: a malformed prefix,
+    /// or a length that is not the one the header gives ([`Error::Truncated`],
+    /// [`Error::TrailingData`]).
+    pub fn parse(bytes: &[u8], total_len: u64) -> Result<CapsuleLayout, Error> {
+        let (header, mac_start) = parse_prefix(bytes)?;
+        let mut layer_bounds = Vec::with_capacity(header.layers.len() + 1);
+        let mut end = (mac_start + MAC_LEN) as u64;
+        layer_bounds.push(end);
+        for layer in 0..header.layers.len() {
+            end = end.saturating_add(header.sealed_len(layer));
+            layer_bounds.push(end);
+        }
+        if total_len < end {
+            return Err(Error::Truncated {
+                expected: end,
+                found: total_len,
+            });
+        }
+        if total_len > end {
+            return Err(Error::TrailingData {
+                expected: end,
+                found: total_len,
+            });
+        }
+        Ok(CapsuleLayout {
+            header,
+            mac_start,
+            layer_bounds,
+        })
+    }
+
+    /// The public header. Unauthenticated until the enclave checks its MAC.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The length of the prefix: where the first layer's sealed stream starts.
+    pub fn prefix_end(&self) -> usize {
+        self.mac_start + MAC_LEN
+    }
+
+    /// Where layer `layer`'s sealed stream lies in the capsule.
+    ///
+    /// # Panics
+    ///
+    /// When the header has no layer `layer`.
+    pub fn sealed_range(&self, layer: usize) -> std::ops::Range<u64> {
+        self.layer_bounds[layer]..self.layer_bounds[layer + 1]
+    }
+}
+
 /// A parsed capsule: header read and structure checked, nothing decrypted.
 ///
 /// Parsing needs no key, so `inspect` and the untrusted host can read the
@@ -19,68 +100,46 @@ pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 #[derive(Debug)]
 pub struct Capsule<'a> {
     bytes: &'a [u8],
-    header: Header,
-    /// End of the MAC'd prefix (version line, length, header).
-    mac_start: usize,
-    /// Start of each layer's sealed stream, plus the end of the last one.
-    layer_bounds: Vec<usize>,
+    layout: CapsuleLayout,
 }
 
 impl<'a> Capsule<'a> {
     /// Parses capsule bytes and checks the layout rules of capsule-v1 §3 and §4.
     pub fn parse(bytes: &'a [u8]) -> Result<Capsule<'a>, Error> {
-        let (header, mac_start) = parse_prefix(bytes)?;
-        let mut layer_bounds = Vec::with_capacity(header.layers.len() + 1);
-        let mut end = (mac_start + MAC_LEN) as u64;
-        layer_bounds.push(end as usize);
-        for layer in 0..header.layers.len() {
-            end = end.saturating_add(header.sealed_len(layer));
-            layer_bounds.push(usize::try_from(end).unwrap_or(usize::MAX));
-        }
-        let found = bytes.len() as u64;
-        if found < end {
-            return Err(Error::Truncated {
-                expected: end,
-                found,
-            });
-        }
-        if found > end {
-            return Err(Error::TrailingData {
-                expected: end,
-                found,
-            });
-        }
-        Ok(Capsule {
-            bytes,
-            header,
-            mac_start,
-            layer_bounds,
-        })
+        let layout = CapsuleLayout::parse(bytes, bytes.len() as u64)?;
+        Ok(Capsule { bytes, layout })
     }
 
     /// The public header. Unauthenticated until [`Capsule::unseal`] succeeds.
     pub fn header(&self) -> &Header {
-        &self.header
+        &self.layout.header
+    }
+
+    /// Where the capsule's parts lie.
+    pub fn layout(&self) -> &CapsuleLayout {
+        &self.layout
     }
 
     /// Layer `layer`'s sealed stream, as the host streams it to the enclave.
     pub fn sealed_layer(&self, layer: usize) -> &'a [u8] {
-        &self.bytes[self.layer_bounds[layer]..self.layer_bounds[layer + 1]]
+        let range = self.layout.sealed_range(layer);
+        // The whole capsule is in memory (`parse` checked its length), so the range fits.
+        &self.bytes[range.start as usize..range.end as usize]
     }
 
     /// The capsule's *prefix*: version line, header length, header and MAC
     /// (capsule-v1 §3), everything [`Unsealer::open_prefix`] needs to check the
     /// header without the payload.
     pub fn prefix(&self) -> &'a [u8] {
-        &self.bytes[..self.mac_start + MAC_LEN]
+        &self.bytes[..self.layout.prefix_end()]
     }
 
     /// Checks the header MAC with `key` and returns an [`Unsealer`] for the payload.
     pub fn unseal(&self, key: &ModelKey) -> Result<Unsealer, Error> {
         Unsealer::verified(
-            self.header.clone(),
-            &self.bytes[..self.mac_start + MAC_LEN],
-            self.mac_start,
+            self.layout.header.clone(),
+            self.prefix(),
+            self.layout.mac_start,
             key,
         )
     }
@@ -88,8 +147,8 @@ impl<'a> Capsule<'a> {
     /// Opens every layer and returns each tensor's values, in tensor-table order.
     pub fn open_all(&self, key: &ModelKey) -> Result<Vec<NamedTensor>, Error> {
         let unsealer = self.unseal(key)?;
-        let mut out = Vec::with_capacity(self.header.tensors.len());
-        for layer in 0..self.header.layers.len() {
+        let mut out = Vec::with_capacity(self.header().tensors.len());
+        for layer in 0..self.header().layers.len() {
             let plaintext = unsealer.open_layer(layer, self.sealed_layer(layer))?;
             out.extend(unsealer.layer_tensors(layer, &plaintext));
         }
@@ -101,6 +160,23 @@ impl<'a> Capsule<'a> {
 /// returns the header and where the MAC starts. Checks that the MAC is
 /// present, not what follows it.
 fn parse_prefix(bytes: &[u8]) -> Result<(Header, usize), Error> {
+    let header_len = header_len(bytes)?;
+    let rest = &bytes[CapsuleLayout::START_LEN..];
+    let mac_start = CapsuleLayout::START_LEN + header_len;
+    if rest.len() < header_len + MAC_LEN {
+        return Err(truncated(mac_start + MAC_LEN, bytes.len()));
+    }
+    let header: Header =
+        serde_json::from_slice(&rest[..header_len]).map_err(|e| Error::InvalidHeader {
+            reason: format!("header JSON: {e}"),
+        })?;
+    header.validate()?;
+    Ok((header, mac_start))
+}
+
+/// Checks the version line at the start of `bytes` and returns the header length
+/// that follows it (capsule-v1 §3).
+fn header_len(bytes: &[u8]) -> Result<usize, Error> {
     let first_line_end = bytes.iter().take(64).position(|&b| b == b'\n');
     if !bytes.starts_with(VERSION_LINE) {
         return Err(match first_line_end {
@@ -111,8 +187,8 @@ fn parse_prefix(bytes: &[u8]) -> Result<(Header, usize), Error> {
         });
     }
     let after_line = &bytes[VERSION_LINE.len()..];
-    let Some((len_bytes, rest)) = after_line.split_first_chunk::<4>() else {
-        return Err(truncated(VERSION_LINE.len() + 4, bytes.len()));
+    let Some(len_bytes) = after_line.first_chunk::<4>() else {
+        return Err(truncated(CapsuleLayout::START_LEN, bytes.len()));
     };
     let header_len = u32::from_be_bytes(*len_bytes) as usize;
     if header_len == 0 || header_len > MAX_HEADER_LEN {
@@ -120,16 +196,7 @@ fn parse_prefix(bytes: &[u8]) -> Result<(Header, usize), Error> {
             reason: format!("header length {header_len} is out of range"),
         });
     }
-    let mac_start = VERSION_LINE.len() + 4 + header_len;
-    if rest.len() < header_len + MAC_LEN {
-        return Err(truncated(mac_start + MAC_LEN, bytes.len()));
-    }
-    let header: Header =
-        serde_json::from_slice(&rest[..header_len]).map_err(|e| Error::InvalidHeader {
-            reason: format!("header JSON: {e}"),
-        })?;
-    header.validate()?;
-    Ok((header, mac_start))
+    Ok(header_len)
 }
 
 fn truncated(expected: usize, found: usize) -> Error {

@@ -45,7 +45,7 @@ mod header;
 mod key;
 mod seal;
 
-pub use capsule::{Capsule, NamedTensor, Unsealer};
+pub use capsule::{Capsule, CapsuleLayout, NamedTensor, Unsealer};
 pub use chunk::TAG_LEN;
 pub use error::Error;
 pub use grant::{

@@ -114,3 +114,41 @@ fn unmutated_capsule_opens() {
     assert_eq!(tensors[0].0, "detector/w");
     assert_eq!(tensors[2].2[0], 15.0);
 }
+
+/// The layout a host finds from the prefix and the length alone is the one `parse`
+/// finds in the whole capsule; a wrong length is refused as `parse` refuses it.
+#[test]
+fn the_layout_from_the_prefix_matches_the_whole_capsule() {
+    use capsule_format::{CapsuleLayout, Error};
+
+    let bytes = capsule(&ModelKey::from_bytes([1; 32]));
+    let whole = Capsule::parse(&bytes).unwrap();
+    let prefix_len = CapsuleLayout::prefix_len(&bytes[..CapsuleLayout::START_LEN]).unwrap();
+    assert_eq!(prefix_len, whole.prefix().len());
+    let total = bytes.len() as u64;
+    let layout = CapsuleLayout::parse(&bytes[..prefix_len], total).unwrap();
+    assert_eq!(layout.prefix_end(), prefix_len);
+    assert_eq!(layout.header().capsule_id, whole.header().capsule_id);
+    for layer in 0..whole.header().layers.len() {
+        let range = layout.sealed_range(layer);
+        let sealed = &bytes[range.start as usize..range.end as usize];
+        assert_eq!(sealed, whole.sealed_layer(layer), "layer {layer}");
+    }
+    assert_eq!(layout.sealed_range(2).end, total);
+    assert!(matches!(
+        CapsuleLayout::parse(&bytes[..prefix_len], total - 1),
+        Err(Error::Truncated { expected, found }) if expected == total && found == total - 1
+    ));
+    assert!(matches!(
+        CapsuleLayout::parse(&bytes[..prefix_len], total + 5),
+        Err(Error::TrailingData { .. })
+    ));
+    assert!(matches!(
+        CapsuleLayout::prefix_len(b"mlcapsule/v9\n\0\0\0\x01"),
+        Err(Error::UnsupportedVersion { .. })
+    ));
+    assert!(matches!(
+        CapsuleLayout::prefix_len(&bytes[..CapsuleLayout::START_LEN - 1]),
+        Err(Error::Truncated { .. })
+    ));
+}

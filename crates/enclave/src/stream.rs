@@ -1083,6 +1083,17 @@ struct Fragment {
     bytes: Zeroizing<Vec<u8>>,
 }
 
+impl Fragment {
+    /// A copy of `bytes`, bound for byte `offset` of `target`.
+    fn copy(target: Target, offset: u64, bytes: &[u8]) -> Fragment {
+        Fragment {
+            target,
+            offset: offset as usize,
+            bytes: Zeroizing::new(bytes.to_vec()),
+        }
+    }
+}
+
 enum Target {
     /// A row of B.
     Row(usize),
@@ -1113,13 +1124,13 @@ fn dense_run(
         dots: Vec::new(),
         fragments: Vec::new(),
     };
-    // Bytes of the row `carry.0` held at the front of `scratch`, from its start.
-    let mut carry: Option<(usize, usize)> = None;
+    // Bytes of a row, from its start, that the last chunk left at the front of `scratch`.
+    let mut left = 0usize;
     for (i, &(chunk, sealed)) in run.iter().enumerate() {
+        let carried = std::mem::take(&mut left);
         let span = unsealer.chunk_span(layer, chunk);
         let len = (span.end - span.start) as usize;
         let (ws, we) = (span.start.max(job.w.start), span.end.min(job.w.end));
-        let carried = carry.map_or(0, |(_, bytes)| bytes);
         // Where the chunk's plaintext goes: right after the carried bytes, or else so
         // that the first row starting in it starts on a float.
         let at = if carried > 0 {
@@ -1136,7 +1147,7 @@ fn dense_run(
             0
         };
         if scratch.len() * 4 < at + len {
-            // Not reached: stream_layer sizes the buffers. A new buffer, so that the old
+            // Only for a buffer stream_layer did not size. A new buffer, so that the old
             // one is wiped (a Vec that grows frees its old memory as it is).
             let mut bigger = Zeroizing::new(vec![0.0f32; (at + len).div_ceil(4)]);
             bigger[..scratch.len()].copy_from_slice(scratch);
@@ -1150,26 +1161,23 @@ fn dense_run(
         let origin = span.start - carried as u64;
         let place = |offset: u64| at - carried + (offset - origin) as usize;
         let bytes: &[u8] = bytemuck::cast_slice(scratch.as_slice());
-        let fragment = |target, offset: u64, range: Range<u64>| Fragment {
-            target,
-            offset: offset as usize,
-            bytes: Zeroizing::new(bytes[place(range.start)..place(range.end)].to_vec()),
-        };
+        let opened = |range: Range<u64>| &bytes[place(range.start)..place(range.end)];
         // The layer's other tensor, C, before or after B.
         if span.start < job.w.start {
             let end = span.end.min(job.w.start);
+            let piece = opened(span.start..end);
             out.fragments
-                .push(fragment(Target::Other(0), span.start, span.start..end));
+                .push(Fragment::copy(Target::Other(0), span.start, piece));
         }
         if span.end > job.w.end {
             let from = span.start.max(job.w.end);
-            out.fragments.push(fragment(
+            let piece = opened(from..span.end);
+            out.fragments.push(Fragment::copy(
                 Target::Other(job.b + 1),
                 from - job.w.end,
-                from..span.end,
+                piece,
             ));
         }
-        carry = None;
         if ws >= we {
             continue;
         }
@@ -1180,7 +1188,7 @@ fn dense_run(
             let row = ((pos - job.w.start) / row_bytes) as usize;
             let end = (pos + row_bytes - into_row).min(we);
             out.fragments
-                .push(fragment(Target::Row(row), into_row, pos..end));
+                .push(Fragment::copy(Target::Row(row), into_row, opened(pos..end)));
             pos = end;
         }
         let whole = ((we - pos) / row_bytes) as usize;
@@ -1201,20 +1209,19 @@ fn dense_run(
         if pos < we {
             let row = first + whole;
             let rest = (we - pos) as usize;
+            let from = place(pos);
             if i + 1 < run.len() {
                 let bytes: &mut [u8] = bytemuck::cast_slice_mut(scratch.as_mut_slice());
-                let from = place(pos);
                 bytes.copy_within(from..from + rest, 0);
-                carry = Some((row, rest));
+                left = rest;
             } else {
                 // The tail of a row that goes on after this run.
                 let bytes: &[u8] = bytemuck::cast_slice(scratch.as_slice());
-                let from = place(pos);
-                out.fragments.push(Fragment {
-                    target: Target::Row(row),
-                    offset: 0,
-                    bytes: Zeroizing::new(bytes[from..from + rest].to_vec()),
-                });
+                out.fragments.push(Fragment::copy(
+                    Target::Row(row),
+                    0,
+                    &bytes[from..from + rest],
+                ));
             }
         }
     }

@@ -115,11 +115,6 @@ impl<'a> Capsule<'a> {
         &self.layout.header
     }
 
-    /// Where the capsule's parts lie.
-    pub fn layout(&self) -> &CapsuleLayout {
-        &self.layout
-    }
-
     /// Layer `layer`'s sealed stream, as the host streams it to the enclave.
     pub fn sealed_layer(&self, layer: usize) -> &'a [u8] {
         let range = self.layout.sealed_range(layer);

@@ -38,11 +38,11 @@ pub(crate) struct Job<L> {
     pub buffers: Buffers,
 }
 
-/// A layer the opener is done with: its buffers (garbage if `result` is an error)
-/// and the sealed bytes they came from.
-pub(crate) struct Opened<L> {
+/// A layer the opener is done with: its buffers (garbage if `result` is an error).
+/// The sealed bytes they came from were given back as soon as they were opened
+/// ([`Opener::freed`]).
+pub(crate) struct Opened {
     pub layer: usize,
-    pub sealed: L,
     pub buffers: Buffers,
     pub result: Result<(), capsule_format::Error>,
 }
@@ -102,7 +102,7 @@ const LINGER: Duration = Duration::from_millis(1);
 
 /// A layer out of the opener's queue.
 enum Ready<L> {
-    Opened(Opened<L>),
+    Opened(Opened),
     /// Handed over, to be opened from this chunk on.
     Handed(Job<L>, u64),
 }
@@ -116,6 +116,8 @@ struct State<L> {
     /// Layers out of the queue, in its order: opened, or handed to [`Opener::next`]
     /// to open the rest of.
     done: VecDeque<Ready<L>>,
+    /// The sealed bytes of layers opened, for [`Opener::freed`].
+    freed: Vec<L>,
     /// Buffers to wipe; the first is wiped up to value `wiped_to` (and out of the
     /// queue while `wiping`).
     spent: VecDeque<Spent>,
@@ -156,6 +158,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                 next_chunk: 0,
                 opening: false,
                 done: VecDeque::new(),
+                freed: Vec::new(),
                 spent: VecDeque::new(),
                 wiped_to: 0,
                 wiping: false,
@@ -224,7 +227,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
     /// thread opens the rest, on every core it can ([`open_chunks`] in parallel):
     /// it has nothing else to do, and one core opened at 4-6 GB/s inside a query
     /// here, two at about 9. The job goes on to the next layers, or helps.
-    pub fn next(&self, unsealer: &Unsealer) -> Option<Opened<L>> {
+    pub fn next(&self, unsealer: &Unsealer) -> Option<Opened> {
         let inline = self.inline;
         let next = self.wait_for(|state| {
             if inline {
@@ -257,9 +260,9 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         if result.is_ok() {
             values_from_le(&mut job.buffers.0);
         }
+        self.lock().freed.push(job.sealed);
         Some(Opened {
             layer: job.layer,
-            sealed: job.sealed,
             buffers: job.buffers,
             result,
         })
@@ -432,9 +435,9 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         state.opening = false;
         if finished {
             state.next_chunk = 0;
+            state.freed.push(job.sealed);
             state.done.push_back(Ready::Opened(Opened {
                 layer: job.layer,
-                sealed: job.sealed,
                 buffers: job.buffers,
                 result,
             }));
@@ -471,6 +474,13 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
             state.spent.push_front(spent);
         }
         state
+    }
+
+    /// The sealed bytes of the layers opened since the last call, whose buffers can
+    /// take the next layers' (a fresh process would otherwise fault in new pages for
+    /// every layer it reads ahead).
+    pub fn freed(&self) -> Vec<L> {
+        std::mem::take(&mut self.lock().freed)
     }
 
     /// Whether this opener has no job (see [`Opener::new`]): layers open, and buffers

@@ -1127,6 +1127,15 @@ mod tests {
                 other => panic!("{other:?}"),
             }
             assert!(opener.next(&unsealer).is_none());
+            // Both layers' sealed bytes came back, in order, once opened.
+            let freed = opener.freed();
+            assert_eq!(freed.len(), 2);
+            assert_eq!(freed[0], sealed);
+            assert_eq!(
+                freed[1][bad_chunk * (1000 + capsule_format::TAG_LEN) + 3],
+                sealed[bad_chunk * (1000 + capsule_format::TAG_LEN) + 3] ^ 1
+            );
+            assert!(opener.freed().is_empty());
             opener.settle()
         });
         let mut wiped = wiped;
@@ -1222,6 +1231,12 @@ mod tests {
             });
             let layers: Vec<usize> = got.iter().map(|(l, _)| *l).collect();
             assert_eq!(layers, order);
+            // Opened by the job or by the waiter, every layer's sealed bytes came back.
+            let mut freed = opener.freed();
+            freed.sort_by_key(|bytes| bytes.as_ptr());
+            let mut sealed: Vec<&[u8]> = order.iter().map(|&l| capsule.sealed_layer(l)).collect();
+            sealed.sort_by_key(|bytes| bytes.as_ptr());
+            assert_eq!(freed, sealed);
             for ((_, values), want) in got.iter().zip(&want) {
                 assert_eq!(values, want);
             }

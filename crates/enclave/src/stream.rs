@@ -160,6 +160,15 @@ impl<R: Read + Send> Feed for FrameFeed<'_, R> {
         let chunk_size = u64::from(header.chunk_size);
         let plaintext_len = header.layers[layer].plaintext_len;
         buf.clear();
+        if keep {
+            // Room for every kept chunk at once: a buffer that grew frame by frame
+            // would copy what it holds at each doubling, into pages never touched.
+            let end = chunks.end.min(count);
+            let plain = end.saturating_mul(chunk_size).min(plaintext_len)
+                - chunks.start.saturating_mul(chunk_size).min(plaintext_len);
+            let sealed = plain + end.saturating_sub(chunks.start) * TAG_LEN as u64;
+            buf.reserve(usize::try_from(sealed).unwrap_or(0));
+        }
         for chunk in chunks {
             let plain = if chunk + 1 < count {
                 chunk_size
@@ -390,10 +399,6 @@ impl<'a, F: Feed> LayerStream<'a, F> {
                     }));
                 }
             };
-            let spare = F::recycle(opened.sealed);
-            if spare.capacity() > 0 {
-                self.weights.sealed_spares.push(spare);
-            }
             let buffers = opened.buffers.take();
             if let Err(e) = opened.result {
                 self.weights.give_back(self.layout, layer, buffers);
@@ -438,7 +443,7 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             if !fits || !whole {
                 return;
             }
-            let spare = self.weights.sealed_spares.pop().unwrap_or_default();
+            let spare = self.sealed_spare(header.sealed_len(layer));
             let sealed = match self.feed.layer(header, layer, spare) {
                 Ok(sealed) => sealed,
                 Err(failure) => {
@@ -458,6 +463,20 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             };
             self.opener.push(job, self.unsealer, scope);
         }
+    }
+
+    /// A buffer for a layer's `len` sealed bytes, from those of the layers opened so
+    /// far ([`spare_for`]).
+    fn sealed_spare(&mut self, len: u64) -> Vec<u8> {
+        let spares = &mut self.weights.sealed_spares;
+        spares.extend(
+            self.opener
+                .freed()
+                .into_iter()
+                .map(F::recycle)
+                .filter(|spare| spare.capacity() > 0),
+        );
+        spare_for(spares, len)
     }
 
     /// Skips the chunks `rest` of layer `layer` after a failure, to stay in step.
@@ -797,6 +816,24 @@ impl<'a, F: Feed> LayerStream<'a, F> {
         }
         self.received += 1;
         result
+    }
+}
+
+/// A buffer with room for `len` bytes from `spares`, if one has it (growing a smaller
+/// one would copy what it holds, into pages never touched). Otherwise a new one, and
+/// the largest spare is dropped, so that spares do not pile up from query to query.
+fn spare_for(spares: &mut Vec<Vec<u8>>, len: u64) -> Vec<u8> {
+    let fits = spares
+        .iter()
+        .position(|spare| spare.capacity() as u64 >= len);
+    match fits {
+        Some(at) => spares.swap_remove(at),
+        None => {
+            if let Some(largest) = (0..spares.len()).max_by_key(|&i| spares[i].capacity()) {
+                spares.swap_remove(largest);
+            }
+            Vec::new()
+        }
     }
 }
 
@@ -1226,4 +1263,26 @@ fn dense_run(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spare_for;
+
+    /// A spare large enough is taken; with none, the largest is dropped for a new one.
+    #[test]
+    fn a_sealed_spare_is_taken_only_when_it_fits() {
+        let mut spares: Vec<Vec<u8>> = [10, 300, 40].map(Vec::with_capacity).into();
+        let taken = spare_for(&mut spares, 200);
+        assert!(taken.capacity() >= 300);
+        let mut left: Vec<usize> = spares.iter().map(Vec::capacity).collect();
+        left.sort_unstable();
+        assert!(left[0] >= 10 && left[0] < 40 && left[1] >= 40 && left[1] < 300);
+
+        let fresh = spare_for(&mut spares, 1000);
+        assert_eq!(fresh.capacity(), 0);
+        assert_eq!(spares.len(), 1);
+        assert!(spares[0].capacity() < 40);
+        assert_eq!(spare_for(&mut Vec::new(), 5).capacity(), 0);
+    }
 }

@@ -22,6 +22,7 @@
 //! look-ahead and memory budget), and the layers' bytes themselves.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,18 +30,51 @@ use capsule_format::{TAG_LEN, Unsealer};
 use zeroize::Zeroize;
 
 use crate::model::wipe;
-use crate::stream::{open_chunks, values_from_le};
+use crate::stream::{open_chunks, open_chunks_in_place, values_from_le};
 
-/// A layer to open: its sealed chunks back to back, and the buffers for its tensors.
+/// A layer to open: where its sealed chunks are, and the buffers for its tensors.
 pub(crate) struct Job<L> {
     pub layer: usize,
-    pub sealed: L,
+    pub sealed: Sealed<L>,
     pub buffers: Buffers,
 }
 
+/// Where a queued layer's sealed chunks are.
+pub(crate) enum Sealed<L> {
+    /// Apart from its buffers, back to back (each chunk's ciphertext, then its tag): a
+    /// capsule in memory.
+    Apart(L),
+    /// In its buffers, each chunk's ciphertext where its plaintext goes (read there
+    /// from the host's frames, so that the enclave holds no second copy of the layer),
+    /// and every chunk's tag here, in order.
+    InPlace(Vec<[u8; TAG_LEN]>),
+}
+
+impl<L: AsRef<[u8]>> Job<L> {
+    /// Opens chunks `chunks` of the layer into its buffers (see [`open_chunks`]).
+    fn open(
+        &mut self,
+        unsealer: &Unsealer,
+        chunks: Range<u64>,
+        parallel: bool,
+    ) -> Result<(), capsule_format::Error> {
+        let buffers = &mut self.buffers.0;
+        match &self.sealed {
+            Sealed::Apart(sealed) => {
+                let sealed = sealed.as_ref();
+                let step = unsealer.header().chunk_size as usize + TAG_LEN;
+                let at = |chunk: u64| chunk_at(sealed, chunk, step);
+                let bytes = &sealed[at(chunks.start)..at(chunks.end)];
+                open_chunks(unsealer, self.layer, chunks, bytes, buffers, parallel)
+            }
+            Sealed::InPlace(tags) => {
+                open_chunks_in_place(unsealer, self.layer, chunks, tags, buffers, parallel)
+            }
+        }
+    }
+}
+
 /// A layer the opener is done with: its buffers (garbage if `result` is an error).
-/// The sealed bytes they came from were given back as soon as they were opened
-/// ([`Opener::freed`]).
 pub(crate) struct Opened {
     pub layer: usize,
     pub buffers: Buffers,
@@ -116,8 +150,6 @@ struct State<L> {
     /// Layers out of the queue, in its order: opened, or handed to [`Opener::next`]
     /// to open the rest of.
     done: VecDeque<Ready<L>>,
-    /// The sealed bytes of layers opened, for [`Opener::freed`].
-    freed: Vec<L>,
     /// Buffers to wipe; the first is wiped up to value `wiped_to` (and out of the
     /// queue while `wiping`).
     spent: VecDeque<Spent>,
@@ -158,7 +190,6 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
                 next_chunk: 0,
                 opening: false,
                 done: VecDeque::new(),
-                freed: Vec::new(),
                 spent: VecDeque::new(),
                 wiped_to: 0,
                 wiping: false,
@@ -245,22 +276,11 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
             Ready::Opened(opened) => return Some(opened),
             Ready::Handed(job, first) => (job, first),
         };
-        let header = unsealer.header();
-        let sealed_chunk = header.chunk_size as usize + TAG_LEN;
-        let sealed = job.sealed.as_ref();
-        let count = header.chunk_count(job.layer);
-        let result = open_chunks(
-            unsealer,
-            job.layer,
-            first..count,
-            &sealed[chunk_at(sealed, first, sealed_chunk)..],
-            &mut job.buffers.0,
-            true,
-        );
+        let count = unsealer.header().chunk_count(job.layer);
+        let result = job.open(unsealer, first..count, true);
         if result.is_ok() {
             values_from_le(&mut job.buffers.0);
         }
-        self.lock().freed.push(job.sealed);
         Some(Opened {
             layer: job.layer,
             buffers: job.buffers,
@@ -417,16 +437,7 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         let last = first
             .saturating_add((STEP_BYTES / sealed_chunk).max(1) as u64)
             .min(count);
-        let sealed = job.sealed.as_ref();
-        let at = |chunk: u64| chunk_at(sealed, chunk, sealed_chunk);
-        let result = open_chunks(
-            unsealer,
-            job.layer,
-            first..last,
-            &sealed[at(first)..at(last)],
-            &mut job.buffers.0,
-            false,
-        );
+        let result = job.open(unsealer, first..last, false);
         let finished = result.is_err() || last == count;
         if finished && result.is_ok() {
             values_from_le(&mut job.buffers.0);
@@ -435,7 +446,6 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
         state.opening = false;
         if finished {
             state.next_chunk = 0;
-            state.freed.push(job.sealed);
             state.done.push_back(Ready::Opened(Opened {
                 layer: job.layer,
                 buffers: job.buffers,
@@ -474,13 +484,6 @@ impl<L: AsRef<[u8]> + Send> Opener<L> {
             state.spent.push_front(spent);
         }
         state
-    }
-
-    /// The sealed bytes of the layers opened since the last call, whose buffers can
-    /// take the next layers' (a fresh process would otherwise fault in new pages for
-    /// every layer it reads ahead).
-    pub fn freed(&self) -> Vec<L> {
-        std::mem::take(&mut self.lock().freed)
     }
 
     /// Whether this opener has no job (see [`Opener::new`]): layers open, and buffers

@@ -465,8 +465,6 @@ pub(crate) struct Weights {
     pub scratch: Vec<Zeroizing<Vec<f32>>>,
     /// Sealed chunks read from the host, a few at a time (ciphertext only).
     pub sealed: Vec<u8>,
-    /// Buffers for whole layers' sealed bytes read ahead, kept for the next ones.
-    pub sealed_spares: Vec<Vec<u8>>,
     /// Plaintext weight bytes held now, and the most held at once.
     held: u64,
     peak: u64,
@@ -481,7 +479,6 @@ impl Weights {
             keep_spare: true,
             scratch: Vec::new(),
             sealed: Vec::new(),
-            sealed_spares: Vec::new(),
             held: 0,
             peak: 0,
         }
@@ -1077,12 +1074,13 @@ mod tests {
     }
 
     /// A layer larger than two steps of the opener (`fc`, 600 KB, in 1000-byte chunks) is
-    /// opened over several jobs, whole and in order; a tampered chunk in a later step
-    /// is named; and what the opener is given to wipe comes back zeroed, whatever its
-    /// size.
+    /// opened over several jobs, whole and in order, from sealed bytes apart or from its
+    /// ciphertext in its own buffers (as the host's frames are read); a tampered chunk in
+    /// a later step is named either way; and what the opener is given to wipe comes back
+    /// zeroed, whatever its size.
     #[test]
     fn the_opener_opens_and_wipes_in_steps() {
-        use crate::ahead::{Buffers, Job, Opener, Spent};
+        use crate::ahead::{Buffers, Job, Opener, Sealed, Spent};
 
         let (graph, weights) = model(2000);
         let (bytes, key) = seal(&graph, &weights, 1000);
@@ -1101,13 +1099,21 @@ mod tests {
         let opener = Opener::new();
         let wiped = rayon::in_place_scope(|scope| {
             for sealed in [sealed.to_vec(), tampered] {
-                let buffers = Buffers(store.buffers(&layout, layer));
-                let job = Job {
-                    layer,
-                    sealed,
-                    buffers,
-                };
-                opener.push(job, &unsealer, scope);
+                let mut buffers = store.buffers(&layout, layer);
+                let tags = in_place(&unsealer, layer, &sealed, &mut buffers);
+                let jobs = [
+                    (Sealed::Apart(sealed), store.buffers(&layout, layer)),
+                    (Sealed::InPlace(tags), buffers),
+                ];
+                for (sealed, buffers) in jobs {
+                    let buffers = Buffers(buffers);
+                    let job = Job {
+                        layer,
+                        sealed,
+                        buffers,
+                    };
+                    opener.push(job, &unsealer, scope);
+                }
             }
             let spent = [(3, 100), (4, 3 << 20)].map(|(param, len)| Spent {
                 param,
@@ -1115,27 +1121,22 @@ mod tests {
             });
             opener.retire(spent.into(), &unsealer, scope);
 
-            let opened = opener.next(&unsealer).unwrap();
-            assert!(opened.result.is_ok());
-            let got: Vec<f32> = opened.buffers.take().concat();
-            assert_eq!(got, want);
-            let failed = opener.next(&unsealer).unwrap();
-            match failed.result {
-                Err(capsule_format::Error::ChunkFailed { chunk, .. }) => {
-                    assert_eq!(chunk, bad_chunk as u64)
+            for _ in 0..2 {
+                let opened = opener.next(&unsealer).unwrap();
+                assert!(opened.result.is_ok());
+                let got: Vec<f32> = opened.buffers.take().concat();
+                assert_eq!(got, want);
+            }
+            for _ in 0..2 {
+                let failed = opener.next(&unsealer).unwrap();
+                match failed.result {
+                    Err(capsule_format::Error::ChunkFailed { chunk, .. }) => {
+                        assert_eq!(chunk, bad_chunk as u64)
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
             assert!(opener.next(&unsealer).is_none());
-            // Both layers' sealed bytes came back, in order, once opened.
-            let freed = opener.freed();
-            assert_eq!(freed.len(), 2);
-            assert_eq!(freed[0], sealed);
-            assert_eq!(
-                freed[1][bad_chunk * (1000 + capsule_format::TAG_LEN) + 3],
-                sealed[bad_chunk * (1000 + capsule_format::TAG_LEN) + 3] ^ 1
-            );
-            assert!(opener.freed().is_empty());
             opener.settle()
         });
         let mut wiped = wiped;
@@ -1143,6 +1144,34 @@ mod tests {
         let shape: Vec<(usize, usize)> = wiped.iter().map(|(p, b)| (*p, b.len())).collect();
         assert_eq!(shape, [(3, 100), (4, 3 << 20)]);
         assert!(wiped.iter().all(|(_, b)| b.iter().all(|&v| v == 0.0)));
+    }
+
+    /// Writes layer `layer`'s ciphertext from its sealed bytes `sealed` into `buffers`
+    /// (its tensors in plaintext order), each chunk's where its plaintext goes, as the
+    /// enclave reads the host's frames, and returns the chunks' tags.
+    fn in_place(
+        unsealer: &capsule_format::Unsealer,
+        layer: usize,
+        sealed: &[u8],
+        buffers: &mut [Vec<f32>],
+    ) -> Vec<[u8; capsule_format::TAG_LEN]> {
+        let mut ciphertext = Vec::new();
+        let mut tags = Vec::new();
+        for chunk in 0..unsealer.header().chunk_count(layer) {
+            let piece = unsealer.sealed_chunk(layer, sealed, chunk).unwrap();
+            let (bytes, tag) = piece.split_at(piece.len() - capsule_format::TAG_LEN);
+            ciphertext.extend_from_slice(bytes);
+            tags.push(tag.try_into().unwrap());
+        }
+        let mut rest = &ciphertext[..];
+        for buf in buffers {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(buf.as_mut_slice());
+            let (mine, tail) = rest.split_at(bytes.len());
+            bytes.copy_from_slice(mine);
+            rest = tail;
+        }
+        assert!(rest.is_empty());
+        tags
     }
 
     /// Chunks opened in parallel from a thread off rayon's pool (a query at one engine
@@ -1187,7 +1216,7 @@ mod tests {
     /// opener goes on to the next layers; all come out whole and in queue order.
     #[test]
     fn a_waited_for_layer_opens_whole_when_handed_over() {
-        use crate::ahead::{Buffers, Job, Opener};
+        use crate::ahead::{Buffers, Job, Opener, Sealed};
 
         let (graph, weights) = model(8000);
         let (bytes, key) = seal(&graph, &weights, 4096);
@@ -1196,6 +1225,8 @@ mod tests {
         let layout = Layout::new(unsealer.header()).unwrap();
         let fc = layout_layer(&unsealer, "fc");
         assert!(unsealer.header().layers[fc].plaintext_len > 2 << 20);
+        // A chunk spans fc's weights and bias: opened in place through a scratch buffer.
+        assert_ne!(layout.tensors(fc)[0].bytes % 4096, 0);
         // fc first, then two small layers, which the opener may finish while the
         // query's thread still opens fc.
         let order = [
@@ -1213,10 +1244,18 @@ mod tests {
             let opener = Opener::new();
             let got: Vec<(usize, Vec<f32>)> = rayon::in_place_scope(|scope| {
                 for layer in order {
+                    // fc (handed over) in place, as read from frames; the others apart.
+                    let mut buffers = store.buffers(&layout, layer);
+                    let sealed = capsule.sealed_layer(layer);
+                    let sealed = if layer == fc {
+                        Sealed::InPlace(in_place(&unsealer, layer, sealed, &mut buffers))
+                    } else {
+                        Sealed::Apart(sealed)
+                    };
                     let job = Job {
                         layer,
-                        sealed: capsule.sealed_layer(layer),
-                        buffers: Buffers(store.buffers(&layout, layer)),
+                        sealed,
+                        buffers: Buffers(buffers),
                     };
                     opener.push(job, &unsealer, scope);
                 }
@@ -1231,12 +1270,6 @@ mod tests {
             });
             let layers: Vec<usize> = got.iter().map(|(l, _)| *l).collect();
             assert_eq!(layers, order);
-            // Opened by the job or by the waiter, every layer's sealed bytes came back.
-            let mut freed = opener.freed();
-            freed.sort_by_key(|bytes| bytes.as_ptr());
-            let mut sealed: Vec<&[u8]> = order.iter().map(|&l| capsule.sealed_layer(l)).collect();
-            sealed.sort_by_key(|bytes| bytes.as_ptr());
-            assert_eq!(freed, sealed);
             for ((_, values), want) in got.iter().zip(&want) {
                 assert_eq!(values, want);
             }

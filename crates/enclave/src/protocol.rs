@@ -157,6 +157,8 @@ impl From<io::Error> for ReadError {
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
+    /// Bytes of the last frame's blob still in the stream ([`FrameReader::read_head`]).
+    blob_left: usize,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -165,6 +167,7 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner,
             buf: Vec::new(),
+            blob_left: 0,
         }
     }
 
@@ -210,8 +213,53 @@ impl<R: Read> FrameReader<R> {
         })
     }
 
-    /// Reads a frame's length (§2) and checks its bounds.
+    /// Reads the next frame's head and JSON part like [`FrameReader::read`], and leaves
+    /// its blob in the stream, for [`FrameReader::read_blob`]: the caller checks the
+    /// head before it decides where the blob's bytes go. Returns the frame (its blob
+    /// empty) and the blob's length. What the caller leaves of the blob is skipped when
+    /// the next frame is read.
+    pub fn read_head(&mut self) -> Result<(Frame<'_>, usize), ReadError> {
+        let len = self.read_len()?;
+        self.buf.clear();
+        self.buf.resize(5, 0);
+        self.inner.read_exact(&mut self.buf)?;
+        let (kind, json_len) = head(&self.buf, len)?;
+        self.buf.resize(5 + json_len, 0);
+        self.inner.read_exact(&mut self.buf[5..])?;
+        self.blob_left = len - 5 - json_len;
+        let frame = Frame {
+            kind,
+            json: &self.buf[5..],
+            blob: &[],
+        };
+        Ok((frame, self.blob_left))
+    }
+
+    /// Reads the next `buf.len()` bytes of the blob of the frame [`FrameReader::read_head`]
+    /// read; fails, reading nothing, if fewer are left.
+    pub fn read_blob(&mut self, buf: &mut [u8]) -> Result<(), ReadError> {
+        if buf.len() > self.blob_left {
+            return Err(ReadError::Malformed(malformed(format!(
+                "{} bytes asked of a blob with {} left",
+                buf.len(),
+                self.blob_left
+            ))));
+        }
+        self.inner.read_exact(buf)?;
+        self.blob_left -= buf.len();
+        Ok(())
+    }
+
+    /// Reads a frame's length (§2) and checks its bounds, after skipping what is left of
+    /// the last frame's blob.
     fn read_len(&mut self) -> Result<usize, ReadError> {
+        if self.blob_left > 0 {
+            let left = std::mem::take(&mut self.blob_left) as u64;
+            let skipped = io::copy(&mut self.inner.by_ref().take(left), &mut io::sink())?;
+            if skipped != left {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+        }
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < len.len() {
@@ -598,6 +646,26 @@ mod tests {
             assert!(f.blob.is_empty());
             (f.kind, f.json.to_vec())
         });
+        // And by its head, then its blob in two pieces.
+        let mut r = FrameReader::new(bytes);
+        let pieces = r
+            .read_head()
+            .map(|(f, blob_len)| (f.kind, f.json.to_vec(), blob_len));
+        let pieces = pieces.and_then(|(kind, json, blob_len)| {
+            let mut blob = vec![0u8; blob_len];
+            let (a, b) = blob.split_at_mut(blob_len / 2);
+            r.read_blob(a)?;
+            r.read_blob(b)?;
+            assert!(r.read_blob(&mut [0]).is_err(), "read past the blob");
+            Ok((kind, json, blob))
+        });
+        match (&whole, pieces) {
+            (Ok(want), Ok(got)) => assert_eq!(&got, want),
+            (Err(ReadError::Closed), Err(ReadError::Closed))
+            | (Err(ReadError::Io(_)), Err(ReadError::Io(_)))
+            | (Err(ReadError::Malformed(_)), Err(ReadError::Malformed(_))) => {}
+            (whole, pieces) => panic!("read gave {whole:?}, read_head {pieces:?}"),
+        }
         match (&whole, appended) {
             (Ok((kind, json, want)), Ok(got)) => {
                 assert_eq!(got, (*kind, json.clone()));
@@ -609,6 +677,32 @@ mod tests {
             (whole, appended) => panic!("read gave {whole:?}, read_appending {appended:?}"),
         }
         whole
+    }
+
+    /// What `read_head`'s caller left of a blob is skipped: the next frame reads whole;
+    /// a stream cut inside the skipped bytes fails as a cut frame.
+    #[test]
+    fn a_blob_left_unread_is_skipped() {
+        let mut out = Vec::new();
+        let at = |chunk| LayerChunk { layer: 0, chunk };
+        write_frame(&mut out, MessageType::Layer, &at(0), &[1, 2, 3, 4, 5]).unwrap();
+        let second = out.len();
+        write_frame(&mut out, MessageType::Layer, &at(1), &[6, 7]).unwrap();
+        write_frame(&mut out, MessageType::Hello, &Hello { version: 1 }, b"").unwrap();
+        let mut r = FrameReader::new(&out[..]);
+        assert_eq!(r.read_head().unwrap().1, 5);
+        let mut two = [0u8; 2];
+        r.read_blob(&mut two).unwrap();
+        assert_eq!(two, [1, 2]);
+        let (frame, len) = r.read_head().unwrap();
+        let chunk: LayerChunk = frame.json_part().unwrap();
+        assert_eq!((chunk.chunk, len), (1, 2));
+        assert_eq!(r.read().unwrap().kind, MessageType::Hello);
+        assert!(matches!(r.read(), Err(ReadError::Closed)));
+
+        let mut r = FrameReader::new(&out[..second - 2]);
+        assert_eq!(r.read_head().unwrap().1, 5);
+        assert!(matches!(r.read_head(), Err(ReadError::Io(_))));
     }
 
     #[test]

@@ -302,14 +302,10 @@ impl Unsealer {
         Ok(plaintext)
     }
 
-    /// The plaintext bytes of layer `layer` that chunk `chunk` holds (capsule-v1 §4.4):
-    /// `chunk_size` bytes from `chunk · chunk_size`, fewer for the last chunk. Empty for a
-    /// chunk past the end (or of an empty layer).
+    /// The plaintext bytes of layer `layer` that chunk `chunk` holds: as
+    /// [`Header::chunk_span`].
     pub fn chunk_span(&self, layer: usize, chunk: u64) -> std::ops::Range<u64> {
-        let len = self.header.layers.get(layer).map_or(0, |l| l.plaintext_len);
-        let size = u64::from(self.header.chunk_size);
-        let start = chunk.saturating_mul(size).min(len);
-        start..start.saturating_add(size).min(len)
+        self.header.chunk_span(layer, chunk)
     }
 
     /// Chunk `chunk` of layer `layer`'s sealed stream `sealed` (ciphertext and tag),
@@ -365,6 +361,39 @@ impl Unsealer {
             .map_err(|()| failed())
     }
 
+    /// Decrypts chunk `chunk` of layer `layer` in place: `buf` holds its ciphertext,
+    /// exactly the chunk's plaintext length ([`Unsealer::chunk_span`]), and `tag` the
+    /// tag that followed it. For a caller that read the ciphertext straight into the
+    /// buffer the plaintext belongs in, holding no second copy of the layer. Fails as
+    /// [`Unsealer::open_chunk_into`] (`buf` is then zeroized).
+    pub fn open_chunk_in_place(
+        &self,
+        layer: usize,
+        chunk: u64,
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), Error> {
+        let entry = self.layer_entry(layer)?;
+        let failed = || Error::ChunkFailed {
+            layer: entry.name.clone(),
+            chunk,
+        };
+        let n = self.header.chunk_count(layer);
+        let span = self.chunk_span(layer, chunk);
+        if chunk >= n || buf.len() as u64 != span.end - span.start {
+            zeroize::Zeroize::zeroize(buf);
+            return Err(failed());
+        }
+        let at = ChunkPosition {
+            layer: layer as u32,
+            index: chunk,
+            last: chunk + 1 == n,
+        };
+        self.key
+            .open_in_place_apart(at, buf, tag)
+            .map_err(|()| failed())
+    }
+
     /// Splits a layer's plaintext into its tensors (capsule-v1 §4.3).
     pub fn layer_tensors(&self, layer: usize, plaintext: &[u8]) -> Vec<NamedTensor> {
         self.header
@@ -404,6 +433,71 @@ mod tests {
             }],
         };
         crate::seal(&request, key, crate::new_capsule_id(), &mut |_| {}).unwrap()
+    }
+
+    /// A chunk opens to the same bytes in place (its ciphertext in the buffer, its tag
+    /// apart) as out of place, and fails the same way: tampered, at another position,
+    /// or with the wrong length, leaving the buffer zeroed.
+    #[test]
+    fn a_chunk_opens_in_place_as_out_of_place() {
+        let key = ModelKey::generate();
+        let weights: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
+        let request = SealRequest {
+            architecture: serde_json::json!({"nodes": []}),
+            preprocessing: None,
+            labels: None,
+            detector: None,
+            policy: Policy::default(),
+            chunk_size: crate::MIN_CHUNK_SIZE,
+            layers: vec![LayerPlaintext {
+                name: "dense".into(),
+                tensors: vec![("w".into(), vec![3000], &weights[..])],
+            }],
+        };
+        let bytes = crate::seal(&request, &key, crate::new_capsule_id(), &mut |_| {}).unwrap();
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let unsealer = capsule.unseal(&key).unwrap();
+        let stream = capsule.sealed_layer(0);
+        let count = unsealer.header().chunk_count(0);
+        assert!(count >= 3);
+        let split = |chunk: u64| {
+            let sealed = unsealer.sealed_chunk(0, stream, chunk).unwrap();
+            let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+            (ciphertext.to_vec(), <[u8; TAG_LEN]>::try_from(tag).unwrap())
+        };
+        for chunk in 0..count {
+            let sealed = unsealer.sealed_chunk(0, stream, chunk).unwrap();
+            let mut apart = vec![0u8; sealed.len() - TAG_LEN];
+            unsealer
+                .open_chunk_into(0, chunk, sealed, &mut apart)
+                .unwrap();
+            let (mut buf, tag) = split(chunk);
+            unsealer
+                .open_chunk_in_place(0, chunk, &mut buf, &tag)
+                .unwrap();
+            assert_eq!(buf, apart);
+        }
+        let failed = |e: Result<(), Error>| {
+            assert!(
+                matches!(&e, Err(Error::ChunkFailed { layer, chunk: 1 }) if layer == "dense"),
+                "{e:?}"
+            )
+        };
+        let (mut buf, tag) = split(1);
+        buf[7] ^= 1;
+        failed(unsealer.open_chunk_in_place(0, 1, &mut buf, &tag));
+        assert!(buf.iter().all(|&b| b == 0));
+        let (mut buf, mut tag) = split(1);
+        tag[0] ^= 1;
+        failed(unsealer.open_chunk_in_place(0, 1, &mut buf, &tag));
+        // Chunk 0's bytes (as long as chunk 1's) at chunk 1's position.
+        let (mut buf, tag) = split(0);
+        assert_eq!(buf.len(), split(1).0.len());
+        failed(unsealer.open_chunk_in_place(0, 1, &mut buf, &tag));
+        let (mut buf, tag) = split(1);
+        buf.pop();
+        failed(unsealer.open_chunk_in_place(0, 1, &mut buf, &tag));
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -74,6 +74,27 @@ impl ChunkKey {
             .map_err(|_| ())
     }
 
+    /// Decrypts the ciphertext in `buf` in place, authenticated by `tag`. On failure
+    /// `buf` is zeroized (it may hold unauthenticated bytes).
+    pub(crate) fn open_in_place_apart(
+        &self,
+        at: ChunkPosition,
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), ()> {
+        let opened = self.key.open_in_place_separate_tag(
+            at.nonce(),
+            Aad::from(at.aad(&self.capsule_id)),
+            tag,
+            buf,
+        );
+        if opened.is_err() {
+            zeroize::Zeroize::zeroize(buf);
+            return Err(());
+        }
+        Ok(())
+    }
+
     /// Decrypts the sealed chunk `sealed` (ciphertext, then tag) into `out`, which must be
     /// exactly the ciphertext's length, in one pass out of place: the ciphertext is read
     /// once and never copied, so that a caller can open straight into the buffer it

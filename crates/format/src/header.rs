@@ -152,6 +152,16 @@ impl Header {
         chunk_count(self.layers[layer].plaintext_len, self.chunk_size)
     }
 
+    /// The plaintext bytes of layer `layer` that chunk `chunk` holds (capsule-v1 §4.4):
+    /// `chunk_size` bytes from `chunk · chunk_size`, fewer for the last chunk. Empty for a
+    /// chunk past the end (or of an empty layer, or of no layer `layer`).
+    pub fn chunk_span(&self, layer: usize, chunk: u64) -> std::ops::Range<u64> {
+        let len = self.layers.get(layer).map_or(0, |l| l.plaintext_len);
+        let size = u64::from(self.chunk_size);
+        let start = chunk.saturating_mul(size).min(len);
+        start..start.saturating_add(size).min(len)
+    }
+
     /// Bytes of layer `layer`'s sealed stream.
     pub fn sealed_len(&self, layer: usize) -> u64 {
         self.layers[layer].plaintext_len + TAG_LEN as u64 * self.chunk_count(layer)

@@ -92,4 +92,4 @@ pub use host::{ENCLAVE_ENV, EnclaveProcess, default_enclave_binary};
 pub use model::{SealedModel, StreamingModel};
 pub use protocol::{DefenseStatus, PROTOCOL_VERSION, PradaStatus, Ready, Status};
 pub use session::{MAX_DEFENSE_STATE, Session};
-pub use source::{CapsuleFile, CapsuleSource};
+pub use source::{CapsuleFile, CapsuleSource, FileChunk, SealedChunk};

@@ -2,9 +2,11 @@
 //! layers at every `Query` (`spec/enclave-protocol.md` §5.5, §5.6).
 //!
 //! A [`Capsule`] holds every byte in memory. A [`CapsuleFile`] holds the prefix
-//! and reads each sealed chunk from the file as it is sent, so that running a
-//! model through the enclave costs the host one chunk of memory, not the model's
-//! size (VGG-16: 528 MB), and no time reading the file before the enclave starts.
+//! and gives each sealed chunk as where it lies in the file ([`FileChunk`]), which
+//! the host moves into the enclave's pipe as it is sent, so that running a model
+//! through the enclave costs the host no more than a chunk of memory, not the
+//! model's size (VGG-16: 528 MB), and no time reading the file before the enclave
+//! starts.
 //! Like the rest of the host, neither holds a key: the enclave authenticates
 //! every byte it gets, so a file changed while it is read fails as a tampered
 //! capsule does.
@@ -31,8 +33,72 @@ pub trait CapsuleSource {
     fn each_chunk(
         &self,
         layer: usize,
-        send: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+        send: &mut dyn FnMut(SealedChunk<'_>) -> Result<(), Error>,
     ) -> Result<(), Error>;
+}
+
+/// A sealed chunk (ciphertext and tag) as a [`CapsuleSource`] gives it.
+#[derive(Debug)]
+pub enum SealedChunk<'a> {
+    /// Its bytes, in memory.
+    Bytes(&'a [u8]),
+    /// Where it lies in a capsule file, not read yet: the host moves it from the file
+    /// into the enclave's pipe without copying it through its own memory where the
+    /// kernel can (`splice`), and otherwise reads it ([`FileChunk::read`]).
+    File(FileChunk<'a>),
+}
+
+/// `len` bytes of a [`CapsuleFile`] from byte `at`: one sealed chunk.
+#[derive(Debug)]
+pub struct FileChunk<'a> {
+    capsule: &'a CapsuleFile,
+    at: u64,
+    len: usize,
+    /// Where the chunk's layer ends, as the header says.
+    layer_end: u64,
+}
+
+impl FileChunk<'_> {
+    /// The chunk's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the chunk has no bytes (never: a chunk holds at least its tag).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The open file and the chunk's offset in it.
+    pub fn file(&self) -> (&File, u64) {
+        (&self.capsule.file, self.at)
+    }
+
+    /// Reads the chunk into `buf` and returns it; fails as [`FileChunk::failed`] says.
+    pub fn read<'b>(&self, buf: &'b mut Vec<u8>) -> Result<&'b [u8], Error> {
+        buf.resize(self.len, 0);
+        self.capsule
+            .file
+            .read_exact_at(buf, self.at)
+            .map_err(|e| self.failed(e))?;
+        Ok(buf)
+    }
+
+    /// The error for reading the chunk failing with `e`: one that names the file, and
+    /// says it was cut while it was streamed when it ended early.
+    pub fn failed(&self, e: std::io::Error) -> Error {
+        Error::CapsuleFile {
+            path: self.capsule.path.clone(),
+            reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                format!(
+                    "it ended before byte {}, where its header says it ends: it changed while being read; restore it and run again",
+                    self.layer_end
+                )
+            } else {
+                format!("{e} at byte {}", self.at)
+            },
+        }
+    }
 }
 
 /// Bytes of one sealed chunk of a capsule with this header (the last may be shorter).
@@ -52,16 +118,16 @@ impl CapsuleSource for Capsule<'_> {
     fn each_chunk(
         &self,
         layer: usize,
-        send: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+        send: &mut dyn FnMut(SealedChunk<'_>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         // An empty layer is one empty chunk: just its tag.
         self.sealed_layer(layer)
             .chunks(sealed_chunk_len(self.header()))
-            .try_for_each(send)
+            .try_for_each(|bytes| send(SealedChunk::Bytes(bytes)))
     }
 }
 
-/// A capsule file, read chunk by chunk as the host streams it.
+/// A capsule file, streamed chunk by chunk from the file.
 #[derive(Debug)]
 pub struct CapsuleFile {
     path: PathBuf,
@@ -113,29 +179,20 @@ impl CapsuleSource for CapsuleFile {
     fn each_chunk(
         &self,
         layer: usize,
-        send: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+        send: &mut dyn FnMut(SealedChunk<'_>) -> Result<(), Error>,
     ) -> Result<(), Error> {
         let range = self.layout.sealed_range(layer);
         let step = sealed_chunk_len(self.header()) as u64;
-        let mut buf = vec![0u8; step.min(range.end - range.start) as usize];
         let mut at = range.start;
         while at < range.end {
-            let len = step.min(range.end - at) as usize;
-            self.file
-                .read_exact_at(&mut buf[..len], at)
-                .map_err(|e| Error::CapsuleFile {
-                    path: self.path.clone(),
-                    reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        format!(
-                            "it ended before byte {}, where its header says it ends: it changed while being read; restore it and run again",
-                            range.end
-                        )
-                    } else {
-                        format!("{e} at byte {at}")
-                    },
-                })?;
-            send(&buf[..len])?;
-            at += len as u64;
+            let len = step.min(range.end - at);
+            send(SealedChunk::File(FileChunk {
+                capsule: self,
+                at,
+                len: len as usize,
+                layer_end: range.end,
+            }))?;
+            at += len;
         }
         Ok(())
     }
@@ -180,8 +237,12 @@ mod tests {
 
     fn chunks(source: &dyn CapsuleSource, layer: usize) -> Result<Vec<Vec<u8>>, Error> {
         let mut out = Vec::new();
-        source.each_chunk(layer, &mut |bytes| {
-            out.push(bytes.to_vec());
+        let mut buf = Vec::new();
+        source.each_chunk(layer, &mut |chunk| {
+            out.push(match chunk {
+                SealedChunk::Bytes(bytes) => bytes.to_vec(),
+                SealedChunk::File(chunk) => chunk.read(&mut buf)?.to_vec(),
+            });
             Ok(())
         })?;
         Ok(out)

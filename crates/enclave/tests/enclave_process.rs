@@ -3,7 +3,7 @@
 
 mod common;
 
-use capsule_enclave::{EnclaveProcess, Error, SealedModel};
+use capsule_enclave::{CapsuleFile, EnclaveProcess, Error, SealedModel};
 use capsule_format::{Capsule, Policy};
 use common::{
     SealedCapsule, Terms, bits, enclave_bin, input, mnist_capsule, proc_status_field, provision,
@@ -308,6 +308,61 @@ fn a_tampered_layer_is_refused_uncounted_and_the_session_goes_on() {
     assert_eq!(enclave.status().unwrap().used, 0);
     let (_, status) = enclave.query(&capsule, &input(1, 0)).unwrap();
     assert_eq!(status.used, 1);
+}
+
+/// A capsule file streams as the capsule in memory does (its chunks go from the file
+/// into the pipe by `splice`): the same outputs; a byte changed in the file is a
+/// rejected layer, uncounted; a file cut after it was opened fails naming the file,
+/// and the handle, out of step, refuses to go on.
+#[test]
+fn a_capsule_file_streams_like_the_capsule_in_memory() {
+    let (dir, platform) = platform_dir();
+    let sealed = mnist_capsule(Policy::default());
+    let capsule = Capsule::parse(&sealed.bytes).unwrap();
+    let (mut enclave, _, _) = ready_enclave(&platform, &sealed, &server_key(), Terms::default());
+    let path = dir.path().join("mnist.capsule");
+    std::fs::write(&path, &sealed.bytes).unwrap();
+    let file = CapsuleFile::open(&path).unwrap();
+    for seed in 0..3 {
+        let (from_memory, _) = enclave.query(&capsule, &input(2, seed)).unwrap();
+        let (from_file, _) = enclave.query(&file, &input(2, seed)).unwrap();
+        assert_eq!(bits(&from_file), bits(&from_memory), "seed {seed}");
+    }
+    assert_eq!(enclave.status().unwrap().used, 12);
+
+    // A byte in chunk 1 of the first layer with more than one chunk.
+    let header = capsule.header();
+    let layer = (0..header.layers.len())
+        .find(|&l| header.chunk_count(l) > 1)
+        .unwrap();
+    let start = capsule.sealed_layer(layer).as_ptr() as usize - sealed.bytes.as_ptr() as usize;
+    let mut tampered = sealed.bytes.clone();
+    tampered[start + header.chunk_size as usize + 16 + 7] ^= 0x01;
+    std::fs::write(&path, &tampered).unwrap();
+    let refused = enclave.query(&file, &input(1, 0)).unwrap_err();
+    assert!(
+        matches!(refused, Error::CapsuleRejected { .. }),
+        "{refused:?}"
+    );
+    let named = format!("layer '{}', chunk 1)", header.layers[layer].name);
+    assert!(refused.to_string().contains(&named), "{refused}");
+    assert_eq!(enclave.status().unwrap().used, 12);
+
+    std::fs::write(&path, &sealed.bytes).unwrap();
+    let file = CapsuleFile::open(&path).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(capsule.prefix().len() as u64 + 100)
+        .unwrap();
+    let cut = enclave.query(&file, &input(1, 0)).unwrap_err();
+    assert!(matches!(cut, Error::CapsuleFile { .. }), "{cut:?}");
+    assert!(
+        cut.to_string().contains("changed while being read"),
+        "{cut}"
+    );
+    assert!(enclave.status().is_err(), "the handle went on out of step");
 }
 
 #[test]

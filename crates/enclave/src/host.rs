@@ -364,7 +364,9 @@ impl EnclaveProcess {
         flush: bool,
     ) -> Result<(), Error> {
         self.write_head(kind, control, blob.len())?;
-        let input = self.input.as_mut().expect("write_head checked it");
+        let Some(input) = self.input.as_mut() else {
+            return Err(self.died("its input was closed"));
+        };
         let mut result = input.write_all(blob);
         if flush && result.is_ok() {
             result = input.flush();
@@ -421,7 +423,9 @@ impl EnclaveProcess {
         if self.splice {
             self.write_head(MessageType::Layer, at, chunk.len())?;
             self.flush()?;
-            let input = self.input.as_mut().expect("write_head checked it");
+            let Some(input) = self.input.as_mut() else {
+                return Err(self.died("its input was closed"));
+            };
             match splice_chunk(chunk, input.get_ref()) {
                 Ok(()) => return Ok(()),
                 Err(Spliced::Unsupported) => {

@@ -190,14 +190,9 @@ impl<R: Read> FrameReader<R> {
     /// (the frame returned has an empty blob). On an error, `blob` may have grown by
     /// part of the frame's bytes.
     pub fn read_appending(&mut self, blob: &mut Vec<u8>) -> Result<Frame<'_>, ReadError> {
-        let len = self.read_len()?;
-        self.buf.clear();
-        self.buf.resize(5, 0);
-        self.inner.read_exact(&mut self.buf)?;
-        let (kind, json_len) = head(&self.buf, len)?;
-        self.buf.resize(5 + json_len, 0);
-        self.inner.read_exact(&mut self.buf[5..])?;
-        let blob_len = len - 5 - json_len;
+        let (kind, blob_len) = self.read_head().map(|(frame, len)| (frame.kind, len))?;
+        // The blob is taken here, whole, or the stream fails.
+        self.blob_left = 0;
         let got = self
             .inner
             .by_ref()

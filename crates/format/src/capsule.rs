@@ -337,28 +337,17 @@ impl Unsealer {
         sealed_chunk: &[u8],
         out: &mut [u8],
     ) -> Result<(), Error> {
-        let entry = self.layer_entry(layer)?;
-        let failed = || Error::ChunkFailed {
-            layer: entry.name.clone(),
-            chunk,
+        let sealed_len = out.len().checked_add(TAG_LEN);
+        let opened = match self.chunk_position(layer, chunk, out.len())? {
+            Some(at) if sealed_len == Some(sealed_chunk.len()) => {
+                self.key.open_into(at, sealed_chunk, out)
+            }
+            _ => {
+                zeroize::Zeroize::zeroize(out);
+                Err(())
+            }
         };
-        let n = self.header.chunk_count(layer);
-        let span = self.chunk_span(layer, chunk);
-        if chunk >= n
-            || sealed_chunk.len() as u64 != span.end - span.start + TAG_LEN as u64
-            || out.len() as u64 != span.end - span.start
-        {
-            zeroize::Zeroize::zeroize(out);
-            return Err(failed());
-        }
-        let at = ChunkPosition {
-            layer: layer as u32,
-            index: chunk,
-            last: chunk + 1 == n,
-        };
-        self.key
-            .open_into(at, sealed_chunk, out)
-            .map_err(|()| failed())
+        opened.map_err(|()| self.chunk_failed(layer, chunk))
     }
 
     /// Decrypts chunk `chunk` of layer `layer` in place: `buf` holds its ciphertext,
@@ -373,25 +362,42 @@ impl Unsealer {
         buf: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<(), Error> {
-        let entry = self.layer_entry(layer)?;
-        let failed = || Error::ChunkFailed {
-            layer: entry.name.clone(),
-            chunk,
+        let opened = match self.chunk_position(layer, chunk, buf.len())? {
+            Some(at) => self.key.open_in_place_apart(at, buf, tag),
+            None => {
+                zeroize::Zeroize::zeroize(buf);
+                Err(())
+            }
         };
+        opened.map_err(|()| self.chunk_failed(layer, chunk))
+    }
+
+    /// Where chunk `chunk` of layer `layer` stands (its AEAD nonce and data), if the layer
+    /// has that chunk and its plaintext is `len` bytes. Fails only for no layer `layer`.
+    fn chunk_position(
+        &self,
+        layer: usize,
+        chunk: u64,
+        len: usize,
+    ) -> Result<Option<ChunkPosition>, Error> {
+        self.layer_entry(layer)?;
         let n = self.header.chunk_count(layer);
         let span = self.chunk_span(layer, chunk);
-        if chunk >= n || buf.len() as u64 != span.end - span.start {
-            zeroize::Zeroize::zeroize(buf);
-            return Err(failed());
+        Ok(
+            (chunk < n && len as u64 == span.end - span.start).then_some(ChunkPosition {
+                layer: layer as u32,
+                index: chunk,
+                last: chunk + 1 == n,
+            }),
+        )
+    }
+
+    /// The error for chunk `chunk` of layer `layer` not opening.
+    fn chunk_failed(&self, layer: usize, chunk: u64) -> Error {
+        Error::ChunkFailed {
+            layer: self.header.layers[layer].name.clone(),
+            chunk,
         }
-        let at = ChunkPosition {
-            layer: layer as u32,
-            index: chunk,
-            last: chunk + 1 == n,
-        };
-        self.key
-            .open_in_place_apart(at, buf, tag)
-            .map_err(|()| failed())
     }
 
     /// Splits a layer's plaintext into its tensors (capsule-v1 §4.3).

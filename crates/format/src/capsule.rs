@@ -425,7 +425,11 @@ mod tests {
     use crate::{LayerPlaintext, Policy, SealRequest};
 
     fn sealed(key: &ModelKey) -> Vec<u8> {
-        let weights = [1.0f32, 2.0, 3.0, 4.0];
+        sealed_with(key, &[1.0, 2.0, 3.0, 4.0])
+    }
+
+    /// One layer, `dense`, of one tensor `w` holding `weights`, in the smallest chunks.
+    fn sealed_with(key: &ModelKey, weights: &[f32]) -> Vec<u8> {
         let request = SealRequest {
             architecture: serde_json::json!({"nodes": []}),
             preprocessing: None,
@@ -435,7 +439,7 @@ mod tests {
             chunk_size: crate::MIN_CHUNK_SIZE,
             layers: vec![LayerPlaintext {
                 name: "dense".into(),
-                tensors: vec![("w".into(), vec![4], &weights[..])],
+                tensors: vec![("w".into(), vec![weights.len()], weights)],
             }],
         };
         crate::seal(&request, key, crate::new_capsule_id(), &mut |_| {}).unwrap()
@@ -448,19 +452,7 @@ mod tests {
     fn a_chunk_opens_in_place_as_out_of_place() {
         let key = ModelKey::generate();
         let weights: Vec<f32> = (0..3000).map(|i| i as f32 * 0.5).collect();
-        let request = SealRequest {
-            architecture: serde_json::json!({"nodes": []}),
-            preprocessing: None,
-            labels: None,
-            detector: None,
-            policy: Policy::default(),
-            chunk_size: crate::MIN_CHUNK_SIZE,
-            layers: vec![LayerPlaintext {
-                name: "dense".into(),
-                tensors: vec![("w".into(), vec![3000], &weights[..])],
-            }],
-        };
-        let bytes = crate::seal(&request, &key, crate::new_capsule_id(), &mut |_| {}).unwrap();
+        let bytes = sealed_with(&key, &weights);
         let capsule = Capsule::parse(&bytes).unwrap();
         let unsealer = capsule.unseal(&key).unwrap();
         let stream = capsule.sealed_layer(0);

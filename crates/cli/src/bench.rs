@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
-use capsule_format::{Capsule, ModelKey, Policy, SealRequest, seal as seal_capsule};
+use capsule_format::{Aead, Capsule, ModelKey, Policy, SealRequest, seal as seal_capsule};
 use clap::Args;
 
 /// AES-256-GCM throughput of one core here as issue 4 states it (`ring`, in place,
@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// as `mlcapsule run --memory-budget` caps the enclave's.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     memory_budget: Option<u64>,
+    /// The cipher the sealed modes' capsules are sealed with: aegis-256x2 or aes-256-gcm,
+    /// as `mlcapsule seal --aead`.
+    #[arg(long, value_name = "AEAD", default_value_t = Aead::SEAL_DEFAULT)]
+    aead: Aead,
     /// Only the defenses' per-query costs inside the enclave (noising, detector, PRADA).
     #[arg(long)]
     defenses_only: bool,
@@ -217,7 +221,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         &[Mode::Plain, Mode::Streaming, Mode::Cached]
     };
-    let mut out = Report::new(args.json);
+    let mut out = Report::new(args.json, args.aead);
 
     let mut layer_cases = Vec::new();
     let mut networks = Vec::new();
@@ -276,7 +280,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     for case in &layer_cases {
         // The paper's layer tables are at batch 1.
         let configs: Vec<(usize, usize)> = threads.iter().map(|&t| (t, 1)).collect();
-        bench_case(case, modes, &configs, runs, args.memory_budget, &mut out)?;
+        bench_case(
+            case,
+            modes,
+            &configs,
+            runs,
+            args.memory_budget,
+            args.aead,
+            &mut out,
+        )?;
     }
     for path in &networks {
         if !selected(&path.to_string_lossy()) {
@@ -287,7 +299,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|&b| threads.iter().map(move |&t| (t, b)))
             .collect();
-        bench_case(&case, modes, &configs, runs, args.memory_budget, &mut out)?;
+        bench_case(
+            &case,
+            modes,
+            &configs,
+            runs,
+            args.memory_budget,
+            args.aead,
+            &mut out,
+        )?;
     }
     out.finish();
     // The defenses' costs: in the default run (or alone), not for a user's model.
@@ -306,12 +326,13 @@ fn bench_case(
     configs: &[(usize, usize)],
     runs: Option<usize>,
     budget: Option<u64>,
+    aead: Aead,
     out: &mut Report,
 ) -> anyhow::Result<()> {
     let plain = Model::new(case.graph.clone(), case.weights.clone())
         .with_context(|| format!("{} cannot run", case.name))?;
     let sealed = if modes.len() > 1 {
-        Some(Sealed::new(case)?)
+        Some(Sealed::new(case, aead)?)
     } else {
         None
     };
@@ -477,9 +498,9 @@ struct Sealed {
 }
 
 impl Sealed {
-    /// Seals `case` as `mlcapsule seal` would (its grouping into layers, default
-    /// chunk size).
-    fn new(case: &Case) -> anyhow::Result<Sealed> {
+    /// Seals `case` with `aead` as `mlcapsule seal` would (its grouping into layers,
+    /// default chunk size).
+    fn new(case: &Case, aead: Aead) -> anyhow::Result<Sealed> {
         let request = SealRequest {
             architecture: serde_json::to_value(&case.graph)?,
             preprocessing: None,
@@ -487,6 +508,7 @@ impl Sealed {
             detector: None,
             policy: Policy::default(),
             chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
+            aead,
             layers: capsule_enclave::seal_layers(&case.graph, &case.weights, ""),
         };
         let key = ModelKey::generate();
@@ -729,6 +751,8 @@ struct Report {
     json: bool,
     /// The family of the last table header printed.
     family: Option<Family>,
+    /// The cipher of the sealed modes' capsules.
+    aead: Aead,
 }
 
 /// What unsealing a case's weights costs at least: its bytes, and the time one core
@@ -739,8 +763,12 @@ struct Unsealing {
 }
 
 impl Report {
-    fn new(json: bool) -> Report {
-        Report { json, family: None }
+    fn new(json: bool, aead: Aead) -> Report {
+        Report {
+            json,
+            family: None,
+            aead,
+        }
     }
 
     fn note(&self, text: &str) {
@@ -783,8 +811,11 @@ impl Report {
                     "queries_per_sample": t.reps,
                     "weight_bytes": weight_bytes,
                 });
-                if let (Some(plain), true) = (plain, t.mode != Mode::Plain) {
-                    line["ratio_to_plain"] = round(t.median() / plain).into();
+                if t.mode != Mode::Plain {
+                    line["aead"] = self.aead.name().into();
+                    if let Some(plain) = plain {
+                        line["ratio_to_plain"] = round(t.median() / plain).into();
+                    }
                 }
                 if t.mode == Mode::Streaming {
                     line["aes_bound_ms"] = round(aes_ms).into();
@@ -874,10 +905,13 @@ impl Report {
     fn finish(&self) {
         if !self.json {
             println!(
-                "\nx: median over plain's median, same run, modes alternating. AES ms: weight \
-                 bytes / {:.1} GB/s, issue 4's bound. open ms: one core opening every layer \
-                 once, measured in this run: the least CPU time streaming spends per query.",
-                AES_GCM_BYTES_PER_SEC / 1e9
+                "\nx: median over plain's median, same run, modes alternating. Sealed modes: \
+                 chunks sealed with {}. AES ms: weight bytes / {:.1} GB/s, issue 4's AES-GCM \
+                 bound. open ms: one core opening every layer once with {}, measured in this \
+                 run: the least CPU time streaming spends per query.",
+                self.aead,
+                AES_GCM_BYTES_PER_SEC / 1e9,
+                self.aead,
             );
         }
     }

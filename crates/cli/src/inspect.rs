@@ -50,6 +50,7 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
             "capsule_id": hex(&header.capsule_id),
             "key_id": hex(&header.key_id),
             "chunk_size": header.chunk_size,
+            "aead": header.aead,
             "parameters": header.param_count(),
             "layers": layers,
             "preprocessing": header.preprocessing,
@@ -76,6 +77,7 @@ pub fn main(args: InspectArgs) -> anyhow::Result<()> {
         sha256_hex(&bytes)
     );
     println!("chunk size   {} bytes", header.chunk_size);
+    println!("cipher       {}", header.aead);
     if let Some(graph) = &graph {
         for input in &graph.inputs {
             println!(

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use capsule_enclave::seal_layers;
 use capsule_engine::{Graph, Model, Tensor};
 use capsule_format::{
-    DETECTOR_PREFIX, Detector, DetectorInput, ModelKey, Policy, Preprocessing, SealRequest,
+    Aead, DETECTOR_PREFIX, Detector, DetectorInput, ModelKey, Policy, Preprocessing, SealRequest,
 };
 use clap::{Args, ValueEnum};
 
@@ -33,6 +33,10 @@ pub struct SealArgs {
     /// Plaintext bytes per sealed chunk.
     #[arg(long, value_name = "BYTES", default_value_t = capsule_format::DEFAULT_CHUNK_SIZE)]
     chunk_size: u32,
+    /// The cipher that seals the weights' chunks: aegis-256x2 (2-3x faster to open) or
+    /// aes-256-gcm (where a FIPS-approved cipher is required).
+    #[arg(long, value_name = "AEAD", default_value_t = Aead::SEAL_DEFAULT)]
+    aead: Aead,
     #[command(flatten)]
     preprocessing: PreprocessingArgs,
     /// Class names, one per line, in output order.
@@ -190,6 +194,7 @@ impl SealArgs {
             key_out: Some(key_out),
             force: true,
             chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
+            aead: Aead::SEAL_DEFAULT,
             preprocessing: PreprocessingArgs {
                 preset: Some(Preset::Mnist),
                 ..Default::default()
@@ -310,6 +315,7 @@ pub fn main(args: SealArgs) -> anyhow::Result<()> {
                 .map(|p| serde_json::to_value(p).expect("a Policy always serialises")),
         },
         chunk_size: args.chunk_size,
+        aead: args.aead,
         layers: all_layers,
     };
     let total: u64 = graph.param_count() as u64 * 4;

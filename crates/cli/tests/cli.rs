@@ -50,11 +50,17 @@ fn fails_with(out: &Output, needle: &str) {
 
 /// Seals the bundled MNIST model into `dir` with small chunks, so layers have several.
 fn seal(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    seal_with(dir, name, &[])
+}
+
+/// [`seal`], with more arguments for `mlcapsule seal`.
+fn seal_with(dir: &Path, name: &str, more: &[&str]) -> (PathBuf, PathBuf) {
     let capsule = dir.join(format!("{name}.capsule"));
     let key = dir.join(format!("{name}.key"));
-    ok(&mlcapsule(&[
+    let model = mnist();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"seal",
-        &mnist(),
+        &model,
         &"-o",
         &capsule,
         &"--key-out",
@@ -63,7 +69,9 @@ fn seal(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         &"4096",
         &"--preset",
         &"mnist",
-    ]));
+    ];
+    args.extend(more.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    ok(&mlcapsule(&args));
     (capsule, key)
 }
 
@@ -96,25 +104,47 @@ fn sealed_mnist_matches_onnxruntime() {
     assert!(diff <= 1e-4, "max abs difference to onnxruntime {diff}");
 }
 
+/// Under either cipher, which `inspect` names, and with the default one when none is asked.
 #[test]
 fn sealed_and_plain_outputs_are_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
-    let (capsule, key) = seal(dir.path(), "m");
-    let (plain, sealed) = (dir.path().join("plain.npy"), dir.path().join("sealed.npy"));
     let batch = samples().join("batch.npy");
+    let plain = dir.path().join("plain.npy");
     ok(&mlcapsule(&[&"run", &mnist(), &batch, &"--output", &plain]));
-    ok(&mlcapsule(&[
-        &"run",
-        &capsule,
-        &"--key",
-        &key,
-        &batch,
-        &"--output",
-        &sealed,
-    ]));
-    assert_eq!(
-        std::fs::read(plain).unwrap(),
-        std::fs::read(sealed).unwrap()
+    let plain = std::fs::read(plain).unwrap();
+    for (name, more, cipher) in [
+        ("default", &[][..], "aegis-256x2"),
+        ("gcm", &["--aead", "aes-256-gcm"][..], "aes-256-gcm"),
+        ("aegis", &["--aead", "aegis-256x2"][..], "aegis-256x2"),
+    ] {
+        let (capsule, key) = seal_with(dir.path(), name, more);
+        let shown = ok(&mlcapsule(&[&"inspect", &capsule]));
+        assert!(shown.contains(&format!("cipher       {cipher}")), "{shown}");
+        let sealed = dir.path().join(format!("{name}.npy"));
+        ok(&mlcapsule(&[
+            &"run",
+            &capsule,
+            &"--key",
+            &key,
+            &batch,
+            &"--output",
+            &sealed,
+        ]));
+        assert_eq!(plain, std::fs::read(sealed).unwrap(), "{name}");
+    }
+    let unknown = mlcapsule(&[
+        &"seal",
+        &mnist(),
+        &"-o",
+        &dir.path().join("x.capsule"),
+        &"--aead",
+        &"rot13",
+    ]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(
+        stderr.contains("unknown AEAD 'rot13'; choose one of aegis-256x2, aes-256-gcm"),
+        "{stderr}"
     );
 }
 

@@ -922,6 +922,7 @@ mod tests {
             detector: None,
             policy: Policy::default(),
             chunk_size,
+            aead: capsule_format::Aead::SEAL_DEFAULT,
             layers: crate::grouping::seal_layers(graph, weights, ""),
         };
         let key = ModelKey::generate();

@@ -220,6 +220,7 @@ mod tests {
             detector: None,
             policy: Policy::default(),
             chunk_size: 64,
+            aead: capsule_format::Aead::SEAL_DEFAULT,
             layers: vec![
                 layer("a", &w[..37]),
                 layer("b", &w[37..40]),

@@ -235,7 +235,7 @@ impl Unsealer {
         mac_start: usize,
         key: &ModelKey,
     ) -> Result<Unsealer, Error> {
-        let keys = key.schedule(&header.capsule_id);
+        let keys = key.schedule(&header.capsule_id, header.aead);
         let mac_key = hmac::Key::new(hmac::HMAC_SHA256, keys.header.as_ref());
         let tag = &prefix[mac_start..mac_start + MAC_LEN];
         if hmac::verify(&mac_key, &prefix[..mac_start], tag).is_err() {
@@ -246,7 +246,7 @@ impl Unsealer {
                 Error::WrongKey
             });
         }
-        let key = ChunkKey::new(&keys.payload, header.capsule_id);
+        let key = ChunkKey::new(header.aead, &keys.payload, header.capsule_id);
         Ok(Unsealer { header, key })
     }
 
@@ -437,6 +437,7 @@ mod tests {
             detector: None,
             policy: Policy::default(),
             chunk_size: crate::MIN_CHUNK_SIZE,
+            aead: crate::Aead::SEAL_DEFAULT,
             layers: vec![LayerPlaintext {
                 name: "dense".into(),
                 tensors: vec![("w".into(), vec![weights.len()], weights)],

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::Aead;
 use crate::key::{CAPSULE_ID_LEN, KEY_ID_LEN};
 use crate::{Error, TAG_LEN};
 
@@ -20,6 +21,10 @@ pub const MAX_CHUNK_SIZE: u32 = 64 * 1024 * 1024;
 /// Prefix of the names of the detector's layers and tensors (capsule-v1 §4.6).
 pub const DETECTOR_PREFIX: &str = "detector/";
 
+fn absent_aead() -> Aead {
+    Aead::ABSENT
+}
+
 /// The public, authenticated description of a capsule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +39,11 @@ pub struct Header {
     pub key_id: [u8; KEY_ID_LEN],
     /// Plaintext bytes per chunk.
     pub chunk_size: u32,
+    /// The cipher that seals the chunks. Omitted from the JSON when it is
+    /// [`Aead::ABSENT`] (AES-256-GCM), so that such capsules are byte for byte what
+    /// writers made before the member existed.
+    #[serde(default = "absent_aead", skip_serializing_if = "Aead::is_absent")]
+    pub aead: Aead,
     /// The engine graph, opaque to this crate (capsule-v1 §4.1).
     pub architecture: serde_json::Value,
     /// The input detector network sealed beside the model, if any (capsule-v1 §4.6).
@@ -294,6 +304,7 @@ mod tests {
             capsule_id: [0; CAPSULE_ID_LEN],
             key_id: [0; KEY_ID_LEN],
             chunk_size: MIN_CHUNK_SIZE,
+            aead: Aead::SEAL_DEFAULT,
             architecture: serde_json::json!({}),
             detector: detector.then(|| Detector {
                 architecture: serde_json::json!({}),

@@ -1,6 +1,8 @@
 //! The model key, its key file, and the keys derived from it (capsule-v1 §2).
 
 use aws_lc_rs::{hkdf, rand::SecureRandom};
+
+use crate::chunk::Aead;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
@@ -91,14 +93,14 @@ impl ModelKey {
         out
     }
 
-    /// The derived keys of one capsule.
-    pub(crate) fn schedule(&self, capsule_id: &[u8; CAPSULE_ID_LEN]) -> KeySchedule {
+    /// The derived keys of one capsule whose chunks `aead` seals.
+    pub(crate) fn schedule(&self, capsule_id: &[u8; CAPSULE_ID_LEN], aead: Aead) -> KeySchedule {
         let key_id_full = self.derive(capsule_id, b"mlcapsule/v1 key id");
         let mut key_id = [0u8; KEY_ID_LEN];
         key_id.copy_from_slice(&key_id_full[..KEY_ID_LEN]);
         KeySchedule {
             header: self.derive(capsule_id, b"mlcapsule/v1 header"),
-            payload: self.derive(capsule_id, b"mlcapsule/v1 payload"),
+            payload: self.derive(capsule_id, aead.payload_info()),
             key_id,
         }
     }
@@ -151,10 +153,13 @@ mod tests {
     #[test]
     fn derived_keys_differ_by_purpose_and_capsule() {
         let key = ModelKey::from_bytes([9; KEY_LEN]);
-        let a = key.schedule(&[0; CAPSULE_ID_LEN]);
-        let b = key.schedule(&[1; CAPSULE_ID_LEN]);
+        let a = key.schedule(&[0; CAPSULE_ID_LEN], Aead::Aes256Gcm);
+        let b = key.schedule(&[1; CAPSULE_ID_LEN], Aead::Aes256Gcm);
+        let c = key.schedule(&[0; CAPSULE_ID_LEN], Aead::Aegis256X2);
         assert_ne!(*a.header, *a.payload);
         assert_ne!(*a.payload, *b.payload);
+        assert_ne!(*a.payload, *c.payload);
+        assert_eq!(*a.header, *c.header);
         assert_ne!(a.key_id, b.key_id);
     }
 

@@ -3,10 +3,10 @@
 //! This crate owns the capsule format, `spec/capsule-v1.md`: a versioned
 //! first line, a JSON header (architecture, an optional input detector,
 //! tensor table, chunk table, policy) authenticated by an HMAC keyed from the
-//! model key, and the weights
-//! as AES-256-GCM chunks, one stream per layer, whose nonces and associated
-//! data bind capsule id, layer, chunk index and a last-chunk flag. Sections of
-//! the spec are cited as `capsule-v1 §N` where they are implemented.
+//! model key, and the weights as AEAD chunks (AEGIS-256X2 by default, or
+//! AES-256-GCM), one stream per layer, whose nonces and associated data bind
+//! capsule id, layer, chunk index and a last-chunk flag. Sections of the spec
+//! are cited as `capsule-v1 §N` where they are implemented.
 //!
 //! ```
 //! use capsule_format::{seal, Capsule, LayerPlaintext, ModelKey, Policy, SealRequest};
@@ -19,6 +19,7 @@
 //!     detector: None,
 //!     policy: Policy::default(),
 //!     chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
+//!     aead: capsule_format::Aead::SEAL_DEFAULT,
 //!     layers: vec![LayerPlaintext {
 //!         name: "dense".into(),
 //!         tensors: vec![("w".into(), vec![3], &weights[..])],
@@ -46,7 +47,7 @@ mod key;
 mod seal;
 
 pub use capsule::{Capsule, CapsuleLayout, NamedTensor, Unsealer};
-pub use chunk::TAG_LEN;
+pub use chunk::{Aead, TAG_LEN};
 pub use error::Error;
 pub use grant::{
     EnclaveKey, Grant, INSTANCE_ID_LEN, SealedGrant, TOPUP_PREFIX, TopUp, report_data, seal_grant,

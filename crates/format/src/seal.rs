@@ -3,7 +3,7 @@
 use aws_lc_rs::{digest, hmac, rand::SecureRandom};
 use zeroize::Zeroizing;
 
-use crate::chunk::{ChunkKey, ChunkPosition};
+use crate::chunk::{Aead, ChunkKey, ChunkPosition};
 use crate::header::{
     Detector, FORMAT, Header, LayerEntry, Policy, Preprocessing, TensorEntry, chunk_count,
 };
@@ -33,6 +33,9 @@ pub struct SealRequest<'a> {
     pub policy: Policy,
     /// Plaintext bytes per chunk.
     pub chunk_size: u32,
+    /// The cipher that seals the chunks; [`Aead::SEAL_DEFAULT`] unless a FIPS-approved
+    /// one is required.
+    pub aead: Aead,
     /// The weights, layer by layer.
     pub layers: Vec<LayerPlaintext<'a>>,
 }
@@ -56,8 +59,8 @@ pub fn seal(
     capsule_id: [u8; CAPSULE_ID_LEN],
     progress: &mut dyn FnMut(u64),
 ) -> Result<Vec<u8>, Error> {
-    let keys = key.schedule(&capsule_id);
-    let chunk_key = ChunkKey::new(&keys.payload, capsule_id);
+    let keys = key.schedule(&capsule_id, request.aead);
+    let chunk_key = ChunkKey::new(request.aead, &keys.payload, capsule_id);
 
     let mut tensors = Vec::new();
     let mut layers = Vec::with_capacity(request.layers.len());
@@ -116,6 +119,7 @@ pub fn seal(
         capsule_id,
         key_id: keys.key_id,
         chunk_size: request.chunk_size,
+        aead: request.aead,
         architecture: request.architecture.clone(),
         detector: request.detector.clone(),
         preprocessing: request.preprocessing.clone(),

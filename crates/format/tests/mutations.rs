@@ -21,6 +21,7 @@ fn capsule(key: &ModelKey) -> Vec<u8> {
             defense: Some(serde_json::json!({"output": {"label_only": true}})),
         },
         chunk_size: 64,
+        aead: capsule_format::Aead::SEAL_DEFAULT,
         layers: vec![
             LayerPlaintext {
                 name: "detector/d".into(),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use aws_lc_rs::digest::{SHA256, digest};
 use capsule_format::{
-    Capsule, Detector, DetectorInput, Error, LayerPlaintext, ModelKey, Policy, Preprocessing,
+    Aead, Capsule, Detector, DetectorInput, Error, LayerPlaintext, ModelKey, Policy, Preprocessing,
     SealRequest, seal,
 };
 
@@ -46,11 +46,18 @@ fn values(label: &str, n: usize) -> Vec<f32> {
 
 /// Two layers; layer 0 is exactly two 64-byte chunks plus a 16-byte third.
 fn sample(policy: Policy, with_extras: bool, id: &str) -> Vec<u8> {
-    sample_with(policy, with_extras, false, id)
+    sample_with(policy, with_extras, false, Aead::Aes256Gcm, id)
 }
 
-/// [`sample`], with a one-layer input detector in front when `with_detector` (capsule-v1 §4.6).
-fn sample_with(policy: Policy, with_extras: bool, with_detector: bool, id: &str) -> Vec<u8> {
+/// [`sample`], with a one-layer input detector in front when `with_detector` (capsule-v1
+/// §4.6), its chunks sealed with `aead`.
+fn sample_with(
+    policy: Policy,
+    with_extras: bool,
+    with_detector: bool,
+    aead: Aead,
+    id: &str,
+) -> Vec<u8> {
     let w0 = values("w0", 32);
     let b0 = values("b0", 4);
     let w1 = values("w1", 12);
@@ -97,6 +104,7 @@ fn sample_with(policy: Policy, with_extras: bool, with_detector: bool, id: &str)
         }),
         policy,
         chunk_size: 64,
+        aead,
         layers,
     };
     seal(&request, &key("k1"), capsule_id(id), &mut |_| {}).unwrap()
@@ -195,7 +203,7 @@ fn build() -> BTreeMap<&'static str, Vector> {
                          "scores": "probabilities"}
         })),
     };
-    let with_detector = sample_with(defended, true, true, "id4");
+    let with_detector = sample_with(defended, true, true, Aead::Aes256Gcm, "id4");
     out.insert(
         "ok-defense-policy-detector",
         v(
@@ -345,6 +353,71 @@ fn build() -> BTreeMap<&'static str, Vector> {
             ])
         },
         &k1,
+    );
+    let aegis = sample_with(Policy::default(), false, false, Aead::Aegis256X2, "id5");
+    let aegis_payload = header_range(&aegis).end + 32;
+    out.insert(
+        "ok-aegis-256x2",
+        v(
+            "the two layers sealed with AEGIS-256X2",
+            &k1,
+            "ok",
+            aegis.clone(),
+        ),
+    );
+    let mut aegis_flipped = aegis.clone();
+    aegis_flipped[aegis_payload + 70] ^= 1;
+    out.insert(
+        "chunk-aegis-256x2-flipped-bit",
+        v(
+            "one payload bit flipped, AEGIS-256X2",
+            &k1,
+            "chunk-failed",
+            aegis_flipped,
+        ),
+    );
+    let downgraded = reheader(
+        &aegis,
+        |h| {
+            h.as_object_mut().unwrap().remove("aead");
+        },
+        &k1,
+    );
+    out.insert(
+        "chunk-aead-changed-remac",
+        v(
+            "aead member removed (AES-256-GCM declared) from an AEGIS-256X2 capsule, \
+             header re-MACed",
+            &k1,
+            "chunk-failed",
+            downgraded,
+        ),
+    );
+    let mut stripped = aegis.clone();
+    let member = b",\"aead\":\"aegis-256x2\"";
+    let at = aegis
+        .windows(member.len())
+        .position(|w| w == member)
+        .unwrap();
+    stripped[at..at + member.len()].fill(b' ');
+    out.insert(
+        "header-aead-stripped",
+        v(
+            "aead member blanked out of an AEGIS-256X2 capsule, MAC not updated",
+            &k1,
+            "header-modified",
+            stripped,
+        ),
+    );
+    let unknown_aead = reheader(&aegis, |h| h["aead"] = "aes-128-ocb".into(), &k1);
+    out.insert(
+        "invalid-header-unknown-aead",
+        v(
+            "aead names a cipher the reader does not know (MAC valid)",
+            &k1,
+            "invalid-header",
+            unknown_aead,
+        ),
     );
     out.insert(
         "layer-truncated-remac",

@@ -80,6 +80,7 @@ pub(super) fn run(stored: usize, rounds: usize, json: bool) -> anyhow::Result<()
             ..Policy::default()
         },
         chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
+        aead: capsule_format::Aead::SEAL_DEFAULT,
         layers,
     };
     let key = ModelKey::generate();

@@ -280,15 +280,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     for case in &layer_cases {
         // The paper's layer tables are at batch 1.
         let configs: Vec<(usize, usize)> = threads.iter().map(|&t| (t, 1)).collect();
-        bench_case(
-            case,
-            modes,
-            &configs,
-            runs,
-            args.memory_budget,
-            args.aead,
-            &mut out,
-        )?;
+        bench_case(case, modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     for path in &networks {
         if !selected(&path.to_string_lossy()) {
@@ -299,15 +291,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|&b| threads.iter().map(move |&t| (t, b)))
             .collect();
-        bench_case(
-            &case,
-            modes,
-            &configs,
-            runs,
-            args.memory_budget,
-            args.aead,
-            &mut out,
-        )?;
+        bench_case(&case, modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     out.finish();
     // The defenses' costs: in the default run (or alone), not for a user's model.
@@ -319,20 +303,20 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Times `case` in every mode of `modes` with `threads` threads at batch
-/// `batch`, and reports it.
+/// `batch`, its sealed modes on a capsule sealed with the report's cipher, and
+/// reports it.
 fn bench_case(
     case: &Case,
     modes: &[Mode],
     configs: &[(usize, usize)],
     runs: Option<usize>,
     budget: Option<u64>,
-    aead: Aead,
     out: &mut Report,
 ) -> anyhow::Result<()> {
     let plain = Model::new(case.graph.clone(), case.weights.clone())
         .with_context(|| format!("{} cannot run", case.name))?;
     let sealed = if modes.len() > 1 {
-        Some(Sealed::new(case, aead)?)
+        Some(Sealed::new(case, out.aead)?)
     } else {
         None
     };

@@ -1,11 +1,10 @@
 //! The model key, its key file, and the keys derived from it (capsule-v1 §2).
 
 use aws_lc_rs::{hkdf, rand::SecureRandom};
-
-use crate::chunk::Aead;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
+use crate::chunk::Aead;
 
 /// Length of a model key and of every derived key.
 pub const KEY_LEN: usize = 32;

@@ -49,6 +49,11 @@ fn quick_json_has_every_mode_and_key() {
         lines[1]
     );
     assert!(lines[1]["ratio_to_plain"].as_f64().unwrap() > 0.0);
+    // The sealed modes name their cipher, the default one unless --aead says otherwise.
+    assert_eq!(lines[0].get("aead"), None);
+    for line in &lines[1..] {
+        assert_eq!(line["aead"], "aegis-256x2", "{line}");
+    }
 
     // The defenses' costs inside the enclave, each beside its floor.
     let cases: Vec<&str> = defenses
@@ -71,6 +76,19 @@ fn quick_json_has_every_mode_and_key() {
     assert!(defenses[3]["state_bytes"].as_u64().unwrap() > 100 * 784 / 2);
     for line in &defenses[..3] {
         assert!(line["floor_ms"].as_f64().is_some(), "{line}");
+    }
+}
+
+#[test]
+fn the_sealed_modes_take_the_cipher_asked_for() {
+    let lines = bench(&["--quick", "--json", "--aead", "aes-256-gcm"]);
+    let sealed: Vec<_> = lines
+        .iter()
+        .filter(|l| l["mode"].as_str().unwrap().starts_with("sealed-"))
+        .collect();
+    assert_eq!(sealed.len(), 2);
+    for line in sealed {
+        assert_eq!(line["aead"], "aes-256-gcm", "{line}");
     }
 }
 

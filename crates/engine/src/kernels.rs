@@ -26,21 +26,23 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! One kernel is written with `std::arch` intrinsics instead, because its
-//! transposes are shuffles that LLVM does not find on its own: the
+//! Two kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
-//! (16x16 transposes) and for AVX2 (8x8). Its `unsafe` is that call, masked
-//! loads and stores whose masks cover exactly the slices they are given
-//! (AVX-512), and whole-vector loads and stores of eight-element arrays
-//! (AVX2).
+//! (16x16 transposes) and for AVX2 (8x8), because its transposes are shuffles
+//! that LLVM does not find on its own; and the direct convolution's row
+//! ([`direct_row`], AVX2), because LLVM kept its twelve vectors of sums in
+//! memory. Their `unsafe` is that call, masked loads and stores whose masks
+//! cover exactly the slices they are given (AVX-512), and whole-vector loads
+//! and stores of eight-element arrays (AVX2).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    OutputRows, Span, TileSource, bias_activate_body, bias_add_activate_body, depthwise3x3_body,
-    max_by_rows_body, winograd_input_body, winograd_output_body, winograd_weights_body,
+    DirectInput, OutputRows, Span, TileSource, bias_activate_body, bias_add_activate_body,
+    depthwise3x3_body, direct_row_body, max_by_rows_body, winograd_input_body,
+    winograd_output_body, winograd_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -735,6 +737,26 @@ pub(crate) struct Sixteen<'a> {
 /// rather than skips the edge taps (planes narrower than 32 cells and
 /// stride 2). It pays where planes are narrow or strided: the one-plane
 /// kernel's vectors then run mostly empty or wait for a deinterleave.
+/// One output row of a block of output channels of a direct convolution (see
+/// `direct_row_body`, the portable code, whose sums this computes in the same
+/// order): with AVX2 (and on AVX-512 CPUs), [`x8::direct_row`] keeps the block's
+/// eight vectors of sums in registers, which the compiler did not do for the
+/// portable loops (they ran ten times slower than im2col and `gemm`).
+pub(crate) fn direct_row(input: &DirectInput<'_>, oh: usize, rows: &mut [&mut [f32]]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Baseline {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx2` or `Avx512` only when the CPU has AVX2 and
+        // FMA (detected at run time), the features `x8::direct_row` is compiled
+        // with, and the function is otherwise safe.
+        unsafe {
+            x8::direct_row(input, oh, rows)
+        };
+        return;
+    }
+    direct_row_body::<false>(input, oh, rows);
+}
+
 pub(crate) fn depthwise3x3_x16(
     planes: &Sixteen<'_>,
     out: &mut [f32],
@@ -1058,6 +1080,61 @@ mod x8 {
     use super::Sixteen;
     use super::interleaved::Layout;
     use crate::graph::Activation;
+    use crate::ops::{BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput};
+
+    /// [`super::direct_row`]: for each block of [`BLOCK_COLUMNS`] output cells,
+    /// two vectors of sums per output channel, each tap's cells loaded once
+    /// and multiplied by the block's [`BLOCK_OUTPUTS`] weights.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn direct_row(input: &DirectInput<'_>, oh: usize, rows: &mut [&mut [f32]]) {
+        // One copy of the loops per activation, as in `depthwise3x3`.
+        let zero = _mm256_setzero_ps();
+        match input.activation {
+            Activation::None => direct_row_with(input, oh, rows, |v| v),
+            Activation::Relu => direct_row_with(input, oh, rows, |v| _mm256_max_ps(zero, v)),
+            Activation::Clip { min, max } => {
+                let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
+                direct_row_with(input, oh, rows, |v| {
+                    _mm256_min_ps(max, _mm256_max_ps(min, v))
+                })
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn direct_row_with(
+        input: &DirectInput<'_>,
+        oh: usize,
+        rows: &mut [&mut [f32]],
+        act: impl Fn(__m256) -> __m256,
+    ) {
+        const VECTORS: usize = BLOCK_COLUMNS / 8;
+        let width = rows.first().map_or(0, |r| r.len());
+        for first in (0..width).step_by(BLOCK_COLUMNS) {
+            let base = oh * input.row_stride * input.pitch + first;
+            let mut acc: [[__m256; VECTORS]; BLOCK_OUTPUTS] =
+                std::array::from_fn(|i| [_mm256_set1_ps(input.bias[i]); VECTORS]);
+            for (&offset, weights) in input.offsets.iter().zip(input.taps) {
+                let cells = &input.planes[base + offset..][..BLOCK_COLUMNS];
+                let x: [__m256; VECTORS] = std::array::from_fn(|v| load(&cells[8 * v..8 * v + 8]));
+                for (sums, &w) in acc.iter_mut().zip(weights) {
+                    let w = _mm256_set1_ps(w);
+                    for (sum, &x) in sums.iter_mut().zip(&x) {
+                        *sum = _mm256_fmadd_ps(w, x, *sum);
+                    }
+                }
+            }
+            let len = BLOCK_COLUMNS.min(width - first);
+            for (row, sums) in rows.iter_mut().zip(&acc) {
+                for (v, &sum) in sums.iter().enumerate() {
+                    let from = first + 8 * v;
+                    if from < first + len {
+                        store(&mut row[from..(from + 8).min(first + len)], act(sum));
+                    }
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn depthwise3x3(planes: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {

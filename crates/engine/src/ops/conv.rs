@@ -1,7 +1,7 @@
 //! Conv: 2-D convolution over NCHW images with groups, stride, padding,
 //! dilation, an optional bias and a fused activation.
 //!
-//! One of four strategies per call:
+//! One of five strategies per call:
 //! - *depthwise* (`group == C == M`): a direct loop per channel plane. Each
 //!   group's GEMM would have a single row, too thin for a GEMM kernel. The
 //!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
@@ -13,6 +13,10 @@
 //!   at least 16 channels in and out and 64 output tiles of 2x2): 16 GEMMs
 //!   on transformed weights and inputs, 16 multiply-adds per tile and
 //!   channel pair instead of 36 (see [`winograd`]).
+//! - *direct* (one group, no dilation, at most 4 input channels: an image
+//!   network's first Conv): each output computed in registers from a padded
+//!   copy of the image, split by column phase for strided kernels (see
+//!   [`direct`]).
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a
@@ -29,6 +33,7 @@
 //! their share of im2col, GEMM, bias and activation ([`Unit`]); with small
 //! products and several batch items or groups, each task takes whole ones.
 
+mod direct;
 mod winograd;
 
 use std::borrow::Cow;
@@ -42,6 +47,7 @@ use crate::kernels::{self, MatMut, MatRef, fmadd};
 use crate::tensor::{Tensor, volume};
 use crate::threads::{for_each_chunk, for_each_task};
 
+pub(crate) use direct::{BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, direct_row_body};
 pub(crate) use winograd::{
     OutputRows, TileSource, winograd_input_body, winograd_output_body, winograd_weights_body,
 };
@@ -92,6 +98,8 @@ pub(crate) fn conv(
             if let Some(r) = residual {
                 kernels::bias_add_activate(&mut y, 0.0, r, act);
             }
+        } else if direct::applies(&geo) {
+            direct::conv(&geo, x.data(), w.data(), bias, residual, &mut y);
         } else if winograd::applies(&geo) {
             winograd::conv(&geo, x.data(), w.data(), bias, residual, &mut y);
         } else {
@@ -1600,6 +1608,89 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn few_channels_take_the_direct_kernel_and_match_the_definition() {
+        // Rows of 37 cells (two blocks and a tail), 7x7 at stride 2 over two
+        // images, a 2x5 kernel at strides 1 and 3 with uneven padding, and one
+        // output channel.
+        let cases = [
+            case([1, 3, 20, 37], 7, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+            case([2, 3, 33, 40], 13, 1, [7, 7], [2, 2], [3, 3, 3, 3], [1, 1]),
+            case([1, 2, 9, 50], 5, 1, [2, 5], [1, 3], [0, 1, 2, 0], [1, 1]),
+            case([1, 4, 6, 16], 1, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let geo = Geometry::new(&c.attrs, &c.x, &c.w, Some(&c.w[..1])).unwrap();
+            assert!(direct::applies(&geo), "case {i}");
+            for (j, activation) in ACTIVATIONS.into_iter().enumerate() {
+                let mut c = c.clone();
+                c.attrs.activation = activation;
+                check(&c, 31 + 3 * i as u32 + j as u32);
+                c.bias = false;
+                check(&c, 61 + 3 * i as u32 + j as u32);
+            }
+        }
+    }
+
+    /// [`kernels::direct_row`] or its portable body.
+    type RowKernel<'f> = &'f dyn Fn(&DirectInput<'_>, usize, &mut [&mut [f32]]);
+
+    #[test]
+    fn direct_kernel_matches_the_portable_one_bit_for_bit() {
+        let mut rng = Rng(41);
+        // Output row 3 of rows 37 cells wide (two blocks and a tail of 5): the
+        // planes hold the rows it reads and the cells its last block reads.
+        let (c, kh, kw, stride, rows) = (3, 3, 5, 2, 9);
+        let pitch = 37usize.next_multiple_of(BLOCK_COLUMNS) + (kw - 1) / stride;
+        let mut planes: Vec<f32> = rng.tensor(&[c * stride * rows * pitch]).data().to_vec();
+        // A NaN that output cell 10 reads (channel 1, phase 0, row 7, cell 11
+        // for tap (1, 2, 2)) must come out as NaN through every activation.
+        planes[(stride * rows + 7) * pitch + 11] = f32::NAN;
+        let mut offsets = Vec::new();
+        for ch in 0..c {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    offsets.push(
+                        (ch * stride + kj % stride) * rows * pitch + ki * pitch + kj / stride,
+                    );
+                }
+            }
+        }
+        let weights = rng.tensor(&[offsets.len() * BLOCK_OUTPUTS]);
+        let taps: Vec<[f32; BLOCK_OUTPUTS]> = weights
+            .data()
+            .chunks_exact(BLOCK_OUTPUTS)
+            .map(|t| t.try_into().unwrap())
+            .collect();
+        for activation in ACTIVATIONS {
+            let input = DirectInput {
+                planes: &planes,
+                row_stride: 2,
+                pitch,
+                offsets: &offsets,
+                taps: &taps,
+                bias: std::array::from_fn(|i| i as f32 - 2.5),
+                activation,
+            };
+            let run = |f: RowKernel| {
+                let mut out = vec![f32::NAN; BLOCK_OUTPUTS * 37];
+                let mut rows: Vec<&mut [f32]> = out.chunks_mut(37).collect();
+                f(&input, 3, &mut rows);
+                out
+            };
+            let got = run(&kernels::direct_row);
+            let want = run(&direct_row_body::<true>);
+            // Any NaN is the same NaN here; every other value, bit for bit.
+            let bits = |v: &[f32]| {
+                v.iter()
+                    .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got), bits(&want), "{activation:?}");
+            assert!(got[10].is_nan() && got[5].is_finite(), "{activation:?}");
         }
     }
 

@@ -19,8 +19,8 @@ use std::borrow::Cow;
 use std::ops::RangeInclusive;
 
 pub(crate) use conv::{
-    OutputRows, TileSource, depthwise3x3_body, winograd_input_body, winograd_output_body,
-    winograd_weights_body,
+    BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, depthwise3x3_body,
+    direct_row_body, winograd_input_body, winograd_output_body, winograd_weights_body,
 };
 pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body, clip, relu};
 pub(crate) use pool::max_by_rows_body;

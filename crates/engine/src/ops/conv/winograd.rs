@@ -152,7 +152,7 @@ fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
 /// and every `row`-long row of `data` into consecutive pieces, `len(range)`
 /// long for each task in turn: each task's range with its piece of every
 /// row, for tasks that write disjoint parts of each row.
-fn split_rows(
+pub(super) fn split_rows(
     data: &mut [f32],
     row: usize,
     n: usize,

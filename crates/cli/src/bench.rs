@@ -13,7 +13,8 @@
 //! - `sealed-cached`: the capsule unsealed once
 //!   ([`capsule_enclave::SealedModel`]), as the enclave keeps a model.
 //!
-//! After one warm-up query per mode, the modes take turns sample by sample,
+//! After warm-up queries (one per mode at least, and for [`WARM_UP`] at
+//! least), the modes take turns sample by sample,
 //! so that a noisy machine slows all three alike and the ratios stay fair. A
 //! sample is one query, or the mean of a few in a row when the quickest mode
 //! takes under [`SAMPLE_MIN_MS`] (the same count in every mode).
@@ -31,7 +32,7 @@ mod defenses;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
@@ -151,6 +152,13 @@ struct Case {
     /// Input shape without the batch dimension.
     item_shape: Vec<usize>,
 }
+
+/// Least time each configuration runs queries before it times them. With one query
+/// per mode, a 2 ms Conv at two threads timed at one thread's speed whenever it was
+/// the first configuration (median 2.1-2.5 ms, never under 2.0, against 1.45-1.5
+/// once warm), and dense layers at two threads spread over 5x: the second core of
+/// this VM takes tens of milliseconds to come up to speed after idling.
+const WARM_UP: Duration = Duration::from_millis(250);
 
 /// Shortest sample: a mode whose query is quicker runs several queries in a row per
 /// sample, the same number in every mode, and a sample is their mean. This VM's clock
@@ -362,10 +370,18 @@ fn bench_case(
             Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
         };
 
-        // Warm-up: caches, allocator, the engine's buffers; it also sizes the run.
+        // Warm-up: caches, allocator, the engine's buffers, and the cores' clocks
+        // (see `WARM_UP`); the last query of each mode also sizes the run.
+        let warm = Instant::now();
         let mut first = Vec::new();
-        for &mode in modes {
-            first.push(query(mode, 1)?);
+        loop {
+            first.clear();
+            for &mode in modes {
+                first.push(query(mode, 1)?);
+            }
+            if warm.elapsed() >= WARM_UP {
+                break;
+            }
         }
         let quickest = first.iter().copied().fold(f64::INFINITY, f64::min);
         let reps = ((SAMPLE_MIN_MS / quickest.max(1e-6)).ceil() as usize).clamp(1, 1000);

@@ -1082,23 +1082,38 @@ mod x8 {
     use crate::graph::Activation;
     use crate::ops::{BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput};
 
+    /// Evaluates `$run` with `$act` bound to `$activation` as a closure on
+    /// vectors, one copy of the code per activation, applied as each cell is
+    /// stored. `max(0, x)` and `min(max, max(min, x))` keep a NaN as `relu`
+    /// and `clip` do: the instructions return their second operand when
+    /// either is NaN.
+    macro_rules! with_activation {
+        ($activation:expr, $act:ident => $run:expr) => {{
+            let zero = _mm256_setzero_ps();
+            match $activation {
+                Activation::None => {
+                    let $act = |v: __m256| v;
+                    $run
+                }
+                Activation::Relu => {
+                    let $act = |v: __m256| _mm256_max_ps(zero, v);
+                    $run
+                }
+                Activation::Clip { min, max } => {
+                    let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
+                    let $act = |v: __m256| _mm256_min_ps(max, _mm256_max_ps(min, v));
+                    $run
+                }
+            }
+        }};
+    }
+
     /// [`super::direct_row`]: for each block of [`BLOCK_COLUMNS`] output cells,
     /// two vectors of sums per output channel, each tap's cells loaded once
     /// and multiplied by the block's [`BLOCK_OUTPUTS`] weights.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn direct_row(input: &DirectInput<'_>, oh: usize, rows: &mut [&mut [f32]]) {
-        // One copy of the loops per activation, as in `depthwise3x3`.
-        let zero = _mm256_setzero_ps();
-        match input.activation {
-            Activation::None => direct_row_with(input, oh, rows, |v| v),
-            Activation::Relu => direct_row_with(input, oh, rows, |v| _mm256_max_ps(zero, v)),
-            Activation::Clip { min, max } => {
-                let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
-                direct_row_with(input, oh, rows, |v| {
-                    _mm256_min_ps(max, _mm256_max_ps(min, v))
-                })
-            }
-        }
+        with_activation!(input.activation, act => direct_row_with(input, oh, rows, act))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1138,21 +1153,7 @@ mod x8 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn depthwise3x3(planes: &Sixteen<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-        // One copy of the loops per activation, applied as each cell is stored.
-        // `max(0, x)` and `min(max, max(min, x))` keep a NaN as `relu` and
-        // `clip` do: the instructions return their second operand when
-        // either is NaN.
-        let zero = _mm256_setzero_ps();
-        match planes.activation {
-            Activation::None => run(planes, out, scratch, |v| v),
-            Activation::Relu => run(planes, out, scratch, |v| _mm256_max_ps(zero, v)),
-            Activation::Clip { min, max } => {
-                let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
-                run(planes, out, scratch, |v| {
-                    _mm256_min_ps(max, _mm256_max_ps(min, v))
-                })
-            }
-        }
+        with_activation!(planes.activation, act => run(planes, out, scratch, act))
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -476,9 +476,7 @@ impl Unit<'_> {
             });
         });
     }
-}
 
-impl Unit<'_> {
     /// Computes an im2col unit with `tasks` tasks that each take a block of its
     /// input channels, for every output: each unrolls only its channels and
     /// multiplies them by their columns of the weights, into the output (the first
@@ -500,15 +498,16 @@ impl Unit<'_> {
         let in_plane = geo.in_plane();
         let channels = self.depth / taps;
         let per = channels.div_ceil(tasks).max(1);
-        let mut partials: Vec<Vec<f32>> = (per..channels)
+        let parts: Vec<Range<usize>> = (0..channels)
             .step_by(per)
+            .map(|c| c..(c + per).min(channels))
+            .collect();
+        let mut partials: Vec<Vec<f32>> = parts[1..]
+            .iter()
             .map(|_| crate::buffers::take(out.len()))
             .collect();
-        let mut work: Vec<(Range<usize>, &mut [f32])> = vec![(0..per.min(channels), &mut *out)];
-        for (i, partial) in partials.iter_mut().enumerate() {
-            let first = (i + 1) * per;
-            work.push((first..(first + per).min(channels), partial.as_mut_slice()));
-        }
+        let dests = std::iter::once(&mut *out).chain(partials.iter_mut().map(Vec::as_mut_slice));
+        let work: Vec<(Range<usize>, &mut [f32])> = parts.into_iter().zip(dests).collect();
         for_each_task(work, |(part, dest)| {
             with_scratch(|scratch| {
                 let depth = part.len() * taps;
@@ -532,7 +531,9 @@ impl Unit<'_> {
                 }
             });
         });
-        let rows = outputs.div_ceil(4 * crate::threads::threads()).max(1);
+        let rows = outputs
+            .div_ceil(BLOCKS_PER_THREAD * crate::threads::threads())
+            .max(1);
         for_each_chunk(
             out,
             rows * out_plane,
@@ -666,11 +667,39 @@ fn im2col(
     }
 }
 
+/// Cuts `0..n` into ranges of `per` (the last may be shorter), one per task,
+/// and every `row`-long row of `data` into consecutive pieces, `len(range)`
+/// long for each task in turn: each task's range with its piece of every
+/// row, for tasks that write disjoint parts of each row.
+fn split_rows(
+    data: &mut [f32],
+    row: usize,
+    n: usize,
+    per: usize,
+    len: impl Fn(&Range<usize>) -> usize,
+) -> Vec<(Range<usize>, Vec<&mut [f32]>)> {
+    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..n)
+        .step_by(per.max(1))
+        .map(|s| (s..(s + per).min(n), Vec::new()))
+        .collect();
+    for mut rest in data.chunks_mut(row) {
+        for (range, pieces) in &mut work {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len(range));
+            pieces.push(piece);
+            rest = tail;
+        }
+    }
+    work
+}
+
 /// Fewest multiply-adds a depthwise convolution must have to be split over
 /// threads: below it, waking another thread costs more than it saves.
 const DEPTHWISE_PARALLEL_MIN: usize = 1 << 16;
 
-/// Blocks of planes per thread in a parallel depthwise convolution.
+/// Blocks of work per thread in a parallel pass (a depthwise convolution's
+/// planes, a direct one's output rows, the sums of a split over depth), so
+/// that a thread that falls behind (on a busy machine) is not waited for: the
+/// others take its blocks.
 const BLOCKS_PER_THREAD: usize = 4;
 
 /// The depthwise strategy: channel plane `p` of the output reads only
@@ -690,8 +719,6 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     let fast = geo.h.is_3x3_pad1() && geo.w.is_3x3_pad1() && geo.h.stride() == stride;
     let planes = y.len() / out_plane;
     let work = y.len().saturating_mul(geo.kernel_len());
-    // A few blocks per thread, so that a thread that falls behind (on a
-    // busy machine) is not waited for: the others take its blocks.
     let tasks = if work >= DEPTHWISE_PARALLEL_MIN {
         crate::threads::threads() * BLOCKS_PER_THREAD
     } else {

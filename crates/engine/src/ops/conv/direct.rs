@@ -22,8 +22,7 @@
 //!   one thread. In the network the node timed slower than im2col, but the
 //!   whole query did not (11.32 to 11.23 ms, alternated runs).
 
-use super::Geometry;
-use super::winograd::split_rows;
+use super::{BLOCKS_PER_THREAD, Geometry, split_rows};
 use crate::graph::Activation;
 use crate::kernels;
 use crate::ops::elementwise::{clip, relu};
@@ -36,10 +35,6 @@ pub(crate) const BLOCK_OUTPUTS: usize = 6;
 /// that with [`BLOCK_OUTPUTS`] channels 12 vectors of sums (enough to keep the
 /// FMA units busy), the two of cells and the weight fill the 16 registers.
 pub(crate) const BLOCK_COLUMNS: usize = 16;
-
-/// Bands of output rows per thread, so that a thread that falls behind is not
-/// waited for.
-const BANDS_PER_THREAD: usize = 4;
 
 /// Most input channels taken here.
 const MAX_CHANNELS: usize = 4;
@@ -180,7 +175,7 @@ pub(super) fn conv(
         let residual = residual.map(|r| &r[n * m * out_plane..][..m * out_plane]);
         // Bands of output rows, a few per thread; each task computes every
         // channel of its rows, so the input rows they read stay in cache.
-        let per = out_height.div_ceil(BANDS_PER_THREAD * threads()).max(1);
+        let per = out_height.div_ceil(BLOCKS_PER_THREAD * threads()).max(1);
         let work = split_rows(out, out_plane, out_height, per, |rows| {
             rows.len() * out_width
         });

@@ -30,7 +30,7 @@
 
 use std::ops::Range;
 
-use super::{Geometry, Scratch, grow, with_scratch};
+use super::{Geometry, Scratch, grow, split_rows, with_scratch};
 use crate::graph::Activation;
 use crate::kernels::{self, MatMut, MatRef};
 use crate::ops::{bias_activate_body, bias_add_activate_body};
@@ -146,31 +146,6 @@ fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
     for_each_task(work, |(range, mut slices)| {
         kernels::winograd_weights(&w[range.start * 9..range.end * 9], &mut slices);
     });
-}
-
-/// Cuts `0..n` into ranges of `per` (the last may be shorter), one per task,
-/// and every `row`-long row of `data` into consecutive pieces, `len(range)`
-/// long for each task in turn: each task's range with its piece of every
-/// row, for tasks that write disjoint parts of each row.
-pub(super) fn split_rows(
-    data: &mut [f32],
-    row: usize,
-    n: usize,
-    per: usize,
-    len: impl Fn(&Range<usize>) -> usize,
-) -> Vec<(Range<usize>, Vec<&mut [f32]>)> {
-    let mut work: Vec<(Range<usize>, Vec<&mut [f32]>)> = (0..n)
-        .step_by(per.max(1))
-        .map(|s| (s..(s + per).min(n), Vec::new()))
-        .collect();
-    for mut rest in data.chunks_mut(row) {
-        for (range, pieces) in &mut work {
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len(range));
-            pieces.push(piece);
-            rest = tail;
-        }
-    }
-    work
 }
 
 /// The operands of one image's Conv, shared by its tasks.

@@ -641,29 +641,38 @@ fn im2col(
             let first = geo.w.input_index(cols.start, kj);
             out[..cols.start].fill(0.0);
             out[cols.end..].fill(0.0);
-            let out = &mut out[cols.clone()];
-            if stride == 1 {
-                out.copy_from_slice(&src[first..first + out.len()]);
-            } else if stride == 2 {
-                // Pairs, not `step_by`, so that the loop vectorises; the
-                // last cell may have no partner.
-                let (pairs, rest) = src[first..].as_chunks::<2>();
-                for (o, pair) in out.iter_mut().zip(pairs) {
-                    *o = pair[0];
-                }
-                if let (Some(o), Some(&v)) = (out.get_mut(pairs.len()), rest.first()) {
-                    *o = v;
-                }
-            } else {
-                for (o, &v) in out.iter_mut().zip(src[first..].iter().step_by(stride)) {
-                    *o = v;
-                }
-            }
+            copy_strided(&src[first..], stride, &mut out[cols.clone()]);
         }
     };
     let row_len = rows.len() * out_width;
     for (r, row) in col.chunks_mut(row_len).enumerate() {
         fill(r, row);
+    }
+}
+
+/// `dst[j] = src[stride * j]` for every `j` that both cover. Stride 2 goes by
+/// pairs, not `step_by`, so that the loop vectorises (the last cell may have no
+/// partner).
+fn copy_strided(src: &[f32], stride: usize, dst: &mut [f32]) {
+    match stride {
+        1 => {
+            let n = dst.len().min(src.len());
+            dst[..n].copy_from_slice(&src[..n]);
+        }
+        2 => {
+            let (pairs, rest) = src.as_chunks::<2>();
+            for (d, pair) in dst.iter_mut().zip(pairs) {
+                *d = pair[0];
+            }
+            if let (Some(d), Some(&v)) = (dst.get_mut(pairs.len()), rest.first()) {
+                *d = v;
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                *d = v;
+            }
+        }
     }
 }
 

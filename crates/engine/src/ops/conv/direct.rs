@@ -22,7 +22,7 @@
 //!   one thread. In the network the node timed slower than im2col, but the
 //!   whole query did not (11.32 to 11.23 ms, alternated runs).
 
-use super::{BLOCKS_PER_THREAD, Geometry, split_rows};
+use super::{BLOCKS_PER_THREAD, Geometry, copy_strided, split_rows};
 use crate::graph::Activation;
 use crate::kernels;
 use crate::ops::elementwise::{clip, relu};
@@ -221,8 +221,7 @@ pub(super) fn conv(
 }
 
 /// One row of a phase plane: `dst[j]` is input cell `phase + stride * j - left`
-/// of `src` (the padded row's input row, if any), or 0 outside it. Copies as
-/// slices or pairs, which vectorise, not cell by cell.
+/// of `src` (the padded row's input row, if any), or 0 outside it.
 fn phase_row(src: Option<&[f32]>, phase: usize, stride: usize, left: usize, dst: &mut [f32]) {
     // The first cell at or right of the left padding, and the input cell it reads.
     let start = left.saturating_sub(phase).div_ceil(stride).min(dst.len());
@@ -236,21 +235,5 @@ fn phase_row(src: Option<&[f32]>, phase: usize, stride: usize, left: usize, dst:
     let count = src.len().div_ceil(stride).min(rest.len());
     let (cells, right) = rest.split_at_mut(count);
     right.fill(0.0);
-    match stride {
-        1 => cells.copy_from_slice(&src[..count]),
-        2 => {
-            let (pairs, last) = src.as_chunks::<2>();
-            for (d, pair) in cells.iter_mut().zip(pairs) {
-                *d = pair[0];
-            }
-            if let (Some(d), Some(&v)) = (cells.get_mut(pairs.len()), last.first()) {
-                *d = v;
-            }
-        }
-        _ => {
-            for (d, &v) in cells.iter_mut().zip(src.iter().step_by(stride)) {
-                *d = v;
-            }
-        }
-    }
+    copy_strided(src, stride, cells);
 }

@@ -1833,4 +1833,42 @@ mod tests {
             check(&c, seed);
         }
     }
+
+    /// Convs the direct kernel takes: up to 4 input channels, rows of 16 cells or
+    /// more, any kernel, stride and padding (wider than the kernel too).
+    fn any_direct_case() -> impl Strategy<Value = Case> {
+        (
+            (1usize..3, 1usize..5, 1usize..14),
+            (1usize..8, 1usize..8, 1usize..4, 1usize..4),
+            [0usize..5, 0usize..5, 0usize..5, 0usize..5],
+            (1usize..12, 16usize..48, any::<bool>()),
+        )
+            .prop_map(|((n, c, m), (kh, kw, sh, sw), pads, (h, w, relu))| {
+                let mut case = case([n, c, h, w], m, 1, [kh, kw], [sh, sw], pads, [1, 1]);
+                if relu {
+                    case.attrs.activation = Activation::Relu;
+                }
+                case
+            })
+            .prop_filter("kernel fits the padded input, 16 output cells a row", |c| {
+                let [top, left, bottom, right] = c.attrs.pads;
+                let out_width = (c.x[3] + left + right)
+                    .checked_sub(c.w[3])
+                    .map(|e| e / c.attrs.strides[1] + 1);
+                c.x[2] + top + bottom >= c.w[2] && out_width.is_some_and(|w| w >= 16)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn random_few_channel_convolutions_match_the_definition(
+            c in any_direct_case(),
+            seed in any::<u32>(),
+        ) {
+            let geo = Geometry::new(&c.attrs, &c.x, &c.w, Some(&c.w[..1])).unwrap();
+            prop_assert!(direct::applies(&geo));
+            check(&c, seed);
+        }
+    }
 }

@@ -1834,6 +1834,41 @@ mod tests {
         }
     }
 
+    /// Deep im2col Convs on few output cells, which several threads split over
+    /// their depth ([`Unit::by_depth`]): any kernel, stride and padding.
+    fn any_deep_case() -> impl Strategy<Value = Case> {
+        (
+            (1usize..24, 1usize..4, 1usize..4),
+            (1usize..3, 1usize..3),
+            [0usize..3, 0usize..3, 0usize..3, 0usize..3],
+            (3usize..8, 3usize..8, any::<bool>()),
+        )
+            .prop_map(|((m, kh, kw), (sh, sw), pads, (h, w, relu))| {
+                // At least 1024 rows of depth, whatever the kernel.
+                let c = 1024usize.div_ceil(kh * kw) + m;
+                let mut case = case([1, c, h, w], m, 1, [kh, kw], [sh, sw], pads, [1, 1]);
+                if relu {
+                    case.attrs.activation = Activation::Relu;
+                }
+                case
+            })
+            .prop_filter("kernel fits the padded input", |c| {
+                let [top, left, bottom, right] = c.attrs.pads;
+                c.x[2] + top + bottom >= c.w[2] && c.x[3] + left + right >= c.w[3]
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn random_deep_convolutions_match_the_definition(
+            c in any_deep_case(),
+            seed in any::<u32>(),
+        ) {
+            check(&c, seed);
+        }
+    }
+
     /// Convs the direct kernel takes: up to 4 input channels, rows of 16 cells or
     /// more, any kernel, stride and padding (wider than the kernel too).
     fn any_direct_case() -> impl Strategy<Value = Case> {

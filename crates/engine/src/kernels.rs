@@ -722,25 +722,10 @@ pub(crate) struct Sixteen<'a> {
     pub activation: Activation,
 }
 
-/// Computes `planes` into `out` (`[16, OH, OW]`) sixteen planes to a
-/// vector (two with AVX2), where the CPU has AVX-512 or AVX2 and FMA, and
-/// returns true; returns false,
-/// touching nothing, where it has not (the caller then takes the planes one
-/// at a time). `scratch` is working memory; its contents do not matter.
-///
-/// The planes are transposed, 16x16 cells at a time, into a padded
-/// `[H + 2, W + 2, 16]` layout; every output cell is then nine vector
-/// multiply-adds at fixed offsets, whatever the stride and however narrow
-/// the plane, and the cells are transposed back. Each lane sums its taps in
-/// the order of the one-plane kernel ([`depthwise3x3`]) for a cell away
-/// from the edges, so the two agree bit for bit wherever that kernel pads
-/// rather than skips the edge taps (planes narrower than 32 cells and
-/// stride 2). It pays where planes are narrow or strided: the one-plane
-/// kernel's vectors then run mostly empty or wait for a deinterleave.
 /// One output row of a block of output channels of a direct convolution (see
 /// `direct_row_body`, the portable code, whose sums this computes in the same
 /// order): with AVX2 (and on AVX-512 CPUs), [`x8::direct_row`] keeps the block's
-/// eight vectors of sums in registers, which the compiler did not do for the
+/// twelve vectors of sums in registers, which the compiler did not do for the
 /// portable loops (they ran ten times slower than im2col and `gemm`).
 pub(crate) fn direct_row(input: &DirectInput<'_>, oh: usize, rows: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
@@ -757,6 +742,21 @@ pub(crate) fn direct_row(input: &DirectInput<'_>, oh: usize, rows: &mut [&mut [f
     direct_row_body::<false>(input, oh, rows);
 }
 
+/// Computes `planes` into `out` (`[16, OH, OW]`) sixteen planes to a
+/// vector (two with AVX2), where the CPU has AVX-512 or AVX2 and FMA, and
+/// returns true; returns false,
+/// touching nothing, where it has not (the caller then takes the planes one
+/// at a time). `scratch` is working memory; its contents do not matter.
+///
+/// The planes are transposed, 16x16 cells at a time, into a padded
+/// `[H + 2, W + 2, 16]` layout; every output cell is then nine vector
+/// multiply-adds at fixed offsets, whatever the stride and however narrow
+/// the plane, and the cells are transposed back. Each lane sums its taps in
+/// the order of the one-plane kernel ([`depthwise3x3`]) for a cell away
+/// from the edges, so the two agree bit for bit wherever that kernel pads
+/// rather than skips the edge taps (planes narrower than 32 cells and
+/// stride 2). It pays where planes are narrow or strided: the one-plane
+/// kernel's vectors then run mostly empty or wait for a deinterleave.
 pub(crate) fn depthwise3x3_x16(
     planes: &Sixteen<'_>,
     out: &mut [f32],

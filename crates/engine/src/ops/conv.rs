@@ -1769,6 +1769,34 @@ mod tests {
         assert_eq!(y.shape(), &[0, 2, 3, 3]);
     }
 
+    #[test]
+    fn images_without_rows_or_columns_give_the_bias() {
+        // No input cell at all, only padding: every output is the bias. Through
+        // the direct kernel (3 channels, 20 cells a row), im2col and depthwise.
+        for (x, m, group, pads) in [
+            ([1, 3, 0, 20], 4, 1, [2, 1, 2, 1]),
+            ([2, 3, 2, 0], 4, 1, [1, 9, 1, 9]),
+            ([1, 8, 0, 6], 5, 1, [2, 1, 2, 1]),
+            ([1, 4, 0, 6], 4, 4, [2, 1, 2, 1]),
+        ] {
+            let c = case(x, m, group, [3, 3], [1, 1], pads, [1, 1]);
+            let bias = Tensor::new(vec![m], (0..m).map(|i| i as f32).collect()).unwrap();
+            let y = conv(
+                &c.attrs,
+                &Tensor::zeros(c.x.clone()),
+                &Tensor::zeros(c.w.clone()),
+                Some(&bias),
+                None,
+            )
+            .unwrap();
+            let plane = y.shape()[2] * y.shape()[3];
+            assert!(plane > 0, "{x:?}");
+            for (i, v) in y.data().iter().enumerate() {
+                assert_eq!(*v, ((i / plane) % m) as f32, "{x:?} [{i}]");
+            }
+        }
+    }
+
     fn any_case() -> impl Strategy<Value = Case> {
         (
             (1usize..3, 1usize..4, 1usize..4, 0u8..3),

@@ -153,11 +153,10 @@ pub(super) fn conv(
     }
     let mut planes = crate::buffers::take(c * sw * plane);
     let (top, left) = (geo.h.pad_begin(), geo.w.pad_begin());
-    for (n, (image, out)) in x
-        .chunks_exact(c * height * width)
-        .zip(y.chunks_exact_mut(m * out_plane))
-        .enumerate()
-    {
+    // By index, not `chunks_exact`: an image may have no cells (all padding).
+    let in_len = c * height * width;
+    for (n, out) in y.chunks_exact_mut(m * out_plane).enumerate() {
+        let image = &x[n * in_len..][..in_len];
         // Padded cell (r, phase + s j) is input cell (r - top, phase + s j - left).
         for (ch, phases) in planes.chunks_exact_mut(sw * plane).enumerate() {
             let source = &image[ch * height * width..][..height * width];

@@ -1771,9 +1771,11 @@ mod tests {
 
     #[test]
     fn images_without_rows_or_columns_give_the_bias() {
-        // No input cell at all, only padding: every output is the bias. Through
-        // the direct kernel (3 channels, 20 cells a row), im2col and depthwise.
+        // No input cell at all, only padding (or no channel): every output is the
+        // bias. Through the direct kernel (3 channels, 20 cells a row), im2col
+        // and depthwise.
         for (x, m, group, pads) in [
+            ([1, 0, 5, 20], 4, 1, [1, 1, 1, 1]),
             ([1, 3, 0, 20], 4, 1, [2, 1, 2, 1]),
             ([2, 3, 2, 0], 4, 1, [1, 9, 1, 9]),
             ([1, 8, 0, 6], 5, 1, [2, 1, 2, 1]),

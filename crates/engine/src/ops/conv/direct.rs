@@ -43,10 +43,11 @@ const MAX_CHANNELS: usize = 4;
 const MIN_OUTPUT_WIDTH: usize = BLOCK_COLUMNS;
 
 /// True when the Conv of `geo` is computed here: one group, no dilation, few
-/// input channels, and rows wide enough.
+/// input channels (at least one: with none, im2col's empty sums give the bias),
+/// and rows wide enough.
 pub(super) fn applies(geo: &Geometry) -> bool {
     geo.group == 1
-        && geo.channels <= MAX_CHANNELS
+        && (1..=MAX_CHANNELS).contains(&geo.channels)
         && geo.h.dilation() == 1
         && geo.w.dilation() == 1
         && geo.w.output() >= MIN_OUTPUT_WIDTH

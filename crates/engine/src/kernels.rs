@@ -34,6 +34,10 @@
 //! memory. Their `unsafe` is that call, masked loads and stores whose masks
 //! cover exactly the slices they are given (AVX-512), and whole-vector loads
 //! and stores of eight-element arrays (AVX2).
+//!
+//! [`zero_uncached`], which the enclave wipes large weight buffers with, is
+//! here for its non-temporal stores: each goes through an aligned reference
+//! to one vector of the slice.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -1332,6 +1336,45 @@ mod x8 {
     }
 }
 
+/// Sets every byte of `buf` to zero with non-temporal stores (SSE2, which every
+/// x86-64 CPU has; elsewhere `fill`): each cache line goes to memory without
+/// first being read, and leaves the cache instead of evicting what others read.
+///
+/// For wiping large buffers that have mostly left the cache already: there an
+/// ordinary store reads each line from memory before it writes it back. A
+/// 9.4 MB buffer out of cache, zeroed on one core in 256 KiB pieces, took
+/// 0.46-0.48 ms against 0.67-0.70 with `fill`; in cache, though, 0.42-0.45
+/// against 0.23-0.25 (EPYC Zen 2). The stores are ordered before the return
+/// (`sfence`).
+pub fn zero_uncached(buf: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: every bit pattern is a valid `__m128i`, as it is a valid `u8`.
+        let (head, body, tail) = unsafe { buf.align_to_mut::<std::arch::x86_64::__m128i>() };
+        head.fill(0);
+        // SAFETY: SSE2, the feature `stream_zeros` is compiled with, is part of
+        // the x86-64 baseline: every x86-64 CPU has it.
+        unsafe { stream_zeros(body) };
+        tail.fill(0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    buf.fill(0);
+}
+
+/// [`zero_uncached`] of whole, aligned vectors, then a store fence.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn stream_zeros(body: &mut [std::arch::x86_64::__m128i]) {
+    use std::arch::x86_64::{_mm_setzero_si128, _mm_sfence, _mm_stream_si128};
+    let zero = _mm_setzero_si128();
+    for v in body {
+        // SAFETY: `v` is a valid, aligned and exclusive reference; the store
+        // writes its sixteen bytes and nothing else.
+        unsafe { _mm_stream_si128(v, zero) };
+    }
+    _mm_sfence();
+}
+
 /// `a * b + c`, fused when `FMA` (and then one instruction).
 #[inline(always)]
 pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -1368,6 +1411,25 @@ mod tests {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "[{i}] {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn zero_uncached_zeroes_exactly_its_slice() {
+        let mut buf = vec![0xAAu8; 4096];
+        // Every alignment of the start and the end, and a slice of many vectors.
+        let cases = (0..17).flat_map(|start| (0..40).map(move |len| (start, len)));
+        for (start, len) in cases.chain([(3, 4000)]) {
+            buf.fill(0xAA);
+            zero_uncached(&mut buf[start..start + len]);
+            for (i, &b) in buf.iter().enumerate() {
+                let want = if (start..start + len).contains(&i) {
+                    0
+                } else {
+                    0xAA
+                };
+                assert_eq!(b, want, "byte {i} after zeroing {len} bytes from {start}");
+            }
         }
     }
 

@@ -74,6 +74,7 @@ mod threads;
 
 pub use error::Error;
 pub use graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo, PoolAttrs, ValueInfo};
+pub use kernels::zero_uncached;
 pub use model::Model;
 pub use npy::{read_npy, write_npy};
 pub use plan::{Plan, WeightSource};

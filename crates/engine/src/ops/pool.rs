@@ -202,10 +202,18 @@ pub(crate) fn max_by_rows_body<const FMA: bool>(
             out_row.fill(f32::MIN);
             continue;
         }
-        line.copy_from_slice(&plane[rows.first * width..][..width]);
-        for t in 1..rows.taps {
-            let src = &plane[(rows.first + t) * width..][..width];
-            for (l, &v) in line.iter_mut().zip(src) {
+        let row = |t: usize| &plane[(rows.first + t) * width..][..width];
+        // The first two rows in one pass, not a copy and then a pass.
+        match rows.taps {
+            1 => line.copy_from_slice(row(0)),
+            _ => {
+                for ((l, &a), &b) in line.iter_mut().zip(row(0)).zip(row(1)) {
+                    *l = a.max(b);
+                }
+            }
+        }
+        for t in 2..rows.taps {
+            for (l, &v) in line.iter_mut().zip(row(t)) {
                 *l = l.max(v);
             }
         }
@@ -234,6 +242,20 @@ fn whole_windows(line: &[f32], [kernel, stride]: [usize; 2], wide: &mut [f32], o
     if kernel == 2 && stride == 2 {
         for (o, pair) in out.iter_mut().zip(line.as_chunks::<2>().0) {
             *o = pair[0].max(pair[1]).max(f32::MIN);
+        }
+        return;
+    }
+    if kernel == 3 && stride == 2 {
+        // Window j is cells 2j (the first of pair j of `line`) and 2j + 1 and
+        // 2j + 2 (pair j of `line` shifted by one): one pass over pairs.
+        // ResNet-18's MaxPool (64x112x112), per node in the network at one
+        // thread: 0.31 ms through `wide` (with the copy of the first row,
+        // now fused above), 0.20 this way; onnxruntime 0.10 (EPYC Zen 2).
+        let n = out.len();
+        let (firsts, _) = line[..2 * n].as_chunks::<2>();
+        let (rests, _) = line[1..2 * n + 1].as_chunks::<2>();
+        for ((o, first), rest) in out.iter_mut().zip(firsts).zip(rests) {
+            *o = first[0].max(rest[0]).max(rest[1]).max(f32::MIN);
         }
         return;
     }

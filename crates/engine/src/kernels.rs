@@ -173,6 +173,14 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Most rows of A the row-dot kernel takes (larger batches go to `gemm`).
 const ROW_DOT_MAX_ROWS: usize = 8;
 
+/// Smallest row-dot product (in multiply-adds) split over threads: B of
+/// 1.5 MiB at batch 1, a layer that a network reads mostly from memory, where
+/// two cores stream it faster than one. ResNet-18's `512 x 1000` classifier at
+/// two threads: 0.17-0.20 ms per node whole, 0.095-0.106 split (whole queries
+/// 24.53 → 24.31 ms, alternated); a dense 512x512 layer, read from cache, ran
+/// 10 % slower split (0.021 → 0.023 ms), so it stays whole (EPYC Zen 2).
+const ROW_DOT_PARALLEL_MIN: usize = 3 << 17;
+
 /// Columns of C one row-dot task computes.
 const ROW_DOT_BLOCK: usize = 64;
 
@@ -285,7 +293,7 @@ fn row_dots(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>, 
     // Products land in `dots` (column-major, m per column), then in C.
     let mut dots = vec![0.0f32; m * n];
     let work = m * k * n;
-    let block = if threaded && threads::threads() > 1 && work >= PARALLEL_MIN_WORK {
+    let block = if threaded && threads::threads() > 1 && work >= ROW_DOT_PARALLEL_MIN {
         ROW_DOT_BLOCK * m
     } else {
         m * n

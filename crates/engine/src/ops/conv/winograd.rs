@@ -50,9 +50,13 @@ const MIN_CHANNELS: usize = 16;
 /// Fewest kernels (channel pairs) whose transform is split over threads.
 const WEIGHTS_PARALLEL_MIN: usize = 1 << 14;
 
-/// Elements of U one task wipes (1 MiB): VGG-16's 512-channel layers have
-/// 16 MiB of U, which one core took 1.6-2 ms to zero.
-const WIPE_PIECE: usize = 1 << 18;
+/// Elements of U one task wipes (256 KiB): VGG-16's 512-channel layers have
+/// 16 MiB of U, which one core took 1.6-2 ms to zero. At two threads U's lines
+/// sit in both cores' caches after the GEMMs, and ResNet-18's 1 MiB of U for
+/// its 128-channel layers took 116-122 µs to zero in one piece (18-20 µs at
+/// one thread), 68-69 in four (timed inside the network; whole queries, ten
+/// alternated rounds: median 24.63 → 24.50 ms, within the spread).
+const WIPE_PIECE: usize = 1 << 16;
 
 /// Fewest tiles one band's GEMMs take, so that they are wide enough to run
 /// at the GEMM's speed.

@@ -235,8 +235,9 @@ pub(crate) fn max_by_rows_body<const FMA: bool>(
 /// The max of each window of `kernel` cells of `line`, `stride` cells apart
 /// from its start, and of `f32::MIN`, into `out` (`line` holds all of
 /// them); `wide` is working memory at least as long as their span. Written
-/// as passes over slices and pairs, which vectorise: the non-overlapping
-/// 2x2 windows with stride 2 are one pass over pairs.
+/// as passes over slices and pairs, which vectorise: windows of 2 and of 3
+/// cells with stride 2 (VGG's and ResNet's) are one pass over pairs, without
+/// `wide`.
 #[inline(always)]
 fn whole_windows(line: &[f32], [kernel, stride]: [usize; 2], wide: &mut [f32], out: &mut [f32]) {
     if kernel == 2 && stride == 2 {

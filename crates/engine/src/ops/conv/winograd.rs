@@ -39,9 +39,22 @@ use crate::threads::{for_each_chunk, for_each_task, threads};
 /// Tiles (or kernels) one step of a transform works on.
 const LANES: usize = 16;
 
-/// Fewest output tiles per image for which Winograd is used: below it the
-/// weight transform, paid on every call, costs more than the GEMMs save.
-const MIN_TILES: usize = 64;
+/// Fewest output tiles per image for which Winograd is used on one thread:
+/// below it the weight transform, paid on every call, costs more than the
+/// GEMMs save. Three or four 3x3 Convs in a row, on one thread, im2col
+/// against Winograd: 512 channels at 14x14 (49 tiles) 37.3 → 32.6 ms, 256 at
+/// 16x16 (64 tiles) 14.4 → 9.9; ResNet-18's layer3 Convs 2.92-2.95 → 2.20-2.39 ms
+/// each, its whole queries 42.10 → 40.05 ms and VGG-16's 268.2 → 262.5
+/// (alternated); its layer4 (16 tiles) 3.16-3.20 → 5.57-6.42 ms each.
+const MIN_TILES_ALONE: usize = 48;
+
+/// Fewest output tiles per image and thread for which Winograd is used on
+/// several threads, each taking a band of the image's tiles (im2col splits
+/// better). At two threads, im2col against Winograd: 128 channels at 20x20
+/// (100 tiles) 3.32 against 4.01 ms, at 16x16 (64) 2.15 against 2.85, 256 at
+/// 16x16 7.63 against 9.45; at 24x24 (144 tiles) Winograd wins, 4.38 against
+/// 4.81 ms, 256 channels 14.25 against 16.65 (four Convs in a row).
+const MIN_TILES_PER_THREAD: usize = 64;
 
 /// Fewest channels (input and output): with fewer, the transforms cost
 /// more than the GEMMs save.
@@ -67,18 +80,27 @@ const BAND_MIN_TILES: usize = 96;
 /// transforms and its GEMMs.
 const BAND_LEN: usize = 1 << 18;
 
-/// True when the Conv of `geo` is computed here: a 3x3 kernel, stride 1,
-/// no dilation, one group, and an image large enough.
+/// True when the Conv of `geo` is computed here: Winograd can compute it
+/// ([`fits`]) and its image has enough tiles for the engine's threads.
 pub(super) fn applies(geo: &Geometry) -> bool {
-    let axes = [geo.h, geo.w];
     let tiles = geo.h.output().div_ceil(2) * geo.w.output().div_ceil(2);
+    let min_tiles = match threads() {
+        0 | 1 => MIN_TILES_ALONE,
+        n => MIN_TILES_PER_THREAD.saturating_mul(n),
+    };
+    fits(geo) && tiles >= min_tiles
+}
+
+/// True when the Conv of `geo` has a 3x3 kernel, stride 1, no dilation, one
+/// group, and enough channels for the transforms to pay.
+fn fits(geo: &Geometry) -> bool {
+    let axes = [geo.h, geo.w];
     geo.group == 1
         && axes
             .iter()
             .all(|a| a.kernel() == 3 && a.stride() == 1 && a.dilation() == 1)
         && geo.channels >= MIN_CHANNELS
         && geo.out_channels >= MIN_CHANNELS
-        && tiles >= MIN_TILES
 }
 
 /// Computes the Conv of `geo` (for which [`applies`] holds) into `y`.
@@ -541,7 +563,7 @@ mod tests {
             let wt = Tensor::new(vec![m, c, 3, 3], w.clone()).unwrap();
             let bt = Tensor::new(vec![m], bias.clone()).unwrap();
             let geo = Geometry::new(&attrs, xt.shape(), wt.shape(), Some(bt.shape())).unwrap();
-            assert!(applies(&geo), "{:?}", (n, c, h, wd));
+            assert!(fits(&geo), "{:?}", (n, c, h, wd));
             let mut y = vec![f32::NAN; n * m * geo.out_plane()];
             conv(&geo, &x, &w, Some(&bias), None, &mut y);
             let want = direct(&x, &w, &bias, (n, c, h, wd), m, pads);

@@ -6,6 +6,12 @@ process, and the two take turns for several rounds so that a busy machine
 slows both alike. Each round gives a median per engine; the table shows the
 median of those medians and their ratio. Outputs are compared once per
 model and batch size through `mlcapsule run --output`.
+
+With --cut, each model is first split at the named tensors into consecutive
+pieces (onnx.utils.extract_model), and each piece is compared on its own:
+whole queries of the pieces show where a network's gap lies, which per-node
+profiles (each engine's own, of nodes timed inside the network) did not show
+reliably on this project's 2-core VM.
 """
 
 import argparse
@@ -78,6 +84,24 @@ def check_outputs(mlcapsule, path, sess, name, x):
     return float(np.max(np.abs(ours - ref) / np.maximum(np.abs(ref), 1.0)))
 
 
+def pieces(path, cuts, tmp):
+    """`path` split at the tensors `cuts` into consecutive models in `tmp`."""
+    import onnx
+    import onnx.utils
+
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    first = next(i.name for i in graph.input if i.name not in weights)
+    bounds = [first, *cuts, graph.output[0].name]
+    model = os.path.splitext(os.path.basename(path))[0]
+    out = []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        piece = os.path.join(tmp, f"{model}-{i}.onnx")
+        onnx.utils.extract_model(path, piece, [start], [end])
+        out.append(piece)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", help="ONNX files [default: build/models/{mobilenetv2,resnet18,vgg16}.onnx, those present]")
@@ -86,10 +110,17 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per case [5]")
     p.add_argument("--seconds", type=float, default=1.0, help="time each engine spends per round [1.0]")
     p.add_argument("--mlcapsule", default="target/release/mlcapsule")
+    p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
+                   help="split each model at this tensor, in graph order (repeat for more pieces), "
+                        "and compare the pieces; e.g. ResNet-18's stages end at "
+                        "/layer1/layer1.1/relu_1/Relu_output_0 and likewise for layer2-4")
     args = p.parse_args()
     models = args.models or [m for m in DEFAULT_MODELS if os.path.exists(m)]
     if not models:
         sys.exit("no models: run scripts/models.sh, or name ONNX files")
+    tmp = tempfile.TemporaryDirectory()
+    if args.cut:
+        models = [piece for m in models for piece in pieces(m, args.cut, tmp.name)]
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
 

@@ -90,6 +90,10 @@ def pieces(path, cuts, tmp):
     import onnx.utils
 
     graph = onnx.load(path, load_external_data=False).graph
+    produced = {o for node in graph.node for o in node.output}
+    missing = [c for c in cuts if c not in produced]
+    if missing:
+        sys.exit(f"{path}: no node computes {', '.join(missing)}; name tensors of this model after --cut")
     weights = {i.name for i in graph.initializer}
     first = next(i.name for i in graph.input if i.name not in weights)
     bounds = [first, *cuts, graph.output[0].name]

@@ -122,8 +122,8 @@ def main():
     models = args.models or [m for m in DEFAULT_MODELS if os.path.exists(m)]
     if not models:
         sys.exit("no models: run scripts/models.sh, or name ONNX files")
-    tmp = tempfile.TemporaryDirectory()
     if args.cut:
+        tmp = tempfile.TemporaryDirectory()  # removed when main returns
         models = [piece for m in models for piece in pieces(m, args.cut, tmp.name)]
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]

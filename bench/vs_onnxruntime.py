@@ -87,9 +87,12 @@ def check_outputs(mlcapsule, path, sess, name, x):
 def pieces(path, cuts, tmp):
     """`path` split at the tensors `cuts` into consecutive models in `tmp`."""
     import onnx
+    import onnx.shape_inference
     import onnx.utils
 
-    graph = onnx.load(path, load_external_data=False).graph
+    # Shapes of the intermediate tensors, which extract_model needs at the cuts.
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path))
+    graph = inferred.graph
     produced = {o for node in graph.node for o in node.output}
     missing = [c for c in cuts if c not in produced]
     if missing:
@@ -98,10 +101,12 @@ def pieces(path, cuts, tmp):
     first = next(i.name for i in graph.input if i.name not in weights)
     bounds = [first, *cuts, graph.output[0].name]
     model = os.path.splitext(os.path.basename(path))[0]
+    whole = os.path.join(tmp, f"{model}.onnx")
+    onnx.save(inferred, whole)
     out = []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         piece = os.path.join(tmp, f"{model}-{i}.onnx")
-        onnx.utils.extract_model(path, piece, [start], [end])
+        onnx.utils.extract_model(whole, piece, [start], [end])
         out.append(piece)
     return out
 

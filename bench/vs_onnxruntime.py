@@ -30,13 +30,31 @@ DEFAULT_MODELS = ["build/models/mobilenetv2.onnx", "build/models/resnet18.onnx",
 TOLERANCE = 1e-4
 
 
-def session(path, threads):
+# onnxruntime's graph optimisation levels, by the name --ort-optimization takes. "all"
+# (the default, as onnxruntime's own) includes its layout transforms: on x86 the
+# NCHWc transform, which reorders Conv weights into blocks of 8 or 16 channels once,
+# when the session is made, and keeps activations in that layout between nodes.
+# "extended" stops short of them.
+OPTIMIZATION = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+}
+
+
+def session(path, threads, optimization):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = OPTIMIZATION[optimization]
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def fixed_batch(sess):
+    """The batch size the model's first input declares, or None if it is free."""
+    shape = sess.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) else None
 
 
 def input_for(sess, batch):
@@ -67,7 +85,9 @@ def time_ours(mlcapsule, path, threads, batch, runs):
     out = subprocess.run(
         [mlcapsule, "bench", "--model", path, "--threads", str(threads), "--batch", str(batch),
          "--runs", str(runs), "--plain-only", "--json"],
-        check=True, capture_output=True, text=True)
+        capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{path}: `mlcapsule bench` failed:\n{out.stderr.strip()}")
     line = json.loads(out.stdout.strip().splitlines()[-1])
     return line["median_ms"]
 
@@ -76,7 +96,9 @@ def check_outputs(mlcapsule, path, sess, name, x):
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
         np.save(inp, x)
-        subprocess.run([mlcapsule, "run", path, inp, "--output", outp], check=True, capture_output=True)
+        done = subprocess.run([mlcapsule, "run", path, inp, "--output", outp], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{path}: `mlcapsule run` failed on an input of shape {list(x.shape)}:\n{done.stderr.strip()}")
         ours = np.load(outp)
     ref = sess.run(None, {name: x})[0]
     if ours.shape != ref.shape:
@@ -119,6 +141,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per case [5]")
     p.add_argument("--seconds", type=float, default=1.0, help="time each engine spends per round [1.0]")
     p.add_argument("--mlcapsule", default="target/release/mlcapsule")
+    p.add_argument("--ort-optimization", choices=sorted(OPTIMIZATION), default="all",
+                   help="onnxruntime's graph optimisation level; 'extended' leaves out its "
+                        "layout transforms (NCHWc) [all]")
     p.add_argument("--cut", action="append", default=[], metavar="TENSOR",
                    help="split each model at this tensor, in graph order (repeat for more pieces), "
                         "and compare the pieces; e.g. ResNet-18's stages end at "
@@ -133,17 +158,23 @@ def main():
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
 
-    print(f"onnxruntime {ort.__version__}, {args.rounds} alternating rounds per case; ms are medians; "
+    print(f"onnxruntime {ort.__version__} (graph optimisation: {args.ort_optimization}), "
+          f"{args.rounds} alternating rounds per case; ms are medians; "
           "rounds: the lowest and highest ours/ort of a single round")
     print(f"{'model':<14} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9} "
           f"{'rounds':>11}  outputs")
     failed = False
     for path in models:
         model = os.path.splitext(os.path.basename(path))[0]
+        declared = fixed_batch(session(path, 1, args.ort_optimization))
         for batch in batches:
+            if declared is not None and declared != batch:
+                print(f"{model:<14} {'':>3} {batch:>5}  skipped: the model's input has a fixed batch "
+                      f"size of {declared}", flush=True)
+                continue
             checked = None
             for t in threads:
-                sess = session(path, t)
+                sess = session(path, t, args.ort_optimization)
                 name, x = input_for(sess, batch)
                 feed = {name: x}
                 if checked is None:

@@ -272,10 +272,17 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let classes = output.len() / batch.max(1);
     if output.shape().len() != 2 || output.shape()[0] != batch {
-        eprintln!(
-            "the model's output has shape {:?}, not [batch, classes]; use --output to save it",
-            output.shape()
-        );
+        match &args.output {
+            Some(path) => eprintln!(
+                "the model's output has shape {:?}, not [batch, classes]: written to {} only",
+                output.shape(),
+                path.display()
+            ),
+            None => eprintln!(
+                "the model's output has shape {:?}, not [batch, classes]; use --output to save it",
+                output.shape()
+            ),
+        }
         report_budget();
         return Ok(());
     }

@@ -266,6 +266,24 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         layer_cases.clear();
         networks.clear();
     }
+    let defenses = (!custom && !args.networks_only && selected("defense")) || args.defenses_only;
+    if let Some(only) = &args.only
+        && !defenses
+        && !layer_cases.iter().any(|case| selected(&case.name))
+        && !networks
+            .iter()
+            .any(|path| selected(&path.to_string_lossy()))
+    {
+        let mut names: Vec<String> = layer_cases.iter().map(|case| case.name.clone()).collect();
+        names.extend(networks.iter().map(|path| path.display().to_string()));
+        if !custom && !args.networks_only {
+            names.push("defenses".into());
+        }
+        bail!(
+            "--only {only:?} matches no case; the cases of this run are: {}",
+            names.join(", ")
+        );
+    }
     layer_cases.retain(|case| selected(&case.name));
     let runs = if args.quick { Some(3) } else { args.runs };
     if args.profile {
@@ -303,7 +321,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     out.finish();
     // The defenses' costs: in the default run (or alone), not for a user's model.
-    if (!custom && !args.networks_only && selected("defense")) || args.defenses_only {
+    if defenses {
         let (stored, rounds) = if args.quick { (100, 1) } else { (3000, 30) };
         defenses::run(stored, args.runs.unwrap_or(rounds), args.json)?;
     }

@@ -122,6 +122,22 @@ fn a_user_model_in_plain_mode_only() {
 }
 
 #[test]
+fn an_only_that_matches_nothing_is_an_error_that_lists_the_cases() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
+    let out = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
+        .args(["bench", "--model", model, "--only", "resnet", "--json"])
+        .output()
+        .expect("the mlcapsule binary runs");
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing was timed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--only \"resnet\" matches no case") && err.contains("mnist-cnn.onnx"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_profile_has_one_line_per_node_slowest_first() {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
     let args = [

@@ -22,6 +22,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Tensors start on cache lines, so that a kernel's speed does not depend on
+/// where `malloc` put them (see [`capsule_engine::LineAligned`]).
+#[global_allocator]
+static ALLOCATOR: capsule_engine::LineAligned = capsule_engine::LineAligned;
+
 /// Guarded offline deployment of machine-learning models.
 ///
 /// A provider seals an ONNX model into a capsule (public architecture, weights

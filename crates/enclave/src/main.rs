@@ -21,6 +21,11 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use capsule_attest::{SimPlatform, measure_file};
 use capsule_enclave::{Detection, Error, Session, detection_counter_id, hardening, protocol};
 
+/// Weight buffers and tensors start on cache lines, so that a kernel's speed
+/// does not depend on where `malloc` put them (see [`capsule_engine::LineAligned`]).
+#[global_allocator]
+static ALLOCATOR: capsule_engine::LineAligned = capsule_engine::LineAligned;
+
 const USAGE: &str = "usage: mlcapsule-enclave --platform DIR (--new-instance | --instance HEX) [--memory-budget BYTES]\n\
                      This program is started by 'mlcapsule'; it speaks a binary protocol on stdin/stdout.";
 

@@ -74,10 +74,16 @@ mod threads;
 
 pub use error::Error;
 pub use graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo, PoolAttrs, ValueInfo};
-pub use kernels::zero_uncached;
+pub use kernels::{LINE_ALIGNED_FROM, LineAligned, zero_uncached};
 pub use model::Model;
 pub use npy::{read_npy, write_npy};
 pub use plan::{Plan, WeightSource};
 pub use streamed::{STREAMED_GEMM_EXACT_ROWS, Staged, StreamedGemm};
 pub use tensor::Tensor;
 pub use threads::{set_threads, threads};
+
+// The engine's tests run on the allocator its binaries install, so that
+// valgrind's run of them (scripts/memcheck.sh) checks it too.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: LineAligned = LineAligned;

@@ -1428,7 +1428,8 @@ fn stream_zeros(body: &mut [std::arch::x86_64::__m128i]) {
 /// those 8 bytes before it hold the address the system returned, which
 /// `dealloc` frees. A `realloc` of a large block goes through the system's
 /// (which can grow it in place), and shifts the contents when the system
-/// moved it to another offset within a line; across [`LINE_ALIGNED_FROM`] it
+/// moved it to another offset within a line, zeroing the bytes they leave
+/// behind in the slack; across [`LINE_ALIGNED_FROM`] it
 /// allocates, copies and frees. Smaller blocks, and any block that asks for
 /// more than 64 bytes of alignment, go to the system allocator unchanged.
 ///
@@ -1534,12 +1535,24 @@ impl LineAligned {
         // SAFETY: the system kept the first `min(outer, new_outer)` bytes,
         // which cover the old offset (at most `LINE_SLACK - 1`) plus `kept`
         // bytes; both ranges, `kept` bytes at either offset, lie inside the new
-        // allocation; `copy` allows them to overlap. The header is the aligned
-        // `usize` before the block.
+        // allocation; `copy` allows them to overlap. The bytes zeroed after it
+        // lie between the old offset and the header, or between the block's
+        // end and the old contents' end, all inside the allocation. The header
+        // is the aligned `usize` before the block.
         unsafe {
             let block = moved.add(offset);
             if offset != old_offset {
                 std::ptr::copy(moved.add(old_offset), block, kept);
+                // The bytes the contents left behind, outside the new block
+                // and its header: zeroed, so that no copy of them outlives
+                // the block in its slack. Shifted up, they lie before the
+                // header; shifted down, after the block's `kept` bytes.
+                if old_offset < offset {
+                    let before = (offset - header).saturating_sub(old_offset);
+                    std::ptr::write_bytes(moved.add(old_offset), 0, before);
+                } else {
+                    std::ptr::write_bytes(block.add(kept), 0, old_offset - offset);
+                }
             }
             block.sub(header).cast::<*mut u8>().write(moved);
             block

@@ -14,8 +14,9 @@
 //!   ([`capsule_enclave::SealedModel`]), as the enclave keeps a model.
 //!
 //! After warm-up queries (one per mode at least, and for [`WARM_UP`] at
-//! least), the modes take turns sample by sample,
-//! so that a noisy machine slows all three alike and the ratios stay fair. A
+//! least), the modes take turns sample by sample, each round starting with
+//! the next mode, so that a noisy machine slows all three alike, no mode
+//! always follows the same other one, and the ratios stay fair. A
 //! sample is one query, or the mean of a few in a row when the quickest mode
 //! takes under [`SAMPLE_MIN_MS`] (the same count in every mode).
 //! Each case reports the median, min and max, and the streaming mode also
@@ -415,8 +416,12 @@ fn bench_case(
                 reps,
             })
             .collect();
-        for _ in 0..rounds {
-            for timing in &mut timings {
+        // Each round starts one mode later than the last, so that no mode always
+        // runs right after the same other one (and finds the cache as it left it).
+        let count = timings.len();
+        for round in 0..rounds {
+            for turn in 0..count {
+                let timing = &mut timings[(round + turn) % count];
                 timing.samples.push(query(timing.mode, reps)?);
             }
         }

@@ -1417,9 +1417,10 @@ fn stream_zeros(body: &mut [std::arch::x86_64::__m128i]) {
 /// kernel, ran 4-12 % slower from the enclave's weight buffers (16 bytes into
 /// a line, its input 48) than from the plain model's (both on a line, by
 /// chance): sealed-cached/plain 1.04-1.12 over four runs of `mlcapsule bench
-/// --only "dense 256" --threads 1,2`, 0.98-1.003 with this allocator, in the
-/// same runs (EPYC Zen 2). MobileNetV2, ResNet-18 and VGG-16 did not move in
-/// any mode (their GEMMs copy the weights into aligned panels first).
+/// --only "dense 256" --threads 1,2`, 0.98-1.003 with this allocator in the
+/// same runs, and 0.97-1.04 in three full runs of `mlcapsule bench` after
+/// (EPYC Zen 2). MobileNetV2, ResNet-18 and VGG-16 did not move in any mode
+/// (their GEMMs copy the weights into aligned panels first).
 ///
 /// How: a large block is allocated 72 bytes longer than asked, through the
 /// system allocator (`calloc` for zeroed blocks, so that a large zeroed block
@@ -1496,9 +1497,7 @@ impl LineAligned {
             block
         }
     }
-}
 
-impl LineAligned {
     /// Resizes a large block of `size` bytes at `ptr` (allocated with the
     /// system layout `outer`) to one allocated with `new_outer`, through the
     /// system's `realloc`, which can grow a block in place (glibc remaps a

@@ -289,7 +289,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     let runs = if args.quick { Some(3) } else { args.runs };
     if args.profile {
         for path in networks.iter().filter(|p| selected(&p.to_string_lossy())) {
-            let case = network(path)?;
+            let case = network(path, &batches)?;
             for &batch in &batches {
                 for &threads in &threads {
                     profile(
@@ -313,7 +313,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         if !selected(&path.to_string_lossy()) {
             continue;
         }
-        let case = network(path)?;
+        let case = network(path, &batches)?;
         let configs: Vec<(usize, usize)> = batches
             .iter()
             .flat_map(|&b| threads.iter().map(move |&t| (t, b)))
@@ -667,7 +667,8 @@ fn separable(c: usize, hw: usize) -> Case {
 }
 
 /// A whole ONNX network.
-fn network(path: &Path) -> anyhow::Result<Case> {
+/// The model at `path` as a case, checked to take every batch size of `batches`.
+fn network(path: &Path, batches: &[usize]) -> anyhow::Result<Case> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let imported = capsule_onnx::import(&bytes)
         .with_context(|| format!("cannot import {}", path.display()))?;
@@ -678,12 +679,22 @@ fn network(path: &Path) -> anyhow::Result<Case> {
             imported.graph.inputs.len()
         );
     };
-    let Some((_, item)) = input.shape.split_first() else {
+    let Some((&declared, item)) = input.shape.split_first() else {
         bail!(
             "{}'s input is a scalar; bench needs a batch dimension",
             path.display()
         );
     };
+    if let Some(fixed) = declared
+        && let Some(batch) = batches.iter().find(|&&b| b != fixed)
+    {
+        bail!(
+            "{}'s input '{}' has a fixed batch size of {fixed}: run it with --batch {fixed}, \
+             or export the model with a dynamic batch dimension to time --batch {batch}",
+            path.display(),
+            input.name
+        );
+    }
     let item_shape = item
         .iter()
         .map(|d| d.context("only the batch dimension may be dynamic"))

@@ -138,6 +138,30 @@ fn an_only_that_matches_nothing_is_an_error_that_lists_the_cases() {
 }
 
 #[test]
+fn a_batch_size_a_model_does_not_take_is_an_error_that_says_which_it_takes() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fixed-batch.onnx"
+    );
+    let run = |batch: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
+            .args(["bench", "--model", model, "--batch", batch, "--runs", "2"])
+            .args(["--plain-only", "--json"])
+            .output()
+            .expect("the mlcapsule binary runs")
+    };
+    let out = run("1,8");
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing was timed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fixed batch size of 1: run it with --batch 1") && err.contains("--batch 8"),
+        "{err}"
+    );
+    assert!(run("1").status.success());
+}
+
+#[test]
 fn a_profile_has_one_line_per_node_slowest_first() {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
     let args = [

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use capsule_engine::{Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo};
 use capsule_format::{Aead, Capsule, ModelKey, Policy, SealRequest, seal as seal_capsule};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 /// AES-256-GCM throughput of one core here as issue 4 states it (`ring`, in place,
 /// 64 MiB buffer; shared/design/DATA.md): the bound each streaming figure is set
@@ -78,6 +78,16 @@ pub struct BenchArgs {
     /// Only the plain mode (for comparisons with other engines).
     #[arg(long)]
     plain_only: bool,
+    /// Only these modes, comma-separated (e.g. to profile one alone); ratios
+    /// need plain among them [default: all three].
+    #[arg(
+        long = "mode",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "MODE",
+        conflicts_with = "plain_only"
+    )]
+    modes: Vec<Mode>,
     /// Timed queries per mode [default: as many as fit in about 1.5 s, 3 to 30].
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
@@ -127,10 +137,15 @@ impl Family {
 }
 
 /// How a case runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
+    /// Weights in memory, unsealed.
     Plain,
+    /// The layers unsealed on every query, as the enclave does.
+    #[value(name = "sealed-streaming")]
     Streaming,
+    /// The layers unsealed once, kept in memory.
+    #[value(name = "sealed-cached")]
     Cached,
 }
 
@@ -225,10 +240,19 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     // The pool is sized once, by the first call: make it the largest count.
     capsule_engine::set_threads(threads.iter().copied().max().unwrap_or(1));
-    let modes: &[Mode] = if args.plain_only {
-        &[Mode::Plain]
+    let modes: Vec<Mode> = if args.plain_only {
+        vec![Mode::Plain]
+    } else if args.modes.is_empty() {
+        vec![Mode::Plain, Mode::Streaming, Mode::Cached]
     } else {
-        &[Mode::Plain, Mode::Streaming, Mode::Cached]
+        // In the order given, each once.
+        let mut modes = Vec::new();
+        for &mode in &args.modes {
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
+        modes
     };
     let mut out = Report::new(args.json, args.aead);
 
@@ -307,7 +331,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     for case in &layer_cases {
         // The paper's layer tables are at batch 1.
         let configs: Vec<(usize, usize)> = threads.iter().map(|&t| (t, 1)).collect();
-        bench_case(case, modes, &configs, runs, args.memory_budget, &mut out)?;
+        bench_case(case, &modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     for path in &networks {
         if !selected(&path.to_string_lossy()) {
@@ -318,7 +342,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .flat_map(|&b| threads.iter().map(move |&t| (t, b)))
             .collect();
-        bench_case(&case, modes, &configs, runs, args.memory_budget, &mut out)?;
+        bench_case(&case, &modes, &configs, runs, args.memory_budget, &mut out)?;
     }
     out.finish();
     // The defenses' costs: in the default run (or alone), not for a user's model.
@@ -340,16 +364,23 @@ fn bench_case(
     budget: Option<u64>,
     out: &mut Report,
 ) -> anyhow::Result<()> {
-    let plain = Model::new(case.graph.clone(), case.weights.clone())
-        .with_context(|| format!("{} cannot run", case.name))?;
-    let sealed = if modes.len() > 1 {
+    let timed = |mode: Mode| modes.contains(&mode);
+    let plain = if timed(Mode::Plain) {
+        Some(
+            Model::new(case.graph.clone(), case.weights.clone())
+                .with_context(|| format!("{} cannot run", case.name))?,
+        )
+    } else {
+        None
+    };
+    let sealed = if timed(Mode::Streaming) || timed(Mode::Cached) {
         Some(Sealed::new(case, out.aead)?)
     } else {
         None
     };
     let capsule = sealed.as_ref().map(Sealed::capsule).transpose()?;
     let cached = match (&sealed, &capsule) {
-        (Some(s), Some(c)) => Some(
+        (Some(s), Some(c)) if timed(Mode::Cached) => Some(
             capsule_enclave::SealedModel::open(c, &s.key)
                 .context("cannot open the benchmark capsule")?,
         ),
@@ -357,11 +388,11 @@ fn bench_case(
     };
 
     let open_ms = match (&sealed, &capsule) {
-        (Some(s), Some(c)) => Some(time_opening(c, &s.key)?),
+        (Some(s), Some(c)) if timed(Mode::Streaming) => Some(time_opening(c, &s.key)?),
         _ => None,
     };
     let mut stream = match (&sealed, &capsule) {
-        (Some(s), Some(c)) => Some(
+        (Some(s), Some(c)) if timed(Mode::Streaming) => Some(
             capsule_enclave::StreamingModel::open(c, &s.key, budget)
                 .context("cannot open the benchmark capsule")?,
         ),
@@ -377,7 +408,7 @@ fn bench_case(
             let start = Instant::now();
             for _ in 0..reps {
                 let output = match mode {
-                    Mode::Plain => plain.run(&inputs)?,
+                    Mode::Plain => plain.as_ref().expect("plain is timed").run(&inputs)?,
                     Mode::Streaming => match &mut stream {
                         Some(model) => model.run(&inputs)?,
                         None => bail!("the streaming mode needs the sealed case"),

@@ -93,6 +93,32 @@ fn the_sealed_modes_take_the_cipher_asked_for() {
 }
 
 #[test]
+fn the_modes_asked_for_and_no_others() {
+    // The defenses' lines (mode "enclave") are not the case's.
+    let case = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut lines = bench(args);
+        lines.retain(|l| l["mode"] != "enclave");
+        lines
+    };
+    let lines = case(&[
+        "--quick",
+        "--json",
+        "--mode",
+        "sealed-cached,plain,sealed-cached",
+    ]);
+    let modes: Vec<&str> = lines.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    // Each once, in the order given.
+    assert_eq!(modes, ["sealed-cached", "plain"]);
+    assert!(lines[0]["ratio_to_plain"].as_f64().unwrap() > 0.0);
+    // Without plain there is nothing to divide by.
+    let alone = case(&["--quick", "--json", "--mode", "sealed-streaming"]);
+    let modes: Vec<&str> = alone.iter().map(|l| l["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["sealed-streaming"]);
+    assert_eq!(alone[0].get("ratio_to_plain"), None);
+    assert!(alone[0]["open_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
 fn defenses_alone() {
     let lines = bench(&["--defenses-only", "--quick", "--json"]);
     assert_eq!(lines.len(), 4);

@@ -5,12 +5,17 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-fn bench(args: &[&str]) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
+fn run_bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
         .arg("bench")
         .args(args)
         .output()
-        .expect("the mlcapsule binary runs");
+        .expect("the mlcapsule binary runs")
+}
+
+/// The JSON lines of a run that must succeed.
+fn bench(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = run_bench(args);
     assert!(
         out.status.success(),
         "mlcapsule bench failed: {}",
@@ -21,6 +26,14 @@ fn bench(args: &[&str]) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
         .collect()
+}
+
+/// The error of a run that must fail before it times anything.
+fn bench_error(args: &[&str]) -> String {
+    let out = run_bench(args);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing was timed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -150,13 +163,7 @@ fn a_user_model_in_plain_mode_only() {
 #[test]
 fn an_only_that_matches_nothing_is_an_error_that_lists_the_cases() {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/mnist-cnn.onnx");
-    let out = Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
-        .args(["bench", "--model", model, "--only", "resnet", "--json"])
-        .output()
-        .expect("the mlcapsule binary runs");
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "nothing was timed");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = bench_error(&["--model", model, "--only", "resnet", "--json"]);
     assert!(
         err.contains("--only \"resnet\" matches no case") && err.contains("mnist-cnn.onnx"),
         "{err}"
@@ -169,22 +176,24 @@ fn a_batch_size_a_model_does_not_take_is_an_error_that_says_which_it_takes() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/fixed-batch.onnx"
     );
-    let run = |batch: &str| {
-        Command::new(env!("CARGO_BIN_EXE_mlcapsule"))
-            .args(["bench", "--model", model, "--batch", batch, "--runs", "2"])
-            .args(["--plain-only", "--json"])
-            .output()
-            .expect("the mlcapsule binary runs")
+    let args = |batch| {
+        [
+            "--model",
+            model,
+            "--batch",
+            batch,
+            "--runs",
+            "2",
+            "--plain-only",
+            "--json",
+        ]
     };
-    let out = run("1,8");
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "nothing was timed");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = bench_error(&args("1,8"));
     assert!(
         err.contains("fixed batch size of 1: run it with --batch 1") && err.contains("--batch 8"),
         "{err}"
     );
-    assert!(run("1").status.success());
+    assert_eq!(bench(&args("1")).len(), 1);
 }
 
 #[test]

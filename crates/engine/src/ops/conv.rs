@@ -11,7 +11,8 @@
 //!   ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
-//!   on one thread, 64 per thread on more): 16 GEMMs
+//!   on one thread, 64 per thread on more unless 256 channels or more go
+//!   step by step over the threads): 16 GEMMs
 //!   on transformed weights and inputs, 16 multiply-adds per tile and
 //!   channel pair instead of 36 (see [`winograd`]).
 //! - *direct* (one group, no dilation, at most 4 input channels: an image

@@ -50,11 +50,37 @@ const MIN_TILES_ALONE: usize = 48;
 
 /// Fewest output tiles per image and thread for which Winograd is used on
 /// several threads, each taking a band of the image's tiles (im2col splits
-/// better). At two threads, im2col against Winograd: 128 channels at 20x20
-/// (100 tiles) 3.32 against 4.01 ms, at 16x16 (64) 2.15 against 2.85, 256 at
+/// better), unless the image goes step by step ([`by_steps`]). At two
+/// threads, im2col against Winograd by bands: 128 channels at 20x20 (100
+/// tiles) 3.32 against 4.01 ms, at 16x16 (64) 2.15 against 2.85, 256 at
 /// 16x16 7.63 against 9.45; at 24x24 (144 tiles) Winograd wins, 4.38 against
 /// 4.81 ms, 256 channels 14.25 against 16.65 (four Convs in a row).
 const MIN_TILES_PER_THREAD: usize = 64;
+
+/// Fewest channels (input and output) for which an image is computed step
+/// by step on several threads ([`Layer::by_steps`]). Three 3x3 Convs in a
+/// row at two threads, median ms of three runs each way, alternated (EPYC
+/// Zen 2), before (im2col below 128 tiles, bands from 128) and by steps:
+///
+/// | channels | image (tiles) | before | by steps |
+/// |---|---|---|---|
+/// | 512 | 14x14 (49) | 16.69 | 14.13 |
+/// | 256 | 14x14 (49) | 4.46-4.48 | 4.12-4.15 |
+/// | 192 | 14x14 (49) | 2.61 | 2.64 |
+/// | 128 | 14x14 (49) | 1.32 | 1.40 |
+/// | 256 | 16x16 (64) | 5.44 | 4.66 |
+/// | 128 | 16x16 (64) | 1.57 | 1.52 |
+/// | 512 | 28x28 (196) | 45.3-46.1 | 39.4-40.0 |
+/// | 256 | 28x28 (196) | 13.0-13.1 | 11.7-12.0 |
+/// | 128 | 28x28 (196) | 3.95-4.03 | 3.82-3.87 |
+/// | 256 | 56x56 (784) | 35.8-35.9 | 37.8-38.6 |
+/// | 64 | 56x56 (784) | 3.52-3.57 | 4.52-4.54 |
+const BY_STEPS_MIN_CHANNELS: usize = 256;
+
+/// Most tiles per image computed step by step (see
+/// [`BY_STEPS_MIN_CHANNELS`]): its transformed input and products are
+/// whole in memory, and from 784 tiles on the bands were faster.
+const BY_STEPS_MAX_TILES: usize = 256;
 
 /// Fewest channels (input and output): with fewer, the transforms cost
 /// more than the GEMMs save.
@@ -83,12 +109,28 @@ const BAND_LEN: usize = 1 << 18;
 /// True when the Conv of `geo` is computed here: Winograd can compute it
 /// ([`fits`]) and its image has enough tiles for the engine's threads.
 pub(super) fn applies(geo: &Geometry) -> bool {
-    let tiles = geo.h.output().div_ceil(2) * geo.w.output().div_ceil(2);
+    let tiles = tiles(geo);
     let min_tiles = match threads() {
         0 | 1 => MIN_TILES_ALONE,
+        _ if by_steps(geo, threads()) => MIN_TILES_ALONE,
         n => MIN_TILES_PER_THREAD.saturating_mul(n),
     };
     fits(geo) && tiles >= min_tiles
+}
+
+/// The output tiles of one image.
+fn tiles(geo: &Geometry) -> usize {
+    geo.h.output().div_ceil(2) * geo.w.output().div_ceil(2)
+}
+
+/// True when an image of the Conv of `geo` is computed by `tasks` tasks step
+/// by step ([`Layer::by_steps`]), not band by band: several tasks, at
+/// least [`BY_STEPS_MIN_CHANNELS`] channels in and out, at most
+/// [`BY_STEPS_MAX_TILES`] tiles.
+fn by_steps(geo: &Geometry, tasks: usize) -> bool {
+    tasks > 1
+        && geo.channels.min(geo.out_channels) >= BY_STEPS_MIN_CHANNELS
+        && tiles(geo) <= BY_STEPS_MAX_TILES
 }
 
 /// True when the Conv of `geo` has a 3x3 kernel, stride 1, no dilation, one
@@ -114,6 +156,20 @@ pub(super) fn conv(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    let tasks = threads().min(geo.h.output().div_ceil(2));
+    compute(geo, x, w, bias, residual, y, by_steps(geo, tasks));
+}
+
+/// [`conv`], step by step ([`Layer::by_steps`]) or band by band.
+fn compute(
+    geo: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    y: &mut [f32],
+    steps: bool,
+) {
     let (c, m) = (geo.channels, geo.out_channels);
     let mut u = crate::buffers::take(16 * m * c);
     transform_weights(w, &mut u, m * c);
@@ -130,10 +186,6 @@ pub(super) fn conv(
         .zip(y.chunks_mut(m * out_plane))
         .enumerate()
     {
-        // Each task's tile rows, and its rows of every output plane.
-        let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
-            ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
-        });
         let layer = Layer {
             geo,
             image,
@@ -141,6 +193,14 @@ pub(super) fn conv(
             bias,
             residual: residual.map(|r| &r[n * m * out_plane..][..m * out_plane]),
         };
+        if steps {
+            layer.by_steps(out);
+            continue;
+        }
+        // Each task's tile rows, and its rows of every output plane.
+        let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
+            ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
+        });
         for_each_task(work, |(rows, mut segments)| {
             with_scratch(|scratch| {
                 for first in rows.clone().step_by(band_rows) {
@@ -254,6 +314,110 @@ impl Layer<'_> {
             };
             kernels::winograd_output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
         }
+    }
+
+    /// Computes the image's whole output into `out` with every thread on
+    /// each of Winograd's three steps in turn: the input transform split by
+    /// input channels, the 16 GEMMs by element of the transform, the output
+    /// transform by output channels.
+    ///
+    /// For small images of many channels ([`by_steps`]): split into bands,
+    /// one per thread, their GEMMs are too narrow to run at speed (or there
+    /// are too few tiles for bands at all, [`MIN_TILES_PER_THREAD`]); here
+    /// each GEMM spans the whole image. It costs three fork-joins, and the
+    /// image's transformed input and products whole in memory.
+    fn by_steps(&self, out: &mut [f32]) {
+        let geo = self.geo;
+        let (c, m) = (geo.channels, geo.out_channels);
+        let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
+        let tile_cols = geo.w.output().div_ceil(2);
+        let tile_rows = geo.h.output().div_ceil(2);
+        let tiles = tile_rows * tile_cols;
+        let parts = threads().max(1);
+        // V by channel, `[C, 16, tiles]`, so that each task writes a block
+        // of its own; the GEMMs read it strided.
+        let mut v = crate::buffers::take(16 * c * tiles);
+        let per = c.div_ceil(parts);
+        for_each_chunk(
+            &mut v,
+            per * 16 * tiles,
+            || (),
+            |(), i, block| {
+                with_scratch(|scratch| {
+                    for (j, v) in block.chunks_mut(16 * tiles).enumerate() {
+                        let channel = i * per + j;
+                        let source = TileSource {
+                            plane: &self.image[channel * in_plane..][..in_plane],
+                            width: geo.w.input(),
+                            pad_top: geo.h.pad_begin(),
+                            pad_left: geo.w.pad_begin(),
+                        };
+                        for row in 0..tile_rows {
+                            let at = row * tile_cols;
+                            kernels::winograd_input(
+                                &source,
+                                row,
+                                tile_cols,
+                                &mut v[at..],
+                                tiles,
+                                &mut scratch.rows,
+                            );
+                        }
+                    }
+                });
+            },
+        );
+        // P, `[16, M, tiles]`, as a band's.
+        let mut p = crate::buffers::take(16 * m * tiles);
+        let per = 16usize.div_ceil(parts);
+        for_each_chunk(
+            &mut p,
+            per * m * tiles,
+            || (),
+            |(), i, block| {
+                for (j, p) in block.chunks_mut(m * tiles).enumerate() {
+                    let xi = i * per + j;
+                    kernels::gemm_single(
+                        1.0,
+                        MatRef::new(&self.u[xi * m * c..], m, c),
+                        MatRef::strided(&v[xi * tiles..], c, tiles, 16 * tiles),
+                        0.0,
+                        MatMut::new(p, m, tiles),
+                    );
+                }
+            },
+        );
+        let per = m.div_ceil(parts);
+        for_each_chunk(
+            out,
+            per * out_plane,
+            || (),
+            |(), i, block| {
+                with_scratch(|scratch| {
+                    for (j, rows) in block.chunks_mut(out_plane).enumerate() {
+                        let channel = i * per + j;
+                        let out = OutputRows {
+                            rows,
+                            width: geo.w.output(),
+                            bias: self.bias.map_or(0.0, |b| b[channel]),
+                            residual: self
+                                .residual
+                                .map(|r| &r[channel * out_plane..][..out_plane]),
+                            activation: geo.activation,
+                        };
+                        kernels::winograd_output(
+                            &p[channel * tiles..],
+                            m * tiles,
+                            tiles,
+                            out,
+                            &mut scratch.rows,
+                        );
+                    }
+                });
+            },
+        );
+        crate::buffers::give(v);
+        crate::buffers::give(p);
     }
 }
 
@@ -564,19 +728,30 @@ mod tests {
             let bt = Tensor::new(vec![m], bias.clone()).unwrap();
             let geo = Geometry::new(&attrs, xt.shape(), wt.shape(), Some(bt.shape())).unwrap();
             assert!(fits(&geo), "{:?}", (n, c, h, wd));
-            let mut y = vec![f32::NAN; n * m * geo.out_plane()];
-            conv(&geo, &x, &w, Some(&bias), None, &mut y);
+            let len = n * m * geo.out_plane();
+            let residual = values(len, 4);
             let want = direct(&x, &w, &bias, (n, c, h, wd), m, pads);
-            let want: Vec<f32> = want
-                .into_iter()
-                .map(|v| match activation {
-                    Activation::None => v,
-                    Activation::Relu => v.max(0.0),
-                    Activation::Clip { min, max } => v.clamp(min, max),
-                })
-                .collect();
-            for (i, (g, e)) in y.iter().zip(&want).enumerate() {
-                assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "[{i}] {g} vs {e}");
+            let activate = |v: f32| match activation {
+                Activation::None => v,
+                Activation::Relu => v.max(0.0),
+                Activation::Clip { min, max } => v.clamp(min, max),
+            };
+            // Band by band and step by step (on this machine's threads, or
+            // one), without and with a residual.
+            for steps in [false, true] {
+                for with_residual in [false, true] {
+                    let mut y = vec![f32::NAN; len];
+                    let r = with_residual.then_some(residual.as_slice());
+                    compute(&geo, &x, &w, Some(&bias), r, &mut y, steps);
+                    for (i, (g, e)) in y.iter().zip(&want).enumerate() {
+                        let e = activate(e + if with_residual { residual[i] } else { 0.0 });
+                        let case = (n, c, h, wd, steps, with_residual);
+                        assert!(
+                            (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                            "{case:?} [{i}] {g} vs {e}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -35,8 +35,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "OUT.npy")]
     output: Option<PathBuf>,
     /// Through the enclave: cap the plaintext weights it holds at once (bytes, or e.g.
-    /// 64MiB); larger dense layers are computed chunk by chunk. Also reports the enclave
-    /// process's peak resident memory.
+    /// 64MiB); larger dense layers are computed chunk by chunk. (A run through the
+    /// enclave reports its process's peak resident memory, with or without a budget.)
     #[arg(long, value_name = "BYTES", value_parser = crate::bench::parse_bytes)]
     memory_budget: Option<u64>,
     #[command(flatten)]
@@ -253,16 +253,17 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     let report_budget = || {
         if let Some((s, peak_rss)) = &status {
             eprintln!("{} of {} queries used, {} left", s.used, s.total, s.left);
-            if let Some(budget) = args.memory_budget {
-                let rss = peak_rss.map_or("unknown".to_string(), |b| {
-                    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
+            let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+            let rss = peak_rss.map_or("unknown".to_string(), mib);
+            let budget = args
+                .memory_budget
+                .map_or("no weight memory budget".to_string(), |b| {
+                    format!("weight memory budget {}", mib(b))
                 });
-                eprintln!(
-                    "weight memory budget {:.1} MiB: enclave peak resident memory {rss} (VmHWM), {:.0} ms from start to answer",
-                    budget as f64 / f64::from(1 << 20),
-                    elapsed.as_secs_f64() * 1e3
-                );
-            }
+            eprintln!(
+                "{budget}: enclave peak resident memory {rss} (VmHWM), {:.0} ms from start to answer",
+                elapsed.as_secs_f64() * 1e3
+            );
         }
     };
 

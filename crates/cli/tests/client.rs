@@ -291,7 +291,13 @@ fn a_memory_budget_runs_the_same_and_one_too_small_is_refused_uncounted() {
         args.extend(world.client("state"));
         run_owned(&args)
     };
-    let plain = stdout(&classify_with(None));
+    let unbudgeted = classify_with(None);
+    let plain = stdout(&unbudgeted);
+    let stderr = String::from_utf8_lossy(&unbudgeted.stderr);
+    assert!(
+        stderr.contains("no weight memory budget: enclave peak resident memory"),
+        "{stderr}"
+    );
     let out = classify_with(Some("8MiB"));
     assert_eq!(
         stdout(&out),
@@ -299,7 +305,10 @@ fn a_memory_budget_runs_the_same_and_one_too_small_is_refused_uncounted() {
         "the budget changes nothing in the answer"
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("peak resident memory"), "{stderr}");
+    assert!(
+        stderr.contains("weight memory budget 8.0 MiB: enclave peak resident memory"),
+        "{stderr}"
+    );
 
     let out = classify_with(Some("1000"));
     fails_with(&out, "raise --memory-budget to at least");

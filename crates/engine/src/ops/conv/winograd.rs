@@ -126,7 +126,8 @@ fn tiles(geo: &Geometry) -> usize {
 /// True when an image of the Conv of `geo` is computed by `tasks` tasks step
 /// by step ([`Layer::by_steps`]), not band by band: several tasks, at
 /// least [`BY_STEPS_MIN_CHANNELS`] channels in and out, at most
-/// [`BY_STEPS_MAX_TILES`] tiles.
+/// [`BY_STEPS_MAX_TILES`] tiles. (The steps split channels, so an image of
+/// one tile row goes step by step too, where bands would leave one task.)
 fn by_steps(geo: &Geometry, tasks: usize) -> bool {
     tasks > 1
         && geo.channels.min(geo.out_channels) >= BY_STEPS_MIN_CHANNELS
@@ -156,8 +157,7 @@ pub(super) fn conv(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let tasks = threads().min(geo.h.output().div_ceil(2));
-    compute(geo, x, w, bias, residual, y, by_steps(geo, tasks));
+    compute(geo, x, w, bias, residual, y, by_steps(geo, threads()));
 }
 
 /// [`conv`], step by step ([`Layer::by_steps`]) or band by band.

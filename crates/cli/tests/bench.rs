@@ -132,6 +132,23 @@ fn the_modes_asked_for_and_no_others() {
 }
 
 #[test]
+fn more_threads_than_cores_is_timed_with_a_warning() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let more = (cores + 1).to_string();
+    let out = run_bench(&["--quick", "--json", "--mode", "plain", "--threads", &more]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "warning: {more} threads on a machine with {cores} core"
+        )),
+        "{stderr}"
+    );
+    let within = run_bench(&["--quick", "--json", "--mode", "plain", "--threads", "1"]);
+    assert!(!String::from_utf8_lossy(&within.stderr).contains("warning"));
+}
+
+#[test]
 fn defenses_alone() {
     let lines = bench(&["--defenses-only", "--quick", "--json"]);
     assert_eq!(lines.len(), 4);

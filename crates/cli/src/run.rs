@@ -250,7 +250,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let output = &output;
     // On stderr, after the results, so that stdout stays machine-readable.
-    let report_budget = || {
+    let report_enclave = || {
         if let Some((s, peak_rss)) = &status {
             eprintln!("{} of {} queries used, {} left", s.used, s.total, s.left);
             let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
@@ -284,7 +284,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
                 output.shape()
             ),
         }
-        report_budget();
+        report_enclave();
         return Ok(());
     }
     let shaped = model.shaped_output();
@@ -319,7 +319,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
             println!("{}: {}", row.input, best.join("  "));
         }
     }
-    report_budget();
+    report_enclave();
     Ok(())
 }
 

@@ -174,42 +174,47 @@ fn compute(
     let mut u = crate::buffers::take(16 * m * c);
     transform_weights(w, &mut u, m * c);
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
-    let (out_height, out_width) = (geo.h.output(), geo.w.output());
-    let (tile_rows, tile_cols) = (out_height.div_ceil(2), out_width.div_ceil(2));
-    let band_rows = (BAND_LEN / (16 * c.max(m) * tile_cols))
-        .max(BAND_MIN_TILES.div_ceil(tile_cols))
-        .clamp(1, tile_rows);
-    let tasks = threads().min(tile_rows);
-    let per_task = tile_rows.div_ceil(tasks);
-    for (n, (image, out)) in x
+    let images = x
         .chunks(c * in_plane)
         .zip(y.chunks_mut(m * out_plane))
         .enumerate()
-    {
-        let layer = Layer {
-            geo,
-            image,
-            u: &u,
-            bias,
-            residual: residual.map(|r| &r[n * m * out_plane..][..m * out_plane]),
-        };
-        if steps {
+        .map(|(n, (image, out))| {
+            let layer = Layer {
+                geo,
+                image,
+                u: &u,
+                bias,
+                residual: residual.map(|r| &r[n * m * out_plane..][..m * out_plane]),
+            };
+            (layer, out)
+        });
+    if steps {
+        for (layer, out) in images {
             layer.by_steps(out);
-            continue;
         }
-        // Each task's tile rows, and its rows of every output plane.
-        let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
-            ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
-        });
-        for_each_task(work, |(rows, mut segments)| {
-            with_scratch(|scratch| {
-                for first in rows.clone().step_by(band_rows) {
-                    let band = first..(first + band_rows).min(rows.end);
-                    let at = 2 * (first - rows.start) * out_width;
-                    layer.band(band, &mut segments, at, scratch);
-                }
+    } else {
+        let (out_height, out_width) = (geo.h.output(), geo.w.output());
+        let (tile_rows, tile_cols) = (out_height.div_ceil(2), out_width.div_ceil(2));
+        let band_rows = (BAND_LEN / (16 * c.max(m) * tile_cols))
+            .max(BAND_MIN_TILES.div_ceil(tile_cols))
+            .clamp(1, tile_rows);
+        let tasks = threads().min(tile_rows);
+        let per_task = tile_rows.div_ceil(tasks);
+        for (layer, out) in images {
+            // Each task's tile rows, and its rows of every output plane.
+            let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
+                ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
             });
-        });
+            for_each_task(work, |(rows, mut segments)| {
+                with_scratch(|scratch| {
+                    for first in rows.clone().step_by(band_rows) {
+                        let band = first..(first + band_rows).min(rows.end);
+                        let at = 2 * (first - rows.start) * out_width;
+                        layer.band(band, &mut segments, at, scratch);
+                    }
+                });
+            });
+        }
     }
     // U is the weights in another basis (G has a left inverse): wiped
     // before the buffer is recycled, as a streaming source wipes the

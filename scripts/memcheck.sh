@@ -27,18 +27,9 @@ if ! command -v valgrind >/dev/null; then
   apt-get install -y -qq valgrind >/dev/null
 fi
 
-# The engine's unit-test binary, built as `cargo test` builds it.
-bin=$(cargo test -p capsule-engine --lib --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["lib"] \
-       and m["target"]["name"] == "capsule_engine" and m.get("executable"):
-        print(m["executable"])')
-if [ -z "$bin" ]; then
-  echo "error: no unit-test binary for capsule-engine" >&2
-  exit 1
-fi
+# The engine's unit-test binary, as `cargo test --workspace` builds it (the
+# step before this one in scripts/test: nothing is rebuilt).
+bin=$(scripts/test-binary.sh capsule_engine lib)
 
 # One test thread keeps the run deterministic; rayon's pool still runs the
 # kernels on two threads, so the threaded split paths are checked too.

@@ -735,13 +735,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     } else {
         1
     };
-    // Narrow planes go sixteen at a time where the CPU can: those the
-    // one-plane kernel deinterleaves (stride 2), and those whose rows fill
-    // half a vector at most; with AVX2, every narrow plane (see
-    // `SIXTEEN_BELOW`).
-    let sixteen = fast
-        && out_width < SIXTEEN_BELOW
-        && (stride == 2 || out_width <= 8 || kernels::isa() == kernels::Isa::Avx2);
+    let sixteen = fast && sixteen_planes_pay(stride, out_width);
     let per_task = if sixteen {
         planes.div_ceil(tasks).next_multiple_of(16)
     } else {
@@ -1179,17 +1173,31 @@ impl Plane<'_> {
     }
 }
 
-/// Output rows narrower than this may go sixteen planes at a time
-/// ([`kernels::depthwise3x3_x16`]). Measured per node on MobileNetV2 (Xeon,
-/// AVX-512): 7x7 planes and stride 2 into 14x14 or 7x7 gain 25-60 %; 14x14
-/// planes at stride 1 gain 0.01 ms per node at 1 thread and lose as much at
-/// 2, so they stay one plane at a time; from 28-wide planes on, the
-/// transposes cost more than the one-plane kernel loses to short rows.
-/// With AVX2 (EPYC, one thread, MobileNetV2's depthwise layers alone):
-/// 14x14 planes at stride 1 gain 13 % too (0.098 to 0.085 ms for 384
-/// channels), 7x7 45 %, stride 2 into 14x14 55 %; 28x28 at stride 1 loses
-/// 25 %.
-const SIXTEEN_BELOW: usize = 16;
+/// Whether planes of a 3x3 depthwise convolution (one cell of padding) with
+/// `stride` and output rows `out_width` wide go sixteen at a time
+/// ([`kernels::depthwise3x3_x16`]) rather than one at a time: narrow planes,
+/// whose rows the one-plane kernel's vectors run mostly empty, and strided
+/// ones, which it deinterleaves first. Where the transposes pay depends on the
+/// CPU, measured on each (the layers alone, `mlcapsule bench --model`, ms):
+///
+/// - AVX2 (EPYC Zen 2, one thread): 14x14 planes at stride 1 gain 13 % (0.098
+///   to 0.085 for 384 channels), 7x7 45 %, stride 2 into 14x14 55 %; 28x28 at
+///   stride 1 loses 25 %, and stride 2 into 28x28 (144 channels) 8 % at one
+///   thread and 9 % at two.
+/// - AVX-512 (EPYC Zen 4), medians of five alternated runs at one and two
+///   threads: 14x14 planes at stride 1 gain 9 % and 14 % (384 channels,
+///   0.0556 to 0.0508 and 0.0499 to 0.0431), 8 % and 3 % (576 channels);
+///   stride 2 into 28x28 (144 channels) 10 % and 17 % (0.131 to 0.118 and 0.093
+///   to 0.077); 28x28 at stride 1 loses 14 % and 4 % (192 channels).
+/// - AVX-512 (a Xeon, per node inside MobileNetV2): 7x7 planes and stride 2
+///   into 14x14 or 7x7 gain 25-60 %.
+fn sixteen_planes_pay(stride: usize, out_width: usize) -> bool {
+    match kernels::isa() {
+        kernels::Isa::Avx512 if stride == 2 => out_width < 32,
+        kernels::Isa::Avx512 | kernels::Isa::Avx2 => out_width < 16,
+        kernels::Isa::Baseline => false,
+    }
+}
 
 /// Output rows narrower than this go through [`Plane::flat`].
 const FLAT_BELOW: usize = 32;
@@ -1593,7 +1601,17 @@ mod tests {
         // Where the one-plane kernel pads rather than skips the edge taps
         // (narrow planes, and stride 2), the two sum in the same order.
         let mut rng = Rng(23);
-        let sizes = [(1, 1), (2, 3), (7, 7), (14, 14), (13, 9), (5, 17), (28, 28)];
+        let sizes = [
+            (1, 1),
+            (2, 3),
+            (7, 7),
+            (14, 14),
+            (13, 9),
+            (5, 17),
+            (28, 28),
+            (56, 56),
+            (61, 57),
+        ];
         for (h, w) in sizes {
             for (stride, activation) in [1, 2].into_iter().flat_map(|s| ACTIVATIONS.map(|a| (s, a)))
             {

@@ -26,10 +26,12 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! Two kernels are written with `std::arch` intrinsics instead. The
+//! Three kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
-//! (16x16 transposes) and for AVX2 (8x8), because its transposes are shuffles
-//! that LLVM does not find on its own; and the direct convolution's row
+//! (16x16 transposes) and for AVX2 (8x8), and the one-plane depthwise
+//! convolution at stride 2 ([`depthwise3x3`], AVX-512), because their
+//! transposes and deinterleaves are shuffles that LLVM does not find on its
+//! own; and the direct convolution's row
 //! ([`direct_row`], AVX2), because LLVM kept its twelve vectors of sums in
 //! memory. Their `unsafe` is that call, masked loads and stores whose masks
 //! cover exactly the slices they are given (AVX-512), whole-vector loads
@@ -567,10 +569,51 @@ multiversion! {
     fn dots4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] => dots4_body;
 }
 
+/// One plane of a 3x3 depthwise convolution with one cell of padding (see
+/// `depthwise3x3_body`, the portable code). At stride 2 with AVX-512,
+/// [`x16::depthwise3x3_stride2`] takes each input row's even and odd cells apart
+/// in registers, where the portable code writes them to `scratch` and reads them
+/// back; it sums the same products in the same order, so the outputs are the
+/// same bits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise3x3(
+    plane: &[f32],
+    width: usize,
+    stride: usize,
+    taps: &[f32],
+    bias: f32,
+    activation: Activation,
+    out: &mut [f32],
+    out_width: usize,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if stride == 2 && isa() == Isa::Avx512 {
+        let plane = x16::Stride2 {
+            plane,
+            width,
+            taps: taps.try_into().expect("a 3x3 kernel"),
+            bias,
+            activation,
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::depthwise3x3_stride2` is compiled with (detected at run time),
+        // and the function is otherwise safe.
+        unsafe {
+            x16::depthwise3x3_stride2(&plane, out, out_width)
+        };
+        return;
+    }
+    depthwise3x3_portable(
+        plane, width, stride, taps, bias, activation, out, out_width, scratch,
+    );
+}
+
 multiversion! {
-    /// One plane of a 3x3 depthwise convolution (see `depthwise3x3_body`).
+    /// [`depthwise3x3`] in portable code (see `depthwise3x3_body`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn depthwise3x3(
+    fn depthwise3x3_portable(
         plane: &[f32],
         width: usize,
         stride: usize,
@@ -918,8 +961,10 @@ mod interleaved {
 #[cfg(target_arch = "x86_64")]
 mod x16 {
     use std::arch::x86_64::{
-        __m512, __mmask16, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_setzero_ps,
-        _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+        __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
+        _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+        _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
     };
 
     use super::Sixteen;
@@ -985,6 +1030,104 @@ mod x16 {
             }
             for (lane, v) in transpose(rows).into_iter().enumerate() {
                 store(&mut out[lane * out_plane + first..][..n], v);
+            }
+        }
+    }
+
+    /// One plane of a 3x3 depthwise convolution with stride 2 and one cell of
+    /// padding, for [`depthwise3x3_stride2`].
+    pub(super) struct Stride2<'a> {
+        /// `[H, W]`.
+        pub plane: &'a [f32],
+        /// `W`.
+        pub width: usize,
+        /// Row-major over the kernel.
+        pub taps: &'a [f32; 9],
+        pub bias: f32,
+        pub activation: Activation,
+    }
+
+    /// [`super::depthwise3x3`] at stride 2 into `out` (`[OH, OW]`, `OW =
+    /// out_width`), sixteen output cells of a row at a time. Output cell `j`
+    /// reads input cells `2j - 1`, `2j` and `2j + 1` of three input rows: two
+    /// loads of 32 cells and two permutes give every `2j` and every `2j + 1`,
+    /// and a third permute shifts the `2j + 1` by one cell (the previous block's
+    /// last one in front) into every `2j - 1`. The sums are the portable
+    /// kernel's, in its order, with zeros in the padding (masked loads past the
+    /// row's end, zero vectors for the rows above and below the plane).
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn depthwise3x3_stride2(p: &Stride2<'_>, out: &mut [f32], out_width: usize) {
+        // `max(0, x)` and `min(max, max(min, x))` keep a NaN and a -0 as `relu`
+        // and `clip` do: the instructions return their second operand when
+        // either is NaN or both are zeros.
+        let zero = _mm512_setzero_ps();
+        match p.activation {
+            Activation::None => stride2_with(p, out, out_width, |v| v),
+            Activation::Relu => stride2_with(p, out, out_width, |v| _mm512_max_ps(zero, v)),
+            Activation::Clip { min, max } => {
+                let (min, max) = (_mm512_set1_ps(min), _mm512_set1_ps(max));
+                stride2_with(p, out, out_width, |v| {
+                    _mm512_min_ps(max, _mm512_max_ps(min, v))
+                });
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn stride2_with(
+        p: &Stride2<'_>,
+        out: &mut [f32],
+        out_width: usize,
+        act: impl Fn(__m512) -> __m512,
+    ) {
+        let width = p.width;
+        let height = p.plane.len() / width;
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // Lane 0 from the first operand's lane 15, lane k from the second's k - 1.
+        let shift = _mm512_setr_epi32(
+            15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
+        );
+        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
+        let bias = _mm512_set1_ps(p.bias);
+        let zero = _mm512_setzero_ps();
+        // Input row r - 1 of padded row r, or none (padding).
+        let row = |r: usize| {
+            r.checked_sub(1)
+                .filter(|&r| r < height)
+                .map(|r| &p.plane[r * width..][..width])
+        };
+        for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+            let rows = [row(2 * oh), row(2 * oh + 1), row(2 * oh + 2)];
+            // Per row: input cell 2 first - 1 (the previous block's last `2j + 1`).
+            let mut carry = [zero; 3];
+            for first in (0..out_width).step_by(16) {
+                // Per row, every `2j - 1`, `2j` and `2j + 1`.
+                let cells: [[__m512; 3]; 3] = std::array::from_fn(|k| {
+                    let Some(row) = rows[k] else {
+                        return [zero; 3];
+                    };
+                    let at = |from: usize| {
+                        let from = from.min(row.len());
+                        load(&row[from..(from + 16).min(row.len())])
+                    };
+                    let (lo, hi) = (at(2 * first), at(2 * first + 16));
+                    let right = _mm512_permutex2var_ps(lo, odds, hi);
+                    let left = _mm512_permutex2var_ps(carry[k], shift, right);
+                    carry[k] = right;
+                    [left, _mm512_permutex2var_ps(lo, evens, hi), right]
+                });
+                let [[l0, m0, r0], [l1, m1, r1], [l2, m2, r2]] = cells;
+                let top = _mm512_fmadd_ps(
+                    w2,
+                    r0,
+                    _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
+                );
+                let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
+                let bottom =
+                    _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
+                let sums = act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom));
+                store(&mut out_row[first..(first + 16).min(out_width)], sums);
             }
         }
     }
@@ -1723,6 +1866,10 @@ mod tests {
         c
     }
 
+    /// The signature of [`depthwise3x3`] and [`depthwise3x3_portable`].
+    type DepthwiseKernel =
+        fn(&[f32], usize, usize, &[f32], f32, Activation, &mut [f32], usize, &mut Vec<f32>);
+
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 31 + seed * 17) % 23) as f32 - 11.0)
@@ -1936,6 +2083,45 @@ mod tests {
             for got in [sum(&x), sum_body::<false>(&x)] {
                 proptest::prop_assert!((f64::from(got) - exact).abs() <= 1e-5 * scale.max(1.0));
             }
+        }
+
+        #[test]
+        fn stride2_depthwise_matches_the_portable_kernel_bit_for_bit(
+            width in 1usize..120,
+            height in 1usize..12,
+            activation in 0usize..3,
+            nan in proptest::option::of(0usize..2000),
+            seed in 0usize..1000,
+        ) {
+            // Fractions, so that the order of the sums shows in the bits.
+            let fractions = |len: usize, seed: usize| -> Vec<f32> {
+                (0..len).map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 997.0 - 5.0).collect()
+            };
+            let mut plane = fractions(width * height, seed);
+            if let Some(at) = nan {
+                let len = plane.len();
+                plane[at % len] = f32::NAN;
+            }
+            let taps = fractions(9, seed + 1);
+            let activation = [
+                Activation::None,
+                Activation::Relu,
+                Activation::Clip { min: -1.0, max: 2.0 },
+            ][activation];
+            let (out_width, out_height) = (width.div_ceil(2), height.div_ceil(2));
+            let run = |f: DepthwiseKernel| {
+                let mut out = vec![f32::NAN; out_width * out_height];
+                // Scratch left over from elsewhere must not matter.
+                let mut scratch = vec![7.0; 5];
+                f(&plane, width, 2, &taps, 0.25, activation, &mut out, out_width, &mut scratch);
+                out
+            };
+            let (got, want) = (run(depthwise3x3), run(depthwise3x3_portable));
+            // Any NaN is the same NaN here; every other value, bit for bit.
+            let bits = |v: &[f32]| -> Vec<u32> {
+                v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()
+            };
+            proptest::prop_assert_eq!(bits(&got), bits(&want));
         }
 
         #[test]

@@ -735,7 +735,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     } else {
         1
     };
-    let sixteen = fast && sixteen_planes_pay(stride, out_width);
+    let sixteen = fast && sixteen_planes_pay(out_width);
     let per_task = if sixteen {
         planes.div_ceil(tasks).next_multiple_of(16)
     } else {
@@ -1174,29 +1174,25 @@ impl Plane<'_> {
 }
 
 /// Whether planes of a 3x3 depthwise convolution (one cell of padding) with
-/// `stride` and output rows `out_width` wide go sixteen at a time
+/// output rows `out_width` wide go sixteen at a time
 /// ([`kernels::depthwise3x3_x16`]) rather than one at a time: narrow planes,
-/// whose rows the one-plane kernel's vectors run mostly empty, and strided
-/// ones, which it deinterleaves first. Where the transposes pay depends on the
-/// CPU, measured on each (the layers alone, `mlcapsule bench --model`, ms):
+/// whose rows the one-plane kernel's vectors run mostly empty. Measured on the
+/// layers alone (`mlcapsule bench --model`, ms):
 ///
 /// - AVX2 (EPYC Zen 2, one thread): 14x14 planes at stride 1 gain 13 % (0.098
 ///   to 0.085 for 384 channels), 7x7 45 %, stride 2 into 14x14 55 %; 28x28 at
 ///   stride 1 loses 25 %, and stride 2 into 28x28 (144 channels) 8 % at one
 ///   thread and 9 % at two.
 /// - AVX-512 (EPYC Zen 4), medians of five alternated runs at one and two
-///   threads: 14x14 planes at stride 1 gain 9 % and 14 % (384 channels,
-///   0.0556 to 0.0508 and 0.0499 to 0.0431), 8 % and 3 % (576 channels);
-///   stride 2 into 28x28 (144 channels) 10 % and 17 % (0.131 to 0.118 and 0.093
-///   to 0.077); 28x28 at stride 1 loses 14 % and 4 % (192 channels).
-/// - AVX-512 (a Xeon, per node inside MobileNetV2): 7x7 planes and stride 2
-///   into 14x14 or 7x7 gain 25-60 %.
-fn sixteen_planes_pay(stride: usize, out_width: usize) -> bool {
-    match kernels::isa() {
-        kernels::Isa::Avx512 if stride == 2 => out_width < 32,
-        kernels::Isa::Avx512 | kernels::Isa::Avx2 => out_width < 16,
-        kernels::Isa::Baseline => false,
-    }
+///   threads: 14x14 planes at stride 1 gain 9 % and 14 % (384 channels, 0.0556
+///   to 0.0508 and 0.0499 to 0.0431), 8 % and 3 % (576 channels); 28x28 at
+///   stride 1 loses 14 % and 4 % (192 channels). At stride 2, against the
+///   one-plane kernel of `kernels::x16` (in-register deinterleave): into 14x14
+///   (192 channels) 0.040 against 0.049 and 0.032 against 0.037, into 7x7 (576)
+///   0.038 against 0.075 and 0.028 against 0.053; into 28x28 (144) it loses,
+///   0.117 against 0.105 and 0.077 against 0.071.
+fn sixteen_planes_pay(out_width: usize) -> bool {
+    kernels::isa() != kernels::Isa::Baseline && out_width < 16
 }
 
 /// Output rows narrower than this go through [`Plane::flat`].

@@ -263,6 +263,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         modes
     };
     let mut out = Report::new(args.json, args.aead);
+    out.note(&format!(
+        "machine: {}, {cores} core(s); engine kernels: {}",
+        cpu_name(),
+        capsule_engine::instruction_set()
+    ));
 
     let mut layer_cases = Vec::new();
     let mut networks = Vec::new();
@@ -479,6 +484,28 @@ fn bench_case(
         );
     }
     Ok(())
+}
+
+/// The CPU's model name, family and model number (Linux's `/proc/cpuinfo`; a
+/// virtual machine may show only the vendor's brand as the name), or the
+/// architecture where they cannot be read: timings depend on the CPU, so every
+/// report names it.
+fn cpu_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // The first processor's value of `key`.
+    let field = |key: &str| {
+        info.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == key).then(|| value.trim().to_owned())
+        })
+    };
+    match (field("model name"), field("cpu family"), field("model")) {
+        (Some(name), Some(family), Some(model)) => {
+            format!("{name} (family {family}, model {model})")
+        }
+        (Some(name), _, _) => name,
+        _ => format!("an {} CPU", std::env::consts::ARCH),
+    }
 }
 
 /// Timed queries per configuration of `bench --profile` when `--runs` is not given.

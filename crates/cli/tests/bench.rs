@@ -28,6 +28,21 @@ fn bench(args: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+#[test]
+fn reports_name_the_machine_and_the_kernels_instruction_set() {
+    let out = run_bench(&["--quick", "--only", "dense", "--mode", "plain"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("note: machine: "))
+        .unwrap_or_else(|| panic!("no machine line in:\n{text}"));
+    assert!(line.contains(" core(s); engine kernels: "), "{line}");
+    // With --json the note goes to stderr, so that stdout stays JSON lines.
+    let json = run_bench(&["--quick", "--json", "--only", "dense", "--mode", "plain"]);
+    assert!(String::from_utf8_lossy(&json.stderr).contains("note: machine: "));
+}
+
 /// The error of a run that must fail before it times anything.
 fn bench_error(args: &[&str]) -> String {
     let out = run_bench(args);

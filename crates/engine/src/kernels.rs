@@ -484,6 +484,18 @@ pub(crate) enum Isa {
     Avx512,
 }
 
+/// The instruction set the engine's kernels run with on this CPU (detected
+/// once, at run time), as a report names it: `"AVX-512"`, `"AVX2 and FMA"` or
+/// `"baseline (no FMA)"`. For benchmark reports, whose figures depend on it.
+#[must_use]
+pub fn instruction_set() -> &'static str {
+    match isa() {
+        Isa::Avx512 => "AVX-512",
+        Isa::Avx2 => "AVX2 and FMA",
+        Isa::Baseline => "baseline (no FMA)",
+    }
+}
+
 /// 0: not detected yet; otherwise 1 + the index of an [`Isa`].
 static ISA: AtomicU8 = AtomicU8::new(0);
 

@@ -92,6 +92,14 @@ def time_ours(mlcapsule, path, threads, batch, runs):
     return line["median_ms"]
 
 
+def machine(mlcapsule):
+    """The machine line `mlcapsule bench` opens its reports with (CPU, cores, kernels)."""
+    out = subprocess.run([mlcapsule, "bench", "--quick", "--mode", "plain", "--only", "dense"],
+                         capture_output=True, text=True)
+    return next((line for line in out.stdout.splitlines() if line.startswith("note: machine:")),
+                "note: machine: unknown (mlcapsule bench did not say)")
+
+
 def check_outputs(mlcapsule, path, sess, name, x):
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = os.path.join(tmp, "x.npy"), os.path.join(tmp, "y.npy")
@@ -158,6 +166,7 @@ def main():
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
 
+    print(machine(args.mlcapsule))
     print(f"onnxruntime {ort.__version__} (graph optimisation: {args.ort_optimization}), "
           f"{args.rounds} alternating rounds per case; ms are medians; "
           "rounds: the lowest and highest ours/ort of a single round")

@@ -26,13 +26,14 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! Three kernels are written with `std::arch` intrinsics instead. The
+//! Four kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
-//! (16x16 transposes) and for AVX2 (8x8), and the one-plane depthwise
-//! convolution at stride 2 ([`depthwise3x3`], AVX-512), because their
-//! transposes and deinterleaves are shuffles that LLVM does not find on its
-//! own; and the direct convolution's row
-//! ([`direct_row`], AVX2), because LLVM kept its twelve vectors of sums in
+//! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
+//! convolution at stride 2 ([`depthwise3x3`], AVX-512) and Winograd's weight
+//! transform ([`winograd_weights`], AVX-512), because their transposes and
+//! deinterleaves are shuffles that LLVM does not find on its own; and the
+//! direct convolution's row ([`direct_row`], AVX2), because LLVM kept its
+//! twelve vectors of sums in
 //! memory. Their `unsafe` is that call, masked loads and stores whose masks
 //! cover exactly the slices they are given (AVX-512), whole-vector loads
 //! and stores of eight-element arrays (AVX2), and the direct row's loads of

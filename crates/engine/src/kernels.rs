@@ -29,7 +29,7 @@
 //! Four kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
 //! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
-//! convolution at stride 2 ([`depthwise3x3`], AVX-512) and Winograd's weight
+//! convolution at stride 2 ([`depthwise3x3_stride2`], AVX-512) and Winograd's weight
 //! transform ([`winograd_weights`], AVX-512), because their transposes and
 //! deinterleaves are shuffles that LLVM does not find on its own; and the
 //! direct convolution's row ([`direct_row`], AVX2), because LLVM kept its
@@ -582,51 +582,45 @@ multiversion! {
     fn dots4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] => dots4_body;
 }
 
-/// One plane of a 3x3 depthwise convolution with one cell of padding (see
-/// `depthwise3x3_body`, the portable code). At stride 2 with AVX-512,
-/// [`x16::depthwise3x3_stride2`] takes each input row's even and odd cells apart
-/// in registers, where the portable code writes them to `scratch` and reads them
-/// back; it sums the same products in the same order, so the outputs are the
-/// same bits.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn depthwise3x3(
-    plane: &[f32],
-    width: usize,
-    stride: usize,
-    taps: &[f32],
-    bias: f32,
-    activation: Activation,
-    out: &mut [f32],
-    out_width: usize,
-    scratch: &mut Vec<f32>,
-) {
+/// One plane of a 3x3 depthwise convolution with stride 2 and one cell of
+/// padding, for [`depthwise3x3_stride2`].
+pub(crate) struct Stride2<'a> {
+    /// `[H, W]`.
+    pub plane: &'a [f32],
+    /// `W`.
+    pub width: usize,
+    /// Row-major over the kernel.
+    pub taps: &'a [f32; 9],
+    pub bias: f32,
+    pub activation: Activation,
+}
+
+/// Computes `p` into `out` (`[OH, OW]`, `OW = out_width`) as [`depthwise3x3`]
+/// does at stride 2, and returns true, where the CPU has AVX-512; returns
+/// false, touching nothing, where it has not. [`x16::depthwise3x3_stride2`]
+/// takes each input row's even and odd cells apart in registers, where the
+/// portable code writes them to its scratch and reads them back; it sums the
+/// same products in the same order, so the outputs are the same bits.
+pub(crate) fn depthwise3x3_stride2(p: &Stride2<'_>, out: &mut [f32], out_width: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if stride == 2 && isa() == Isa::Avx512 {
-        let plane = x16::Stride2 {
-            plane,
-            width,
-            taps: taps.try_into().expect("a 3x3 kernel"),
-            bias,
-            activation,
-        };
+    if isa() == Isa::Avx512 {
         #[allow(unsafe_code)]
         // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
         // `x16::depthwise3x3_stride2` is compiled with (detected at run time),
         // and the function is otherwise safe.
         unsafe {
-            x16::depthwise3x3_stride2(&plane, out, out_width)
+            x16::depthwise3x3_stride2(p, out, out_width)
         };
-        return;
+        return true;
     }
-    depthwise3x3_portable(
-        plane, width, stride, taps, bias, activation, out, out_width, scratch,
-    );
+    let _ = (p, out, out_width);
+    false
 }
 
 multiversion! {
-    /// [`depthwise3x3`] in portable code (see `depthwise3x3_body`).
+    /// One plane of a 3x3 depthwise convolution (see `depthwise3x3_body`).
     #[allow(clippy::too_many_arguments)]
-    fn depthwise3x3_portable(
+    pub(crate) fn depthwise3x3(
         plane: &[f32],
         width: usize,
         stride: usize,
@@ -1000,8 +994,8 @@ mod x16 {
         _mm512_shuffle_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
     };
 
-    use super::Sixteen;
     use super::interleaved::Layout;
+    use super::{Sixteen, Stride2};
     use crate::graph::Activation;
     use crate::ops::{clip, relu};
 
@@ -1067,20 +1061,7 @@ mod x16 {
         }
     }
 
-    /// One plane of a 3x3 depthwise convolution with stride 2 and one cell of
-    /// padding, for [`depthwise3x3_stride2`].
-    pub(super) struct Stride2<'a> {
-        /// `[H, W]`.
-        pub plane: &'a [f32],
-        /// `W`.
-        pub width: usize,
-        /// Row-major over the kernel.
-        pub taps: &'a [f32; 9],
-        pub bias: f32,
-        pub activation: Activation,
-    }
-
-    /// [`super::depthwise3x3`] at stride 2 into `out` (`[OH, OW]`, `OW =
+    /// [`super::depthwise3x3_stride2`]: [`super::depthwise3x3`] at stride 2 into `out` (`[OH, OW]`, `OW =
     /// out_width`), sixteen output cells of a row at a time. Output cell `j`
     /// reads input cells `2j - 1`, `2j` and `2j + 1` of three input rows: two
     /// loads of 32 cells and two permutes give every `2j` and every `2j + 1`,
@@ -1136,21 +1117,28 @@ mod x16 {
             let mut carry = [zero; 3];
             for first in (0..out_width).step_by(16) {
                 // Per row, every `2j - 1`, `2j` and `2j + 1`.
-                let cells: [[__m512; 3]; 3] = std::array::from_fn(|k| {
-                    let Some(row) = rows[k] else {
-                        return [zero; 3];
+                // Row k's every `2j - 1`, `2j` and `2j + 1`. A macro, not a closure:
+                // a closure here was left out of line (twice as slow).
+                macro_rules! cells {
+                    ($k:literal) => {
+                        match rows[$k] {
+                            None => [zero; 3],
+                            Some(row) => {
+                                let len = row.len();
+                                let (a, b) = ((2 * first).min(len), (2 * first + 16).min(len));
+                                let lo = load(&row[a..(a + 16).min(len)]);
+                                let hi = load(&row[b..(b + 16).min(len)]);
+                                let right = _mm512_permutex2var_ps(lo, odds, hi);
+                                let left = _mm512_permutex2var_ps(carry[$k], shift, right);
+                                carry[$k] = right;
+                                [left, _mm512_permutex2var_ps(lo, evens, hi), right]
+                            }
+                        }
                     };
-                    let at = |from: usize| {
-                        let from = from.min(row.len());
-                        load(&row[from..(from + 16).min(row.len())])
-                    };
-                    let (lo, hi) = (at(2 * first), at(2 * first + 16));
-                    let right = _mm512_permutex2var_ps(lo, odds, hi);
-                    let left = _mm512_permutex2var_ps(carry[k], shift, right);
-                    carry[k] = right;
-                    [left, _mm512_permutex2var_ps(lo, evens, hi), right]
-                });
-                let [[l0, m0, r0], [l1, m1, r1], [l2, m2, r2]] = cells;
+                }
+                let [l0, m0, r0] = cells!(0);
+                let [l1, m1, r1] = cells!(1);
+                let [l2, m2, r2] = cells!(2);
                 let top = _mm512_fmadd_ps(
                     w2,
                     r0,
@@ -1938,10 +1926,6 @@ mod tests {
         c
     }
 
-    /// The signature of [`depthwise3x3`] and [`depthwise3x3_portable`].
-    type DepthwiseKernel =
-        fn(&[f32], usize, usize, &[f32], f32, Activation, &mut [f32], usize, &mut Vec<f32>);
-
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 31 + seed * 17) % 23) as f32 - 11.0)
@@ -2174,21 +2158,22 @@ mod tests {
                 let len = plane.len();
                 plane[at % len] = f32::NAN;
             }
-            let taps = fractions(9, seed + 1);
+            let taps: [f32; 9] = fractions(9, seed + 1).try_into().unwrap();
             let activation = [
                 Activation::None,
                 Activation::Relu,
                 Activation::Clip { min: -1.0, max: 2.0 },
             ][activation];
             let (out_width, out_height) = (width.div_ceil(2), height.div_ceil(2));
-            let run = |f: DepthwiseKernel| {
-                let mut out = vec![f32::NAN; out_width * out_height];
-                // Scratch left over from elsewhere must not matter.
-                let mut scratch = vec![7.0; 5];
-                f(&plane, width, 2, &taps, 0.25, activation, &mut out, out_width, &mut scratch);
-                out
-            };
-            let (got, want) = (run(depthwise3x3), run(depthwise3x3_portable));
+            let p = Stride2 { plane: &plane, width, taps: &taps, bias: 0.25, activation };
+            let mut got = vec![f32::NAN; out_width * out_height];
+            if !depthwise3x3_stride2(&p, &mut got, out_width) {
+                return Ok(()); // not on this CPU
+            }
+            let mut want = vec![f32::NAN; out_width * out_height];
+            // Scratch left over from elsewhere must not matter.
+            let mut scratch = vec![7.0; 5];
+            depthwise3x3(&plane, width, 2, &taps, 0.25, activation, &mut want, out_width, &mut scratch);
             // Any NaN is the same NaN here; every other value, bit for bit.
             let bits = |v: &[f32]| -> Vec<u32> {
                 v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()

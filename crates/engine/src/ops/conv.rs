@@ -766,6 +766,16 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                     let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
                     let b = bias.map_or(0.0, |b| b[c]);
                     if fast {
+                        let strided = kernels::Stride2 {
+                            plane,
+                            width,
+                            taps: taps.try_into().expect("a 3x3 kernel"),
+                            bias: b,
+                            activation: geo.activation,
+                        };
+                        if stride == 2 && kernels::depthwise3x3_stride2(&strided, out, out_width) {
+                            continue;
+                        }
                         kernels::depthwise3x3(
                             plane,
                             width,

@@ -720,8 +720,10 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// that it sets up its working memory once per block, not per plane. For each output row, every kernel
 /// tap adds a weighted, shifted input row segment: with stride 1 that is a
 /// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
-/// padding take [`kernels::depthwise3x3`], which also applies the bias and
-/// the activation.
+/// padding take [`kernels::depthwise3x3`] (at stride 2 with AVX-512,
+/// [`kernels::depthwise3x3_stride2`]; narrow planes sixteen at a time,
+/// [`kernels::depthwise3x3_x16`]), which also applies the bias and the
+/// activation.
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());

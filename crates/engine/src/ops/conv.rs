@@ -768,15 +768,17 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                     let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
                     let b = bias.map_or(0.0, |b| b[c]);
                     if fast {
-                        let strided = kernels::Stride2 {
-                            plane,
-                            width,
-                            taps: taps.try_into().expect("a 3x3 kernel"),
-                            bias: b,
-                            activation: geo.activation,
-                        };
-                        if stride == 2 && kernels::depthwise3x3_stride2(&strided, out, out_width) {
-                            continue;
+                        if stride == 2 {
+                            let strided = kernels::Stride2 {
+                                plane,
+                                width,
+                                taps: taps.try_into().expect("a 3x3 kernel"),
+                                bias: b,
+                                activation: geo.activation,
+                            };
+                            if kernels::depthwise3x3_stride2(&strided, out, out_width) {
+                                continue;
+                            }
                         }
                         kernels::depthwise3x3(
                             plane,
@@ -1203,6 +1205,10 @@ impl Plane<'_> {
 ///   (192 channels) 0.040 against 0.049 and 0.032 against 0.037, into 7x7 (576)
 ///   0.038 against 0.075 and 0.028 against 0.053; into 28x28 (144) it loses,
 ///   0.117 against 0.105 and 0.077 against 0.071.
+/// - AVX-512 (a Xeon, per node inside MobileNetV2, an earlier session): 7x7
+///   planes and stride 2 into 14x14 or 7x7 gained 25-60 %; 14x14 planes at
+///   stride 1 gained 0.01 ms per node at one thread and lost as much at two.
+///   The rule follows the Zen 4 figures, measured with today's kernels.
 fn sixteen_planes_pay(out_width: usize) -> bool {
     kernels::isa() != kernels::Isa::Baseline && out_width < 16
 }

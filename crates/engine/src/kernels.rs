@@ -1926,6 +1926,21 @@ mod tests {
         c
     }
 
+    /// `len` fractions from `seed`, so that the order of a sum shows in its bits.
+    fn fractions(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 997.0 - 5.0)
+            .collect()
+    }
+
+    /// The bits of `v`, every NaN as the same one: the kernels compared with
+    /// these must agree bit for bit on every other value.
+    fn nan_blind_bits(v: &[f32]) -> Vec<u32> {
+        v.iter()
+            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+            .collect()
+    }
+
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 31 + seed * 17) % 23) as f32 - 11.0)
@@ -2149,10 +2164,6 @@ mod tests {
             nan in proptest::option::of(0usize..2000),
             seed in 0usize..1000,
         ) {
-            // Fractions, so that the order of the sums shows in the bits.
-            let fractions = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 997.0 - 5.0).collect()
-            };
             let mut plane = fractions(width * height, seed);
             if let Some(at) = nan {
                 let len = plane.len();
@@ -2174,11 +2185,7 @@ mod tests {
             // Scratch left over from elsewhere must not matter.
             let mut scratch = vec![7.0; 5];
             depthwise3x3(&plane, width, 2, &taps, 0.25, activation, &mut want, out_width, &mut scratch);
-            // Any NaN is the same NaN here; every other value, bit for bit.
-            let bits = |v: &[f32]| -> Vec<u32> {
-                v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()
-            };
-            proptest::prop_assert_eq!(bits(&got), bits(&want));
+            proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&want));
         }
 
         #[test]
@@ -2188,9 +2195,7 @@ mod tests {
             seed in 0usize..1000,
         ) {
             // Fractions, so that the order of the sums shows in the bits.
-            let mut w: Vec<f32> = (0..9 * pairs)
-                .map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 997.0 - 5.0)
-                .collect();
+            let mut w = fractions(9 * pairs, seed);
             if let (Some(at), false) = (nan, w.is_empty()) {
                 let len = w.len();
                 w[at % len] = f32::NAN;
@@ -2199,8 +2204,7 @@ mod tests {
                 let mut u = vec![7.0f32; 16 * pairs];
                 let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs.max(1)).collect();
                 f(&w, &mut slices);
-                // Any NaN is the same NaN here; every other value, bit for bit.
-                u.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect()
+                nan_blind_bits(&u)
             };
             proptest::prop_assert_eq!(transform(winograd_weights), transform(winograd_weights_portable));
         }
@@ -2212,10 +2216,6 @@ mod tests {
             k in 0usize..150,
             seed in 0usize..1000,
         ) {
-            // Fractions, so that the order of the sums shows in the bits.
-            let fractions = |len: usize, seed: usize| -> Vec<f32> {
-                (0..len).map(|i| ((i * 7919 + seed * 104_729) % 10_007) as f32 / 997.0 - 5.0).collect()
-            };
             let (a, b) = (fractions(m * k, seed), fractions(n * k, seed + 1));
             let a_rows: Vec<&[f32]> = a.chunks_exact(k.max(1)).take(m).collect();
             let columns: Vec<&[f32]> = b.chunks_exact(k.max(1)).take(n).collect();

@@ -583,9 +583,16 @@ impl Weights {
     /// Takes param `index`'s weights out, not wiped: the caller wipes the buffer and
     /// gives it back with [`Weights::keep`].
     pub fn unload(&mut self, index: usize) -> Option<Vec<f32>> {
+        self.hand_over(index).map(|t| t.into_parts().1)
+    }
+
+    /// Takes param `index`'s tensor out, not wiped, for the engine to overwrite as it
+    /// reads it ([`capsule_engine::WeightSource::take`]): the zeroed buffer comes back
+    /// through [`Weights::keep`].
+    pub fn hand_over(&mut self, index: usize) -> Option<Tensor> {
         let tensor = self.tensors[index].take()?;
         self.held -= 4 * tensor.len() as u64;
-        Some(tensor.into_parts().1)
+        Some(tensor)
     }
 
     /// Keeps a buffer of param `index` that has been wiped, for the next query.
@@ -1016,6 +1023,52 @@ mod tests {
                 );
                 assert_eq!(bits(&resident[0]), bits(&want[0]));
             }
+        }
+    }
+
+    /// A 3x3 Conv of 256 channels at 14x14 goes, on two or more threads, by Winograd's
+    /// blocks of output channels: the engine takes its weights from the stream and gives
+    /// them back overwritten. The output is the plain bits, and the buffer kept for the
+    /// next query holds zeros (on one thread, the stream wipes it itself).
+    #[test]
+    fn a_conv_that_overwrites_its_weights_gives_them_back_zeroed() {
+        let conv = Op::Conv(ConvAttrs {
+            kernel: [3, 3],
+            strides: [1, 1],
+            pads: [1, 1, 1, 1],
+            dilations: [1, 1],
+            group: 1,
+            activation: Activation::Relu,
+        });
+        let param = |name: &str, shape: &[usize]| ParamInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+        };
+        let graph = Graph {
+            inputs: vec![ValueInfo {
+                name: "x".into(),
+                shape: vec![None, Some(256), Some(14), Some(14)],
+            }],
+            params: vec![param("w", &[256, 256, 3, 3]), param("b", &[256])],
+            nodes: vec![node("conv", conv, &["x", "w", "b"], "y")],
+            outputs: vec!["y".into()],
+        };
+        let weights: HashMap<String, Tensor> = (graph.params.iter().enumerate())
+            .map(|(i, p)| (p.name.clone(), ramp(&p.shape, i)))
+            .collect();
+        let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+        let (bytes, key) = seal(&graph, &weights, capsule_format::DEFAULT_CHUNK_SIZE);
+        let capsule = Capsule::parse(&bytes).unwrap();
+        let mut streaming = StreamingModel::open(&capsule, &key, None).unwrap();
+        for seed in [1, 2] {
+            let x = ramp(&[1, 256, 14, 14], seed);
+            let want = plain.run(std::slice::from_ref(&x)).unwrap();
+            let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+            assert_eq!(bits(&got[0]), bits(&want[0]));
+            let kept = &streaming.weights.spare[0];
+            assert_eq!(kept.len(), 256 * 256 * 9, "the buffer of w is kept");
+            assert!(kept.iter().all(|&v| v.to_bits() == 0));
+            assert!(streaming.weights.tensor(0).is_none());
         }
     }
 

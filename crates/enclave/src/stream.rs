@@ -918,6 +918,26 @@ where
         self.stream.weights.param(index, info)
     }
 
+    /// A weight of a layer that is done after this node, which the engine then
+    /// overwrites as it reads it: the layer's eviction skips it, and its buffer comes
+    /// back zeroed, without a pass of [`wipe`] over memory.
+    fn take(&mut self, index: usize, _info: &ParamInfo) -> Option<Tensor> {
+        let stream = &mut *self.stream;
+        let layout = stream.layout;
+        let done = layout
+            .done_after(stream.node)
+            .any(|layer| layout.params_of(layer).contains(&index));
+        if done {
+            stream.weights.hand_over(index)
+        } else {
+            None
+        }
+    }
+
+    fn give_back(&mut self, index: usize, zeroed: Vec<f32>) {
+        self.stream.weights.keep(index, zeroed);
+    }
+
     fn release(&mut self, _node: &Node) {
         let stream = &mut *self.stream;
         // At one engine thread, large buffers are wiped by the opener's job, on the

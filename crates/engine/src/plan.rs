@@ -10,7 +10,9 @@
 //! Weights are not part of the plan. A [`WeightSource`] supplies them node
 //! by node, with a hook before and after each node: a [`Model`](crate::Model)
 //! keeps them all in memory, while the enclave can unseal one layer's
-//! weights before the node runs and zeroize them right after.
+//! weights before the node runs and zeroize them right after, or hand a
+//! weight over to a node that overwrites it as it reads it
+//! ([`WeightSource::take`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -44,6 +46,27 @@ pub trait WeightSource {
     /// zeroizes) its weights here. The default does nothing.
     fn release(&mut self, node: &Node) {
         let _ = node;
+    }
+
+    /// Weight `index` (declared as `info`), moved out of the source for
+    /// the node about to run, which is the last to read it. The executor
+    /// asks only where the node overwrites the weight with zeros as it reads
+    /// it, while it is in cache (a Conv by Winograd's blocks of output
+    /// channels), and returns the zeroed buffer through
+    /// [`give_back`](Self::give_back) before [`release`](Self::release), on
+    /// success and failure alike. A streaming source that would zeroize the
+    /// weight after the node saves that pass over memory.
+    ///
+    /// `None` (the default) leaves the weight to [`param`](Self::param).
+    fn take(&mut self, index: usize, info: &ParamInfo) -> Option<Tensor> {
+        let _ = (index, info);
+        None
+    }
+
+    /// The buffer of weight `index`, taken with [`take`](Self::take), every
+    /// value overwritten with zeros. The default drops it.
+    fn give_back(&mut self, index: usize, zeroed: Vec<f32>) {
+        let _ = (index, zeroed);
     }
 }
 
@@ -218,9 +241,20 @@ impl Plan {
         values: &mut [Option<Cow<'v, Tensor>>],
         weights: &mut W,
     ) -> Result<(), Error> {
-        for (step, node) in self.steps.iter().zip(&self.graph.nodes) {
+        for (j, (step, node)) in self.steps.iter().zip(&self.graph.nodes).enumerate() {
             weights.prepare(node)?;
-            let result = self.run_step(step, node, values, &*weights);
+            let mut spent = self.spendable(j, node, values).and_then(|index| {
+                let tensor = weights.take(index, &self.graph.params[index])?;
+                Some((index, tensor))
+            });
+            let result = self.run_step(step, node, values, &*weights, spent.as_mut());
+            if let Some((index, mut tensor)) = spent {
+                if result.is_err() {
+                    // Failed before the Conv overwrote it (or in it).
+                    tensor.data_mut().fill(0.0);
+                }
+                weights.give_back(index, tensor.into_parts().1);
+            }
             weights.release(node);
             values[step.output] = Some(Cow::Owned(result?));
             for &slot in &step.release {
@@ -272,15 +306,56 @@ impl Plan {
         Ok(())
     }
 
+    /// The weight step `j` (a Conv) may be handed ([`WeightSource::take`]):
+    /// its W, when no later step reads it and the Conv overwrites it block
+    /// by block on these operands ([`ops::conv_spends`]).
+    fn spendable(
+        &self,
+        j: usize,
+        node: &Node,
+        values: &[Option<Cow<'_, Tensor>>],
+    ) -> Option<usize> {
+        let step = &self.steps[j];
+        let (attrs, _) = conv_of(step, node)?;
+        let (&x, &Operand::Param(index)) = (step.operands.first()?, step.operands.get(1)?) else {
+            return None;
+        };
+        let (Operand::Value(x) | Operand::Last(x)) = x else {
+            return None;
+        };
+        let x = values[x].as_ref()?.shape();
+        let w = &self.graph.params[index].shape;
+        let read_later = self.steps[j + 1..]
+            .iter()
+            .any(|s| s.operands.contains(&Operand::Param(index)));
+        (!read_later && ops::conv_spends(attrs, x, w, None)).then_some(index)
+    }
+
     /// Gathers a step's operands, runs its kernel, and names the node in
-    /// any shape error.
+    /// any shape error. `spent`, when given, is the step's W
+    /// ([`Plan::spendable`]), handed over by the source: when this returns
+    /// `Ok`, it reads as zeros.
     fn run_step<'v, W: WeightSource + ?Sized>(
         &self,
         step: &Step,
         node: &Node,
         values: &mut [Option<Cow<'v, Tensor>>],
         weights: &W,
+        spent: Option<&mut (usize, Tensor)>,
     ) -> Result<Tensor, Error> {
+        if let Some((index, w)) = &spent {
+            let info = &self.graph.params[*index];
+            if w.shape() != info.shape {
+                return Err(Error::InvalidWeights {
+                    reason: format!(
+                        "weight '{}' has shape {:?} but the graph declares {:?}",
+                        info.name,
+                        w.shape(),
+                        info.shape
+                    ),
+                });
+            }
+        }
         // Take the moved values first: the borrowed ones then borrow
         // `values` for as long as the kernel runs.
         let mut moved: Vec<Option<Cow<'v, Tensor>>> = step
@@ -293,7 +368,10 @@ impl Plan {
             .collect();
         let values = &*values;
         let mut args = Vec::with_capacity(step.operands.len());
-        for (operand, moved) in step.operands.iter().zip(&mut moved) {
+        for (i, (operand, moved)) in step.operands.iter().zip(&mut moved).enumerate() {
+            if spent.is_some() && i == 1 {
+                continue;
+            }
             let arg = match *operand {
                 Operand::Last(slot) => moved.take().ok_or_else(|| freed_early(slot))?,
                 Operand::Value(slot) => {
@@ -303,6 +381,14 @@ impl Plan {
                 Operand::Param(index) => Cow::Borrowed(self.weight(weights, index, node)?),
             };
             args.push(arg);
+        }
+        if let (Some((_, w)), Some((attrs, with_residual))) = (spent, conv_of(step, node)) {
+            return ops::conv_spending(attrs, with_residual, args, w).map_err(
+                |ops::Mismatch(reason)| Error::ShapeMismatch {
+                    context: format!("{} node '{}'", node.op.name(), node.name),
+                    reason,
+                },
+            );
         }
         let op = match &step.fused {
             Fused::No => &node.op,
@@ -358,6 +444,16 @@ impl Plan {
             });
         }
         Ok(tensor)
+    }
+}
+
+/// The Conv a step runs (a Conv node, maybe with an activation fused into
+/// it), and whether it also adds a residual; `None` for other steps.
+fn conv_of<'s>(step: &'s Step, node: &'s Node) -> Option<(&'s ConvAttrs, bool)> {
+    match (&step.fused, &node.op) {
+        (Fused::WithResidual(attrs), _) => Some((attrs, true)),
+        (Fused::Into(Op::Conv(attrs)), _) | (Fused::No, Op::Conv(attrs)) => Some((attrs, false)),
+        _ => None,
     }
 }
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use capsule_engine::{
-    Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Tensor, ValueInfo, set_threads,
-    threads,
+    Activation, ConvAttrs, Graph, Model, Node, Op, ParamInfo, Plan, Tensor, ValueInfo,
+    WeightSource, set_threads, threads,
 };
 
 fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
@@ -132,4 +132,85 @@ fn concurrent_runs_on_two_threads_agree_and_errors_end_them() {
     let wrong = values(&[2, 8, 32, 32], 9);
     assert!(model.run(&[wrong]).is_err());
     assert_eq!(model.run(&[x]).unwrap()[0].data(), want[0].data());
+}
+
+/// Weights that a run may take ([`WeightSource::take`]): what it takes, and
+/// what it gives back, are noted.
+struct Lending {
+    weights: Vec<Option<Tensor>>,
+    taken: Vec<usize>,
+    given_back: Vec<(usize, Vec<f32>)>,
+}
+
+impl WeightSource for Lending {
+    fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
+        self.weights[index].as_ref()
+    }
+
+    fn take(&mut self, index: usize, _info: &ParamInfo) -> Option<Tensor> {
+        self.taken.push(index);
+        self.weights[index].take()
+    }
+
+    fn give_back(&mut self, index: usize, zeroed: Vec<f32>) {
+        self.given_back.push((index, zeroed));
+    }
+}
+
+/// On two threads, a 3x3 Conv of 256 channels at 14x14 (49 tiles) goes by
+/// Winograd's blocks of output channels: handed its weights by the last node
+/// that reads them, it gives them back overwritten with zeros, and computes
+/// the same bits as from weights it only reads.
+#[test]
+fn a_conv_by_blocks_gives_back_the_weights_it_is_handed_as_zeros() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let params = [("w", vec![256, 256, 3, 3]), ("b", vec![256])];
+    let graph = Graph {
+        inputs: vec![ValueInfo {
+            name: "x".into(),
+            shape: vec![Some(1), Some(256), Some(14), Some(14)],
+        }],
+        params: params
+            .iter()
+            .map(|(name, shape)| ParamInfo {
+                name: name.to_string(),
+                shape: shape.clone(),
+            })
+            .collect(),
+        // `w` twice: only its last reader may take it.
+        nodes: vec![
+            node("a", conv(3, 1, 1), &["x", "w", "b"]),
+            node("relu", Op::Relu, &["a"]),
+            node("c", conv(3, 1, 1), &["relu", "w"]),
+        ],
+        outputs: vec!["c".into()],
+    };
+    let weights: Vec<Tensor> = (params.iter().enumerate())
+        .map(|(i, (_, shape))| values(shape, i + 1))
+        .collect();
+    let x = values(&[1, 256, 14, 14], 9);
+    let plan = Plan::new(graph).unwrap();
+    set_threads(2);
+    let want = plan
+        .run(std::slice::from_ref(&x), weights.clone().as_mut_slice())
+        .unwrap();
+    let mut lending = Lending {
+        weights: weights.into_iter().map(Some).collect(),
+        taken: Vec::new(),
+        given_back: Vec::new(),
+    };
+    let got = plan.run(&[x], &mut lending).unwrap();
+    assert_eq!(lending.taken, [0], "asked for w once, by its last reader");
+    let [(0, zeroed)] = lending.given_back.as_slice() else {
+        panic!("w was not given back alone: {:?}", lending.given_back.len());
+    };
+    assert_eq!(zeroed.len(), 256 * 256 * 9);
+    assert!(zeroed.iter().all(|&v| v.to_bits() == 0));
+    assert!(
+        want[0]
+            .data()
+            .iter()
+            .zip(got[0].data())
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
 }

@@ -12,7 +12,7 @@
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
 //!   on one thread, 64 per thread on more unless 256 channels or more go
-//!   step by step over the threads): 16 GEMMs
+//!   by blocks of output channels over the threads): 16 GEMMs
 //!   on transformed weights and inputs, 16 multiply-adds per tile and
 //!   channel pair instead of 36 (see [`winograd`]).
 //! - *direct* (one group, no dilation, at most 4 input channels: an image
@@ -69,7 +69,81 @@ pub(crate) fn conv(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> KernelResult {
-    let mut geo = Geometry::new(attrs, x.shape(), w.shape(), bias.map(Tensor::shape))?;
+    conv_with(attrs, x, w.shape(), Kernels::Read(w.data()), bias, residual)
+}
+
+/// [`conv`] on weights W that the caller hands over: they are zeros when it
+/// returns, whether it succeeds or fails. Where the Conv goes by Winograd's
+/// blocks of output channels ([`spends`]), each block of W is overwritten
+/// as soon as it is transformed, while it is in cache; otherwise W is
+/// overwritten after the Conv.
+pub(crate) fn conv_spending(
+    attrs: &ConvAttrs,
+    x: &Tensor,
+    w: &mut Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> KernelResult {
+    let shape = w.shape().to_vec();
+    let result = conv_with(
+        attrs,
+        x,
+        &shape,
+        Kernels::Spend(w.data_mut()),
+        bias,
+        residual,
+    );
+    if result.is_err() {
+        w.data_mut().fill(0.0);
+    }
+    result
+}
+
+/// True when a Conv (`attrs`) on X, W and B of these shapes overwrites W
+/// block by block as it reads it, if handed W ([`conv_spending`]): a
+/// Winograd Conv computed by blocks of output channels.
+pub(crate) fn spends(attrs: &ConvAttrs, x: &[usize], w: &[usize], bias: Option<&[usize]>) -> bool {
+    Geometry::new(attrs, x, w, bias)
+        .is_ok_and(|geo| !geo.is_depthwise() && !direct::applies(&geo) && winograd::spends(&geo))
+}
+
+/// A Conv's weights W as a strategy reads them.
+pub(crate) enum Kernels<'a> {
+    /// Read in place, left as they are.
+    Read(&'a [f32]),
+    /// Handed over ([`conv_spending`]): overwritten with zeros once read.
+    Spend(&'a mut [f32]),
+}
+
+impl<'a> Kernels<'a> {
+    /// The values of W.
+    fn values(&self) -> &[f32] {
+        match self {
+            Kernels::Read(w) => w,
+            Kernels::Spend(w) => w,
+        }
+    }
+
+    /// W cut into consecutive pieces of `len` values (the last one shorter).
+    fn pieces(self, len: usize) -> Vec<Kernels<'a>> {
+        match self {
+            Kernels::Read(w) => w.chunks(len.max(1)).map(Kernels::Read).collect(),
+            Kernels::Spend(w) => w.chunks_mut(len.max(1)).map(Kernels::Spend).collect(),
+        }
+    }
+}
+
+/// [`conv`] on `w` (W's values, of shape `w_shape`). Spent W is zeros
+/// when it returns `Ok`; on errors [`conv_spending`] overwrites it.
+fn conv_with(
+    attrs: &ConvAttrs,
+    x: &Tensor,
+    w_shape: &[usize],
+    w: Kernels<'_>,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> KernelResult {
+    let mut geo = Geometry::new(attrs, x.shape(), w_shape, bias.map(Tensor::shape))?;
     let shape = vec![geo.batch, geo.out_channels, geo.h.output(), geo.w.output()];
     let len = volume(&shape)
         .ok_or_else(|| Mismatch(format!("the output shape {shape:?} is too large")))?;
@@ -80,7 +154,7 @@ pub(crate) fn conv(
                 activation: Activation::None,
                 ..attrs.clone()
             };
-            let y = conv(&plain, x, w, bias, None)?;
+            let y = conv_with(&plain, x, w_shape, w, bias, None)?;
             let y = binary(Cow::Owned(y), Cow::Borrowed(r), |a, b| a + b)?;
             return Ok(activation(Cow::Owned(y), attrs.activation));
         }
@@ -88,25 +162,41 @@ pub(crate) fn conv(
     };
     // Every strategy writes every output element.
     let mut y = crate::buffers::take(len);
-    if len > 0 {
+    let blocks = !geo.is_depthwise() && !direct::applies(&geo) && winograd::spends(&geo);
+    if len > 0 && blocks {
+        winograd::conv(&geo, x.data(), w, bias.map(Tensor::data), residual, &mut y);
+    } else if len > 0 {
         let bias = bias.map(Tensor::data);
+        let values = w.values();
         if geo.is_depthwise() {
             // Depthwise adds the residual in a pass of its own, after the bias.
             let act = match residual {
                 Some(_) => std::mem::replace(&mut geo.activation, Activation::None),
                 None => geo.activation,
             };
-            depthwise(&geo, x.data(), w.data(), bias, &mut y);
+            depthwise(&geo, x.data(), values, bias, &mut y);
             if let Some(r) = residual {
                 kernels::bias_add_activate(&mut y, 0.0, r, act);
             }
         } else if direct::applies(&geo) {
-            direct::conv(&geo, x.data(), w.data(), bias, residual, &mut y);
+            direct::conv(&geo, x.data(), values, bias, residual, &mut y);
         } else if winograd::applies(&geo) {
-            winograd::conv(&geo, x.data(), w.data(), bias, residual, &mut y);
+            winograd::conv(
+                &geo,
+                x.data(),
+                Kernels::Read(values),
+                bias,
+                residual,
+                &mut y,
+            );
         } else {
-            grouped(&geo, x.data(), w.data(), bias, residual, &mut y)?;
+            grouped(&geo, x.data(), values, bias, residual, &mut y)?;
         }
+        if let Kernels::Spend(w) = w {
+            w.fill(0.0);
+        }
+    } else if let Kernels::Spend(w) = w {
+        w.fill(0.0);
     }
     Ok(Tensor::from_parts(shape, y))
 }

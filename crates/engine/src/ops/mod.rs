@@ -18,6 +18,7 @@ mod window;
 use std::borrow::Cow;
 use std::ops::RangeInclusive;
 
+pub(crate) use conv::spends as conv_spends;
 pub(crate) use conv::{
     BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, depthwise3x3_body,
     direct_row_body, winograd_input_body, winograd_output_body, winograd_weights_body,
@@ -70,6 +71,33 @@ pub(crate) fn conv_add(attrs: &ConvAttrs, inputs: Vec<Cow<'_, Tensor>>) -> Kerne
             "a Conv with a residual takes 3 or 4 inputs, got {}",
             inputs.len()
         ))),
+    };
+    recycle(inputs);
+    y
+}
+
+/// Runs a Conv (`attrs`) whose weights W the caller hands over, as
+/// [`execute`] would, or as [`conv_add`] when `with_residual`: `inputs` are
+/// the step's operands without W (X, maybe B, then the residual). W reads
+/// as zeros when it returns, whatever the outcome.
+pub(crate) fn conv_spending(
+    attrs: &ConvAttrs,
+    with_residual: bool,
+    inputs: Vec<Cow<'_, Tensor>>,
+    w: &mut Tensor,
+) -> KernelResult {
+    let y = match (with_residual, inputs.as_slice()) {
+        (false, [x]) => conv::conv_spending(attrs, x, w, None, None),
+        (false, [x, b]) => conv::conv_spending(attrs, x, w, Some(b), None),
+        (true, [x, r]) => conv::conv_spending(attrs, x, w, None, Some(r)),
+        (true, [x, b, r]) => conv::conv_spending(attrs, x, w, Some(b), Some(r)),
+        _ => {
+            w.data_mut().fill(0.0);
+            Err(Mismatch(format!(
+                "a Conv takes 2 or 3 inputs and maybe a residual, got {}",
+                inputs.len() + 1
+            )))
+        }
     };
     recycle(inputs);
     y

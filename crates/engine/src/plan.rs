@@ -307,8 +307,9 @@ impl Plan {
     }
 
     /// The weight step `j` (a Conv) may be handed ([`WeightSource::take`]):
-    /// its W, when no later step reads it and the Conv overwrites it block
-    /// by block on these operands ([`ops::conv_spends`]).
+    /// its W, when no other operand of this step or a later one reads it and
+    /// the Conv overwrites it block by block on these operands
+    /// ([`ops::conv_spends`]).
     fn spendable(
         &self,
         j: usize,
@@ -325,10 +326,13 @@ impl Plan {
         };
         let x = values[x].as_ref()?.shape();
         let w = &self.graph.params[index].shape;
-        let read_later = self.steps[j + 1..]
-            .iter()
-            .any(|s| s.operands.contains(&Operand::Param(index)));
-        (!read_later && ops::conv_spends(attrs, x, w, None)).then_some(index)
+        let reads = |s: &Step| {
+            (s.operands.iter())
+                .filter(|&&o| o == Operand::Param(index))
+                .count()
+        };
+        let read_again = reads(step) > 1 || self.steps[j + 1..].iter().any(|s| reads(s) > 0);
+        (!read_again && ops::conv_spends(attrs, x, w, None)).then_some(index)
     }
 
     /// Gathers a step's operands, runs its kernel, and names the node in
@@ -344,17 +348,7 @@ impl Plan {
         spent: Option<&mut (usize, Tensor)>,
     ) -> Result<Tensor, Error> {
         if let Some((index, w)) = &spent {
-            let info = &self.graph.params[*index];
-            if w.shape() != info.shape {
-                return Err(Error::InvalidWeights {
-                    reason: format!(
-                        "weight '{}' has shape {:?} but the graph declares {:?}",
-                        info.name,
-                        w.shape(),
-                        info.shape
-                    ),
-                });
-            }
+            as_declared(&self.graph.params[*index], w)?;
         }
         // Take the moved values first: the borrowed ones then borrow
         // `values` for as long as the kernel runs.
@@ -433,18 +427,24 @@ impl Plan {
                     node.name
                 ),
             })?;
-        if tensor.shape() != info.shape {
-            return Err(Error::InvalidWeights {
-                reason: format!(
-                    "weight '{}' has shape {:?} but the graph declares {:?}",
-                    info.name,
-                    tensor.shape(),
-                    info.shape
-                ),
-            });
-        }
+        as_declared(info, tensor)?;
         Ok(tensor)
     }
+}
+
+/// Checks a supplied weight against its declaration.
+fn as_declared(info: &ParamInfo, tensor: &Tensor) -> Result<(), Error> {
+    if tensor.shape() == info.shape {
+        return Ok(());
+    }
+    Err(Error::InvalidWeights {
+        reason: format!(
+            "weight '{}' has shape {:?} but the graph declares {:?}",
+            info.name,
+            tensor.shape(),
+            info.shape
+        ),
+    })
 }
 
 /// The Conv a step runs (a Conv node, maybe with an activation fused into

@@ -157,15 +157,11 @@ impl WeightSource for Lending {
     }
 }
 
-/// On two threads, a 3x3 Conv of 256 channels at 14x14 (49 tiles) goes by
-/// Winograd's blocks of output channels: handed its weights by the last node
-/// that reads them, it gives them back overwritten with zeros, and computes
-/// the same bits as from weights it only reads.
-#[test]
-fn a_conv_by_blocks_gives_back_the_weights_it_is_handed_as_zeros() {
-    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+/// A graph of 3x3 Convs of 256 channels at 14x14 (49 tiles) with these
+/// nodes, on weights `w` and `b`.
+fn convs_at_14x14(nodes: Vec<Node>, output: &str) -> Graph {
     let params = [("w", vec![256, 256, 3, 3]), ("b", vec![256])];
-    let graph = Graph {
+    Graph {
         inputs: vec![ValueInfo {
             name: "x".into(),
             shape: vec![Some(1), Some(256), Some(14), Some(14)],
@@ -177,17 +173,26 @@ fn a_conv_by_blocks_gives_back_the_weights_it_is_handed_as_zeros() {
                 shape: shape.clone(),
             })
             .collect(),
-        // `w` twice: only its last reader may take it.
-        nodes: vec![
-            node("a", conv(3, 1, 1), &["x", "w", "b"]),
-            node("relu", Op::Relu, &["a"]),
-            node("c", conv(3, 1, 1), &["relu", "w"]),
-        ],
-        outputs: vec!["c".into()],
-    };
-    let weights: Vec<Tensor> = (params.iter().enumerate())
-        .map(|(i, (_, shape))| values(shape, i + 1))
-        .collect();
+        nodes,
+        outputs: vec![output.into()],
+    }
+}
+
+/// On two threads, a 3x3 Conv of 256 channels at 14x14 (49 tiles) goes by
+/// Winograd's blocks of output channels: handed its weights by the last node
+/// that reads them, it gives them back overwritten with zeros, and computes
+/// the same bits as from weights it only reads.
+#[test]
+fn a_conv_by_blocks_gives_back_the_weights_it_is_handed_as_zeros() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    // `w` twice: only its last reader may take it.
+    let nodes = vec![
+        node("a", conv(3, 1, 1), &["x", "w", "b"]),
+        node("relu", Op::Relu, &["a"]),
+        node("c", conv(3, 1, 1), &["relu", "w"]),
+    ];
+    let graph = convs_at_14x14(nodes, "c");
+    let weights = vec![values(&[256, 256, 3, 3], 1), values(&[256], 2)];
     let x = values(&[1, 256, 14, 14], 9);
     let plan = Plan::new(graph).unwrap();
     set_threads(2);
@@ -213,4 +218,29 @@ fn a_conv_by_blocks_gives_back_the_weights_it_is_handed_as_zeros() {
             .zip(got[0].data())
             .all(|(a, b)| a.to_bits() == b.to_bits())
     );
+}
+
+/// Weights handed over are given back as zeros when the node fails too.
+#[test]
+fn weights_handed_over_to_a_failing_node_come_back_as_zeros() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let graph = convs_at_14x14(vec![node("a", conv(3, 1, 1), &["x", "w", "b"])], "a");
+    let plan = Plan::new(graph).unwrap();
+    set_threads(2);
+    // One input channel too few: the graph declares `[256, 256, 3, 3]`.
+    let wrong = values(&[256, 255, 3, 3], 1);
+    let mut lending = Lending {
+        weights: vec![Some(wrong), Some(values(&[256], 2))],
+        taken: Vec::new(),
+        given_back: Vec::new(),
+    };
+    let err = plan
+        .run(&[values(&[1, 256, 14, 14], 9)], &mut lending)
+        .unwrap_err();
+    assert!(err.to_string().contains("graph declares"), "{err}");
+    let [(0, zeroed)] = lending.given_back.as_slice() else {
+        panic!("w was not given back alone");
+    };
+    assert_eq!(zeroed.len(), 256 * 255 * 9);
+    assert!(zeroed.iter().all(|&v| v.to_bits() == 0));
 }

@@ -918,6 +918,25 @@ mod tests {
         }
     }
 
+    /// A 3x3 Conv, stride 1, padding 1.
+    fn conv3x3(activation: Activation) -> Op {
+        Op::Conv(ConvAttrs {
+            kernel: [3, 3],
+            strides: [1, 1],
+            pads: [1, 1, 1, 1],
+            dilations: [1, 1],
+            group: 1,
+            activation,
+        })
+    }
+
+    fn param(name: &str, shape: &[usize]) -> ParamInfo {
+        ParamInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
     /// x [?, 2, 5, 5] -> Conv(w, b) -> Flatten -> Gemm(fc, fc.b) -> Relu -> Gemm(out):
     /// odd sizes, so that chunks cut rows and tensors anywhere. `fc` is `n x 75`.
     fn model(n: usize) -> (Graph, HashMap<String, Tensor>) {
@@ -927,18 +946,7 @@ mod tests {
             trans_a: false,
             trans_b: true,
         };
-        let conv = Op::Conv(ConvAttrs {
-            kernel: [3, 3],
-            strides: [1, 1],
-            pads: [1, 1, 1, 1],
-            dilations: [1, 1],
-            group: 1,
-            activation: Activation::None,
-        });
-        let param = |name: &str, shape: &[usize]| ParamInfo {
-            name: name.into(),
-            shape: shape.to_vec(),
-        };
+        let conv = conv3x3(Activation::None);
         let graph = Graph {
             inputs: vec![ValueInfo {
                 name: "x".into(),
@@ -1032,18 +1040,7 @@ mod tests {
     /// next query holds zeros (on one thread, the stream wipes it itself).
     #[test]
     fn a_conv_that_overwrites_its_weights_gives_them_back_zeroed() {
-        let conv = Op::Conv(ConvAttrs {
-            kernel: [3, 3],
-            strides: [1, 1],
-            pads: [1, 1, 1, 1],
-            dilations: [1, 1],
-            group: 1,
-            activation: Activation::Relu,
-        });
-        let param = |name: &str, shape: &[usize]| ParamInfo {
-            name: name.into(),
-            shape: shape.to_vec(),
-        };
+        let conv = conv3x3(Activation::Relu);
         let graph = Graph {
             inputs: vec![ValueInfo {
                 name: "x".into(),

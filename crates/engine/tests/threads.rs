@@ -37,6 +37,17 @@ fn values(shape: &[usize], seed: usize) -> Tensor {
     Tensor::new(shape.to_vec(), data).unwrap()
 }
 
+/// The declarations of weights named and shaped so.
+fn declared(params: &[(&str, Vec<usize>)]) -> Vec<ParamInfo> {
+    params
+        .iter()
+        .map(|(name, shape)| ParamInfo {
+            name: name.to_string(),
+            shape: shape.clone(),
+        })
+        .collect()
+}
+
 /// Big enough that every kernel takes its threaded path: a 3x3 conv
 /// (im2col), a 3x3 depthwise with stride 2, a pointwise conv with ReLU6, a
 /// max pool and a dense layer.
@@ -53,13 +64,7 @@ fn network() -> (Graph, HashMap<String, Tensor>) {
             name: "x".into(),
             shape: vec![None, Some(16), Some(32), Some(32)],
         }],
-        params: params
-            .iter()
-            .map(|(name, shape)| ParamInfo {
-                name: name.to_string(),
-                shape: shape.clone(),
-            })
-            .collect(),
+        params: declared(&params),
         nodes: vec![
             node("a", conv(3, 1, 1), &["x", "a.w", "a.b"]),
             node("relu", Op::Relu, &["a"]),
@@ -166,13 +171,7 @@ fn convs_at_14x14(nodes: Vec<Node>, output: &str) -> Graph {
             name: "x".into(),
             shape: vec![Some(1), Some(256), Some(14), Some(14)],
         }],
-        params: params
-            .iter()
-            .map(|(name, shape)| ParamInfo {
-                name: name.to_string(),
-                shape: shape.clone(),
-            })
-            .collect(),
+        params: declared(&params),
         nodes,
         outputs: vec![output.into()],
     }

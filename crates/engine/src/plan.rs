@@ -326,13 +326,17 @@ impl Plan {
         };
         let x = values[x].as_ref()?.shape();
         let w = &self.graph.params[index].shape;
+        if !ops::conv_spends(attrs, x, w, None) {
+            return None;
+        }
+        // Only then, as few Convs go by blocks: the scan is over all later steps.
         let reads = |s: &Step| {
             (s.operands.iter())
                 .filter(|&&o| o == Operand::Param(index))
                 .count()
         };
         let read_again = reads(step) > 1 || self.steps[j + 1..].iter().any(|s| reads(s) > 0);
-        (!read_again && ops::conv_spends(attrs, x, w, None)).then_some(index)
+        (!read_again).then_some(index)
     }
 
     /// Gathers a step's operands, runs its kernel, and names the node in

@@ -299,12 +299,7 @@ fn by_blocks(
         |(), i, block| {
             with_scratch(|scratch| {
                 for (j, v) in block.chunks_mut(16 * tiles).enumerate() {
-                    let source = TileSource {
-                        plane: &x[(i * per + j) * in_plane..][..in_plane],
-                        width: geo.w.input(),
-                        pad_top: geo.h.pad_begin(),
-                        pad_left: geo.w.pad_begin(),
-                    };
+                    let source = TileSource::of(geo, &x[(i * per + j) * in_plane..][..in_plane]);
                     for row in 0..tile_rows {
                         kernels::winograd_input(
                             &source,
@@ -462,7 +457,7 @@ impl Layer<'_> {
     ) {
         let geo = self.geo;
         let (c, m) = (geo.channels, geo.out_channels);
-        let (width, out_width) = (geo.w.input(), geo.w.output());
+        let out_width = geo.w.output();
         let tile_cols = out_width.div_ceil(2);
         let tiles = band.len() * tile_cols;
         let out_rows = (2 * band.end).min(geo.h.output()) - 2 * band.start;
@@ -476,12 +471,7 @@ impl Layer<'_> {
         grow(p, 16 * m * tiles);
         let (v, p) = (&mut v[..16 * c * tiles], &mut p[..16 * m * tiles]);
         for (channel, plane) in self.image.chunks(geo.in_plane()).enumerate() {
-            let source = TileSource {
-                plane,
-                width,
-                pad_top: geo.h.pad_begin(),
-                pad_left: geo.w.pad_begin(),
-            };
+            let source = TileSource::of(geo, plane);
             for (i, row) in band.clone().enumerate() {
                 let start = channel * tiles + i * tile_cols;
                 kernels::winograd_input(
@@ -531,6 +521,18 @@ pub(crate) struct TileSource<'a> {
     pub pad_top: usize,
     /// Padding columns left of the plane.
     pub pad_left: usize,
+}
+
+impl<'a> TileSource<'a> {
+    /// `plane`, an input plane of the Conv of `geo`.
+    fn of(geo: &Geometry, plane: &'a [f32]) -> TileSource<'a> {
+        TileSource {
+            plane,
+            width: geo.w.input(),
+            pad_top: geo.h.pad_begin(),
+            pad_left: geo.w.pad_begin(),
+        }
+    }
 }
 
 /// A band's output rows of one channel, as the output transform writes

@@ -103,8 +103,13 @@ pub(crate) fn conv_spending(
 /// block by block as it reads it, if handed W ([`conv_spending`]): a
 /// Winograd Conv computed by blocks of output channels.
 pub(crate) fn spends(attrs: &ConvAttrs, x: &[usize], w: &[usize], bias: Option<&[usize]>) -> bool {
-    Geometry::new(attrs, x, w, bias)
-        .is_ok_and(|geo| !geo.is_depthwise() && !direct::applies(&geo) && winograd::spends(&geo))
+    Geometry::new(attrs, x, w, bias).is_ok_and(|geo| by_winograd_blocks(&geo))
+}
+
+/// True when the Conv of `geo` goes by Winograd's blocks of output channels:
+/// neither depthwise nor direct, and Winograd by blocks on these threads.
+fn by_winograd_blocks(geo: &Geometry) -> bool {
+    !geo.is_depthwise() && !direct::applies(geo) && winograd::spends(geo)
 }
 
 /// A Conv's weights W as a strategy reads them.
@@ -162,10 +167,11 @@ fn conv_with(
     };
     // Every strategy writes every output element.
     let mut y = crate::buffers::take(len);
-    let blocks = !geo.is_depthwise() && !direct::applies(&geo) && winograd::spends(&geo);
-    if len > 0 && blocks {
+    if len > 0 && by_winograd_blocks(&geo) {
         winograd::conv(&geo, x.data(), w, bias.map(Tensor::data), residual, &mut y);
-    } else if len > 0 {
+        return Ok(Tensor::from_parts(shape, y));
+    }
+    if len > 0 {
         let bias = bias.map(Tensor::data);
         let values = w.values();
         if geo.is_depthwise() {
@@ -192,10 +198,8 @@ fn conv_with(
         } else {
             grouped(&geo, x.data(), values, bias, residual, &mut y)?;
         }
-        if let Kernels::Spend(w) = w {
-            w.fill(0.0);
-        }
-    } else if let Kernels::Spend(w) = w {
+    }
+    if let Kernels::Spend(w) = w {
         w.fill(0.0);
     }
     Ok(Tensor::from_parts(shape, y))

@@ -10,9 +10,10 @@
 //!
 //! [`gemm()`] routes each product: a few rows against a large transposed
 //! matrix (a dense layer at small batch, `x * W^T`) goes to a row-dot kernel
-//! that streams `W` once, at memory speed; everything else to `gemm`. On
-//! AVX2, a narrow product whose columns do not fill `gemm`'s last block of
-//! 16 gets that block computed apart ([`last_columns_apart`]).
+//! that streams `W` once, at memory speed; everything else to `gemm`. A
+//! product whose columns do not fill `gemm`'s last block of 16 may get that
+//! block computed apart ([`last_columns_apart`]): on AVX2 when the product
+//! is narrow, on AVX-512 when one column is left.
 //!
 //! Threads: the `gemm` crate splits large products over rayon's pool into
 //! at most [`threads`](crate::threads::threads) pieces. Callers parallelise
@@ -234,20 +235,41 @@ fn product(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>, t
     if threaded && splits_itself(m, k, n) {
         let parallel = gemm::Parallelism::Rayon(threads::threads());
         sgemm(alpha, a, b, beta, c, parallel);
-    } else if isa() == Isa::Avx2 && n > BLOCK_COLUMNS && n < APART_BELOW {
+    } else if apart(n) {
         last_columns_apart(alpha, a, b, beta, c);
     } else {
         sgemm(alpha, a, b, beta, c, gemm::Parallelism::None);
     }
 }
 
-/// Columns of a row-major C that the `gemm` crate's AVX2 kernel computes at
-/// once: it transposes such a product, so they are its kernel's 16 rows.
+/// Columns of a row-major C that the `gemm` crate's kernels compute at
+/// once: it transposes such a product, so they are its AVX2 kernel's 16
+/// rows, or one of the up to four vectors of 16 rows of its AVX-512 kernel.
 const BLOCK_COLUMNS: usize = 16;
 
+/// True when [`product`] computes the last `n % BLOCK_COLUMNS` columns of C
+/// apart ([`last_columns_apart`]).
+///
+/// - AVX2: every partial block below [`APART_BELOW`] columns.
+/// - AVX-512: a last block of one column. The kernel masks a partial vector,
+///   and runs it at the cost of a full one, so a product of 49 columns (a
+///   Conv on a 7x7 image) cost as much as one of 64. Apart, 48 columns go to
+///   the three-vector kernel and the last one to `gemm`'s matrix-vector
+///   kernel. On Zen 4, one thread, `1280 x 320` weights by 49 columns: 0.47
+///   → 0.39 ms; `960 x 160`: 0.187 → 0.154; by 113 columns: 0.93 → 0.84.
+///   With two to four columns left the product got 1-2 % slower (50, 51, 52
+///   and 196 columns), as the last block still runs a masked vector.
+fn apart(n: usize) -> bool {
+    match isa() {
+        Isa::Avx2 => n > BLOCK_COLUMNS && n < APART_BELOW,
+        Isa::Avx512 => n > BLOCK_COLUMNS && n % BLOCK_COLUMNS == 1,
+        Isa::Baseline => false,
+    }
+}
+
 /// Fewest columns of C for which [`product`] leaves the last, partial
-/// block of [`BLOCK_COLUMNS`] to `gemm`: from 64 columns on, computing it
-/// apart gained nothing (98 and 196 columns, EPYC Zen 2).
+/// block of [`BLOCK_COLUMNS`] to `gemm` on AVX2: from 64 columns on,
+/// computing it apart gained nothing (98 and 196 columns, EPYC Zen 2).
 const APART_BELOW: usize = 64;
 
 /// [`sgemm`] on one thread, with the last `n % BLOCK_COLUMNS` columns of C
@@ -2030,11 +2052,11 @@ mod tests {
 
     /// The last columns computed apart land where one call puts them, with
     /// alpha, beta, a transposed B and padded rows of C (whatever the CPU:
-    /// [`product`] takes this path only on AVX2).
+    /// [`product`] takes this path only on AVX2 and AVX-512, see [`apart`]).
     #[test]
     fn last_columns_apart_match_the_definition() {
         let (m, k) = (7, 19);
-        for n in [16, 17, 31, 49, 63] {
+        for n in [16, 17, 31, 49, 63, 113] {
             let a = values(m * k, 5);
             // B stored transposed: `[n, k]`, viewed as `[k, n]`.
             let b = values(n * k, 6);

@@ -27,12 +27,14 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! Four kernels are written with `std::arch` intrinsics instead. The
+//! Five kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
 //! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
-//! convolution at stride 2 ([`depthwise3x3_stride2`], AVX-512) and Winograd's weight
-//! transform ([`winograd_weights`], AVX-512), because their transposes and
-//! deinterleaves are shuffles that LLVM does not find on its own; and the
+//! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512) and on
+//! planes at most 16 cells wide ([`depthwise3x3_narrow`], AVX-512) and
+//! Winograd's weight transform ([`winograd_weights`], AVX-512), because
+//! their transposes, deinterleaves and shifts across lanes are shuffles
+//! that LLVM does not find on its own; and the
 //! direct convolution's row ([`direct_row`], AVX2), because LLVM kept its
 //! twelve vectors of sums in
 //! memory. Their `unsafe` is that call, masked loads and stores whose masks
@@ -604,9 +606,9 @@ multiversion! {
     fn dots4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] => dots4_body;
 }
 
-/// One plane of a 3x3 depthwise convolution with stride 2 and one cell of
-/// padding, for [`depthwise3x3_stride2`].
-pub(crate) struct Stride2<'a> {
+/// One plane of a 3x3 depthwise convolution with one cell of padding, for
+/// [`depthwise3x3_stride2`] and [`depthwise3x3_narrow`].
+pub(crate) struct OnePlane<'a> {
     /// `[H, W]`.
     pub plane: &'a [f32],
     /// `W`.
@@ -617,13 +619,38 @@ pub(crate) struct Stride2<'a> {
     pub activation: Activation,
 }
 
+/// Computes `p` into `out` (`[H, W]`) as [`depthwise3x3`] does at stride 1,
+/// and returns true, where the CPU has AVX-512 and the plane is at most 16
+/// cells wide; returns false, touching nothing, otherwise.
+/// [`x16::depthwise3x3_narrow`] keeps each input row in one vector, loaded
+/// once and shifted by a cell each way in registers, for the three output
+/// rows that read it: no padded copy of the plane (the portable kernel's)
+/// and no transposes (those of [`depthwise3x3_x16`]). It sums the same
+/// products in the same order, with zeros for the padding, so the outputs
+/// are the same bits.
+pub(crate) fn depthwise3x3_narrow(p: &OnePlane<'_>, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 && (1..=16).contains(&p.width) {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::depthwise3x3_narrow` is compiled with (detected at run time),
+        // and the function is otherwise safe.
+        unsafe {
+            x16::depthwise3x3_narrow(p, out)
+        };
+        return true;
+    }
+    let _ = (p, out);
+    false
+}
+
 /// Computes `p` into `out` (`[OH, OW]`, `OW = out_width`) as [`depthwise3x3`]
 /// does at stride 2, and returns true, where the CPU has AVX-512; returns
 /// false, touching nothing, where it has not. [`x16::depthwise3x3_stride2`]
 /// takes each input row's even and odd cells apart in registers, where the
 /// portable code writes them to its scratch and reads them back; it sums the
 /// same products in the same order, so the outputs are the same bits.
-pub(crate) fn depthwise3x3_stride2(p: &Stride2<'_>, out: &mut [f32], out_width: usize) -> bool {
+pub(crate) fn depthwise3x3_stride2(p: &OnePlane<'_>, out: &mut [f32], out_width: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512 {
         #[allow(unsafe_code)]
@@ -1010,14 +1037,15 @@ mod interleaved {
 #[cfg(target_arch = "x86_64")]
 mod x16 {
     use std::arch::x86_64::{
-        __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps,
-        _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
-        _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_f32x4,
-        _mm512_shuffle_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+        __m512, __mmask16, _mm512_add_ps, _mm512_alignr_epi32, _mm512_castps_si512,
+        _mm512_castsi512_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+        _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_permutex2var_ps, _mm512_set1_ps,
+        _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps,
+        _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
     };
 
     use super::interleaved::Layout;
-    use super::{Sixteen, Stride2};
+    use super::{OnePlane, Sixteen};
     use crate::graph::Activation;
     use crate::ops::{clip, relu};
 
@@ -1092,7 +1120,7 @@ mod x16 {
     /// kernel's, in its order, with zeros in the padding (masked loads past the
     /// row's end, zero vectors for the rows above and below the plane).
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn depthwise3x3_stride2(p: &Stride2<'_>, out: &mut [f32], out_width: usize) {
+    pub(super) fn depthwise3x3_stride2(p: &OnePlane<'_>, out: &mut [f32], out_width: usize) {
         // `max(0, x)` and `min(max, max(min, x))` keep a NaN and a -0 as `relu`
         // and `clip` do: the instructions return their second operand when
         // either is NaN or both are zeros.
@@ -1111,7 +1139,7 @@ mod x16 {
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     fn stride2_with(
-        p: &Stride2<'_>,
+        p: &OnePlane<'_>,
         out: &mut [f32],
         out_width: usize,
         act: impl Fn(__m512) -> __m512,
@@ -1172,6 +1200,62 @@ mod x16 {
                 let sums = act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom));
                 store(&mut out_row[first..(first + 16).min(out_width)], sums);
             }
+        }
+    }
+
+    /// [`super::depthwise3x3_narrow`]: `p`'s plane (at most 16 cells wide) into
+    /// `out` (`[H, W]`) at stride 1. Input row `r` is one vector `m`, its cells
+    /// past the row zero; `l` (every `j - 1`, a zero in front) and `r` (every
+    /// `j + 1`, a zero behind) are it shifted by a lane with zeros coming in.
+    /// Three rows are held at once, each loaded once for the three output rows
+    /// that read it; rows above and below the plane are zero vectors.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn depthwise3x3_narrow(p: &OnePlane<'_>, out: &mut [f32]) {
+        let zero = _mm512_setzero_ps();
+        match p.activation {
+            Activation::None => narrow_with(p, out, |v| v),
+            Activation::Relu => narrow_with(p, out, |v| _mm512_max_ps(zero, v)),
+            Activation::Clip { min, max } => {
+                let (min, max) = (_mm512_set1_ps(min), _mm512_set1_ps(max));
+                narrow_with(p, out, |v| _mm512_min_ps(max, _mm512_max_ps(min, v)));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn narrow_with(p: &OnePlane<'_>, out: &mut [f32], act: impl Fn(__m512) -> __m512) {
+        let width = p.width;
+        let zero = _mm512_setzero_ps();
+        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
+        let bias = _mm512_set1_ps(p.bias);
+        // Row `r`'s cells `j - 1`, `j` and `j + 1` for every `j`.
+        let cells = |row: Option<&[f32]>| match row {
+            None => [zero; 3],
+            Some(row) => {
+                let m = load(row);
+                let m_bits = _mm512_castps_si512(m);
+                let zero_bits = _mm512_castps_si512(zero);
+                // Lanes 15.. of (m, zero) and 1.. of (zero, m), as `valignd` counts.
+                let l = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(m_bits, zero_bits));
+                let r = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(zero_bits, m_bits));
+                [l, m, r]
+            }
+        };
+        let mut rows = p.plane.chunks_exact(width);
+        let mut above = [zero; 3];
+        let mut here = cells(rows.next());
+        for out_row in out.chunks_exact_mut(width) {
+            let below = cells(rows.next());
+            let ([l0, m0, r0], [l1, m1, r1], [l2, m2, r2]) = (above, here, below);
+            let top = _mm512_fmadd_ps(
+                w2,
+                r0,
+                _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
+            );
+            let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
+            let bottom = _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
+            store(out_row, act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom)));
+            (above, here) = (here, below);
         }
     }
 
@@ -2198,7 +2282,7 @@ mod tests {
                 Activation::Clip { min: -1.0, max: 2.0 },
             ][activation];
             let (out_width, out_height) = (width.div_ceil(2), height.div_ceil(2));
-            let p = Stride2 { plane: &plane, width, taps: &taps, bias: 0.25, activation };
+            let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
             let mut got = vec![f32::NAN; out_width * out_height];
             if !depthwise3x3_stride2(&p, &mut got, out_width) {
                 return Ok(()); // not on this CPU
@@ -2207,6 +2291,39 @@ mod tests {
             // Scratch left over from elsewhere must not matter.
             let mut scratch = vec![7.0; 5];
             depthwise3x3(&plane, width, 2, &taps, 0.25, activation, &mut want, out_width, &mut scratch);
+            proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&want));
+        }
+
+        #[test]
+        fn narrow_depthwise_matches_the_portable_kernel_bit_for_bit(
+            width in 1usize..20,
+            height in 1usize..12,
+            activation in 0usize..3,
+            nan in proptest::option::of(0usize..2000),
+            seed in 0usize..1000,
+        ) {
+            let mut plane = fractions(width * height, seed);
+            if let Some(at) = nan {
+                let len = plane.len();
+                plane[at % len] = f32::NAN;
+            }
+            let taps: [f32; 9] = fractions(9, seed + 1).try_into().unwrap();
+            let activation = [
+                Activation::None,
+                Activation::Relu,
+                Activation::Clip { min: -1.0, max: 2.0 },
+            ][activation];
+            let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
+            let mut got = vec![f32::NAN; width * height];
+            let done = depthwise3x3_narrow(&p, &mut got);
+            proptest::prop_assert_eq!(done, isa() == Isa::Avx512 && width <= 16);
+            if !done {
+                proptest::prop_assert!(got.iter().all(|v| v.is_nan()), "touched nothing");
+                return Ok(());
+            }
+            let mut want = vec![f32::NAN; width * height];
+            let mut scratch = vec![7.0; 5];
+            depthwise3x3(&plane, width, 1, &taps, 0.25, activation, &mut want, width, &mut scratch);
             proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&want));
         }
 

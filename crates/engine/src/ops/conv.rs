@@ -814,10 +814,11 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// that it sets up its working memory once per block, not per plane. For each output row, every kernel
 /// tap adds a weighted, shifted input row segment: with stride 1 that is a
 /// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
-/// padding take [`kernels::depthwise3x3`] (at stride 2 with AVX-512,
-/// [`kernels::depthwise3x3_stride2`]; narrow planes sixteen at a time,
-/// [`kernels::depthwise3x3_x16`]), which also applies the bias and the
-/// activation.
+/// padding take [`kernels::depthwise3x3`] (with AVX-512, at stride 2
+/// [`kernels::depthwise3x3_stride2`] and on planes at most 16 cells wide
+/// [`kernels::depthwise3x3_narrow`]; narrow planes otherwise sixteen at a
+/// time, [`kernels::depthwise3x3_x16`]), which also applies the bias and
+/// the activation.
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());
@@ -831,7 +832,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     } else {
         1
     };
-    let sixteen = fast && sixteen_planes_pay(out_width);
+    let sixteen = fast && sixteen_planes_pay(out_width, stride);
     let per_task = if sixteen {
         planes.div_ceil(tasks).next_multiple_of(16)
     } else {
@@ -862,17 +863,19 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                     let taps = &w[c * geo.kernel_len()..][..geo.kernel_len()];
                     let b = bias.map_or(0.0, |b| b[c]);
                     if fast {
-                        if stride == 2 {
-                            let strided = kernels::Stride2 {
-                                plane,
-                                width,
-                                taps: taps.try_into().expect("a 3x3 kernel"),
-                                bias: b,
-                                activation: geo.activation,
-                            };
-                            if kernels::depthwise3x3_stride2(&strided, out, out_width) {
-                                continue;
-                            }
+                        let one = kernels::OnePlane {
+                            plane,
+                            width,
+                            taps: taps.try_into().expect("a 3x3 kernel"),
+                            bias: b,
+                            activation: geo.activation,
+                        };
+                        let done = match stride {
+                            1 => kernels::depthwise3x3_narrow(&one, out),
+                            _ => kernels::depthwise3x3_stride2(&one, out, out_width),
+                        };
+                        if done {
+                            continue;
                         }
                         kernels::depthwise3x3(
                             plane,
@@ -1303,8 +1306,20 @@ impl Plane<'_> {
 ///   planes and stride 2 into 14x14 or 7x7 gained 25-60 %; 14x14 planes at
 ///   stride 1 gained 0.01 ms per node at one thread and lost as much at two.
 ///   The rule follows the Zen 4 figures, measured with today's kernels.
-fn sixteen_planes_pay(out_width: usize) -> bool {
-    kernels::isa() != kernels::Isa::Baseline && out_width < 16
+/// - AVX-512 at stride 1, against [`kernels::depthwise3x3_narrow`] (one
+///   vector per row, later): sixteen at a time lost everywhere it applied.
+///   Zen 4, medians of five alternated runs, one thread: 14x14 planes 0.050
+///   against 0.022 ms (384 channels) and 0.077 against 0.033 (576); 7x7
+///   planes (960) 0.040 against 0.028. Two threads: 0.05 against 0.024, 0.052
+///   against 0.034, and 0.029 against 0.028. MobileNetV2, eight alternated
+///   rounds: 9.06 → 8.74 ms at one thread, 5.07 → 4.98 at two.
+fn sixteen_planes_pay(out_width: usize, stride: usize) -> bool {
+    match kernels::isa() {
+        kernels::Isa::Baseline => false,
+        // Quicker one plane at a time: `kernels::depthwise3x3_narrow`.
+        kernels::Isa::Avx512 if stride == 1 => false,
+        _ => out_width < 16,
+    }
 }
 
 /// Output rows narrower than this go through [`Plane::flat`].

@@ -30,8 +30,8 @@
 //! Five kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
 //! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
-//! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512) and on
-//! planes at most 16 cells wide ([`depthwise3x3_narrow`], AVX-512) and
+//! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512) and at
+//! stride 1 on planes at most 32 wide ([`depthwise3x3_stride1`], AVX-512) and
 //! Winograd's weight transform ([`winograd_weights`], AVX-512), because
 //! their transposes, deinterleaves and shifts across lanes are shuffles
 //! that LLVM does not find on its own; and the
@@ -607,7 +607,7 @@ multiversion! {
 }
 
 /// One plane of a 3x3 depthwise convolution with one cell of padding, for
-/// [`depthwise3x3_stride2`] and [`depthwise3x3_narrow`].
+/// [`depthwise3x3_stride2`] and [`depthwise3x3_stride1`].
 pub(crate) struct OnePlane<'a> {
     /// `[H, W]`.
     pub plane: &'a [f32],
@@ -620,23 +620,27 @@ pub(crate) struct OnePlane<'a> {
 }
 
 /// Computes `p` into `out` (`[H, W]`) as [`depthwise3x3`] does at stride 1,
-/// and returns true, where the CPU has AVX-512 and the plane is at most 16
+/// and returns true, where the CPU has AVX-512 and the plane is at most 32
 /// cells wide; returns false, touching nothing, otherwise.
-/// [`x16::depthwise3x3_narrow`] keeps each input row in one vector, loaded
-/// once and shifted by a cell each way in registers, for the three output
-/// rows that read it: no padded copy of the plane (the portable kernel's)
-/// and no transposes (those of [`depthwise3x3_x16`]). It sums the same
-/// products in the same order, with zeros for the padding, so the outputs
-/// are the same bits.
-pub(crate) fn depthwise3x3_narrow(p: &OnePlane<'_>, out: &mut [f32]) -> bool {
+/// [`x16::depthwise3x3_stride1`] keeps an input row in one or two vectors,
+/// loaded once for the three output rows that read it and shifted by a cell
+/// each way in registers: no padded copy of the plane (the portable
+/// kernel's) and no transposes (those of [`depthwise3x3_x16`]). It sums the
+/// same products in the same order as the portable kernel, with zeros for
+/// the padding, so the outputs are the same bits. Wider planes stay with the
+/// portable kernel: a block of 16 columns at a time down the plane, three
+/// loads per row and block, was 1.5 times quicker alone on 56x56 and 112x112
+/// planes, but level inside MobileNetV2 on 56x56 and twice as slow on
+/// 112x112 (its planes come from memory there).
+pub(crate) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 && (1..=16).contains(&p.width) {
+    if isa() == Isa::Avx512 && (1..=32).contains(&p.width) {
         #[allow(unsafe_code)]
         // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::depthwise3x3_narrow` is compiled with (detected at run time),
+        // `x16::depthwise3x3_stride1` is compiled with (detected at run time),
         // and the function is otherwise safe.
         unsafe {
-            x16::depthwise3x3_narrow(p, out)
+            x16::depthwise3x3_stride1(p, out)
         };
         return true;
     }
@@ -1203,58 +1207,85 @@ mod x16 {
         }
     }
 
-    /// [`super::depthwise3x3_narrow`]: `p`'s plane (at most 16 cells wide) into
-    /// `out` (`[H, W]`) at stride 1. Input row `r` is one vector `m`, its cells
-    /// past the row zero; `l` (every `j - 1`, a zero in front) and `r` (every
-    /// `j + 1`, a zero behind) are it shifted by a lane with zeros coming in.
-    /// Three rows are held at once, each loaded once for the three output rows
-    /// that read it; rows above and below the plane are zero vectors.
+    /// [`super::depthwise3x3_stride1`]: `p`'s plane (at most 32 cells wide)
+    /// into `out` (`[H, W]`) at stride 1, row by row. Input row `r` is `V`
+    /// vectors `m` of 16 cells, zero past the row; `l` (every `j - 1`) and `r`
+    /// (every `j + 1`) are them shifted by a lane, the neighbouring vector's
+    /// cell or a zero coming in. Three rows are held at once, each loaded
+    /// once for the three output rows that read it; rows above and below the
+    /// plane are zero vectors.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn depthwise3x3_narrow(p: &OnePlane<'_>, out: &mut [f32]) {
+    pub(super) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) {
         let zero = _mm512_setzero_ps();
-        match p.activation {
-            Activation::None => narrow_with(p, out, |v| v),
-            Activation::Relu => narrow_with(p, out, |v| _mm512_max_ps(zero, v)),
-            Activation::Clip { min, max } => {
+        match (p.width > 16, p.activation) {
+            (false, Activation::None) => stride1_with::<1>(p, out, |v| v),
+            (true, Activation::None) => stride1_with::<2>(p, out, |v| v),
+            (false, Activation::Relu) => stride1_with::<1>(p, out, |v| _mm512_max_ps(zero, v)),
+            (true, Activation::Relu) => stride1_with::<2>(p, out, |v| _mm512_max_ps(zero, v)),
+            (wide, Activation::Clip { min, max }) => {
                 let (min, max) = (_mm512_set1_ps(min), _mm512_set1_ps(max));
-                narrow_with(p, out, |v| _mm512_min_ps(max, _mm512_max_ps(min, v)));
+                let act = |v| _mm512_min_ps(max, _mm512_max_ps(min, v));
+                if wide {
+                    stride1_with::<2>(p, out, act);
+                } else {
+                    stride1_with::<1>(p, out, act);
+                }
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn narrow_with(p: &OnePlane<'_>, out: &mut [f32], act: impl Fn(__m512) -> __m512) {
+    fn stride1_with<const V: usize>(
+        p: &OnePlane<'_>,
+        out: &mut [f32],
+        act: impl Fn(__m512) -> __m512,
+    ) {
         let width = p.width;
         let zero = _mm512_setzero_ps();
         let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
-        // Row `r`'s cells `j - 1`, `j` and `j + 1` for every `j`.
-        let cells = |row: Option<&[f32]>| match row {
-            None => [zero; 3],
-            Some(row) => {
-                let m = load(row);
-                let m_bits = _mm512_castps_si512(m);
-                let zero_bits = _mm512_castps_si512(zero);
-                // Lanes 15.. of (m, zero) and 1.. of (zero, m), as `valignd` counts.
-                let l = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(m_bits, zero_bits));
-                let r = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(zero_bits, m_bits));
-                [l, m, r]
-            }
+        let bits = _mm512_castps_si512;
+        // Lanes `15..` of (`low`, `high`), as `valignd` counts: `low`'s last
+        // lane, then `high`'s first fifteen.
+        let after = |low: __m512, high: __m512| {
+            _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(bits(high), bits(low)))
+        };
+        // Lanes `1..17` of (`low`, `high`).
+        let before = |low: __m512, high: __m512| {
+            _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(bits(high), bits(low)))
+        };
+        // A row's cells `j - 1`, `j` and `j + 1` of each block, or zeros.
+        let cells = |row: Option<&[f32]>| -> [[__m512; 3]; V] {
+            let Some(row) = row else {
+                return [[zero; 3]; V];
+            };
+            let m: [__m512; V] =
+                std::array::from_fn(|v| load(&row[(16 * v).min(width)..(16 * v + 16).min(width)]));
+            std::array::from_fn(|v| {
+                let left = if v == 0 { zero } else { m[v - 1] };
+                let right = if v + 1 == V { zero } else { m[v + 1] };
+                [after(left, m[v]), m[v], before(m[v], right)]
+            })
         };
         let mut rows = p.plane.chunks_exact(width);
-        let mut above = [zero; 3];
+        let mut above = [[zero; 3]; V];
         let mut here = cells(rows.next());
         for out_row in out.chunks_exact_mut(width) {
             let below = cells(rows.next());
-            let ([l0, m0, r0], [l1, m1, r1], [l2, m2, r2]) = (above, here, below);
-            let top = _mm512_fmadd_ps(
-                w2,
-                r0,
-                _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
-            );
-            let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
-            let bottom = _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
-            store(out_row, act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom)));
+            for v in 0..V {
+                let ([l0, m0, r0], [l1, m1, r1], [l2, m2, r2]) = (above[v], here[v], below[v]);
+                let top = _mm512_fmadd_ps(
+                    w2,
+                    r0,
+                    _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
+                );
+                let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
+                let bottom =
+                    _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
+                let sums = act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom));
+                let cells = (16 * v).min(width)..(16 * v + 16).min(width);
+                store(&mut out_row[cells], sums);
+            }
             (above, here) = (here, below);
         }
     }
@@ -2295,8 +2326,8 @@ mod tests {
         }
 
         #[test]
-        fn narrow_depthwise_matches_the_portable_kernel_bit_for_bit(
-            width in 1usize..20,
+        fn stride1_depthwise_matches_the_padded_definition_bit_for_bit(
+            width in 1usize..40,
             height in 1usize..12,
             activation in 0usize..3,
             nan in proptest::option::of(0usize..2000),
@@ -2308,23 +2339,43 @@ mod tests {
                 plane[at % len] = f32::NAN;
             }
             let taps: [f32; 9] = fractions(9, seed + 1).try_into().unwrap();
-            let activation = [
-                Activation::None,
-                Activation::Relu,
-                Activation::Clip { min: -1.0, max: 2.0 },
+            let (activation, act): (Activation, fn(f32) -> f32) = [
+                (Activation::None, (|v| v) as fn(f32) -> f32),
+                (Activation::Relu, crate::ops::relu),
+                (Activation::Clip { min: -1.0, max: 2.0 }, |v| crate::ops::clip(v, -1.0, 2.0)),
             ][activation];
             let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
             let mut got = vec![f32::NAN; width * height];
-            let done = depthwise3x3_narrow(&p, &mut got);
-            proptest::prop_assert_eq!(done, isa() == Isa::Avx512 && width <= 16);
+            let done = depthwise3x3_stride1(&p, &mut got);
+            proptest::prop_assert_eq!(done, isa() == Isa::Avx512 && width <= 32);
             if !done {
                 proptest::prop_assert!(got.iter().all(|v| v.is_nan()), "touched nothing");
                 return Ok(());
             }
-            let mut want = vec![f32::NAN; width * height];
-            let mut scratch = vec![7.0; 5];
-            depthwise3x3(&plane, width, 1, &taps, 0.25, activation, &mut want, width, &mut scratch);
+            // The zero-padded plane, and each cell's nine taps in the portable
+            // kernel's order (`nine_taps`): three sums of a row each, then the rows.
+            let cell = |r: usize, c: usize| -> f32 {
+                let (r, c) = (r.wrapping_sub(1), c.wrapping_sub(1));
+                if r < height && c < width { plane[r * width + c] } else { 0.0 }
+            };
+            let mut want = vec![0.0f32; width * height];
+            for (i, y) in want.iter_mut().enumerate() {
+                let (r, c) = (i / width, i % width);
+                let x = |ki: usize, kj: usize| cell(r + ki, c + kj);
+                let w = |ki: usize, kj: usize| taps[3 * ki + kj];
+                let top = w(0, 2).mul_add(x(0, 2), w(0, 1).mul_add(x(0, 1), w(0, 0).mul_add(x(0, 0), 0.25)));
+                let mid = w(1, 2).mul_add(x(1, 2), w(1, 1).mul_add(x(1, 1), w(1, 0) * x(1, 0)));
+                let bottom = w(2, 2).mul_add(x(2, 2), w(2, 1).mul_add(x(2, 1), w(2, 0) * x(2, 0)));
+                *y = act(top + mid + bottom);
+            }
             proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&want));
+            if width < 32 {
+                // There the portable kernel pads too, and agrees.
+                let mut portable = vec![f32::NAN; width * height];
+                let mut scratch = vec![7.0; 5];
+                depthwise3x3(&plane, width, 1, &taps, 0.25, activation, &mut portable, width, &mut scratch);
+                proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&portable));
+            }
         }
 
         #[test]

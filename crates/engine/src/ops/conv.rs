@@ -6,8 +6,11 @@
 //!   group's GEMM would have a single row, too thin for a GEMM kernel. The
 //!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
 //!   kernel ([`depthwise3x3_body`]) that computes each output row in one
-//!   vectorised pass over nine shifted input rows; narrow planes go
-//!   sixteen at a time, one per vector lane, on AVX-512 and AVX2
+//!   vectorised pass over nine shifted input rows. With AVX-512, planes at
+//!   most 32 cells wide at stride 1 keep each input row in one or two
+//!   vectors, loaded once for three output rows
+//!   ([`kernels::depthwise3x3_stride1`]); narrow planes at stride 2 (and at
+//!   stride 1 on AVX2) go sixteen at a time, one per vector lane
 //!   ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
@@ -816,7 +819,7 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
 /// padding take [`kernels::depthwise3x3`] (with AVX-512, at stride 2
 /// [`kernels::depthwise3x3_stride2`] and on planes at most 16 cells wide
-/// [`kernels::depthwise3x3_narrow`]; narrow planes otherwise sixteen at a
+/// [`kernels::depthwise3x3_stride1`]; narrow planes otherwise sixteen at a
 /// time, [`kernels::depthwise3x3_x16`]), which also applies the bias and
 /// the activation.
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
@@ -871,7 +874,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                             activation: geo.activation,
                         };
                         let done = match stride {
-                            1 => kernels::depthwise3x3_narrow(&one, out),
+                            1 => kernels::depthwise3x3_stride1(&one, out),
                             _ => kernels::depthwise3x3_stride2(&one, out, out_width),
                         };
                         if done {
@@ -1306,17 +1309,15 @@ impl Plane<'_> {
 ///   planes and stride 2 into 14x14 or 7x7 gained 25-60 %; 14x14 planes at
 ///   stride 1 gained 0.01 ms per node at one thread and lost as much at two.
 ///   The rule follows the Zen 4 figures, measured with today's kernels.
-/// - AVX-512 at stride 1, against [`kernels::depthwise3x3_narrow`] (one
-///   vector per row, later): sixteen at a time lost everywhere it applied.
-///   Zen 4, medians of five alternated runs, one thread: 14x14 planes 0.050
-///   against 0.022 ms (384 channels) and 0.077 against 0.033 (576); 7x7
-///   planes (960) 0.040 against 0.028. Two threads: 0.05 against 0.024, 0.052
-///   against 0.034, and 0.029 against 0.028. MobileNetV2, eight alternated
-///   rounds: 9.06 → 8.74 ms at one thread, 5.07 → 4.98 at two.
+/// - AVX-512 at stride 1, against [`kernels::depthwise3x3_stride1`] (one
+///   vector per row, later): sixteen at a time lost everywhere it applied. Zen 4, medians of five alternated runs, one
+///   thread: 14x14 planes 0.050 against 0.022 ms (384 channels) and 0.077
+///   against 0.033 (576); 7x7 planes (960) 0.040 against 0.028. Two threads:
+///   0.05 against 0.024, 0.052 against 0.034, and 0.029 against 0.028.
 fn sixteen_planes_pay(out_width: usize, stride: usize) -> bool {
     match kernels::isa() {
         kernels::Isa::Baseline => false,
-        // Quicker one plane at a time: `kernels::depthwise3x3_narrow`.
+        // Quicker one plane at a time: `kernels::depthwise3x3_stride1`.
         kernels::Isa::Avx512 if stride == 1 => false,
         _ => out_width < 16,
     }

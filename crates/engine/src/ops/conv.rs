@@ -6,12 +6,12 @@
 //!   group's GEMM would have a single row, too thin for a GEMM kernel. The
 //!   common 3x3 case with one cell of padding and stride 1 or 2 has its own
 //!   kernel ([`depthwise3x3_body`]) that computes each output row in one
-//!   vectorised pass over nine shifted input rows. With AVX-512, planes at
-//!   most 32 cells wide at stride 1 keep each input row in one or two
-//!   vectors, loaded once for three output rows
-//!   ([`kernels::depthwise3x3_stride1`]); narrow planes at stride 2 (and at
-//!   stride 1 on AVX2) go sixteen at a time, one per vector lane
-//!   ([`kernels::depthwise3x3_x16`]).
+//!   vectorised pass over nine shifted input rows. With AVX-512, output
+//!   rows of at most 32 cells keep each input row in one or two vectors,
+//!   loaded once for the output rows that read it
+//!   ([`kernels::depthwise3x3_stride1`] and `_stride2`); planes into 7x7 at
+//!   stride 2 (and narrow planes on AVX2) go sixteen at a time, one per
+//!   vector lane ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
 //!   on one thread, 64 per thread on more unless 256 channels or more go
@@ -818,10 +818,10 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// tap adds a weighted, shifted input row segment: with stride 1 that is a
 /// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
 /// padding take [`kernels::depthwise3x3`] (with AVX-512, at stride 2
-/// [`kernels::depthwise3x3_stride2`] and on planes at most 16 cells wide
-/// [`kernels::depthwise3x3_stride1`]; narrow planes otherwise sixteen at a
-/// time, [`kernels::depthwise3x3_x16`]), which also applies the bias and
-/// the activation.
+/// [`kernels::depthwise3x3_stride2`] and at stride 1 on planes at most 32
+/// cells wide [`kernels::depthwise3x3_stride1`]; some narrow planes sixteen
+/// at a time, [`kernels::depthwise3x3_x16`], see [`sixteen_planes_pay`]),
+/// which also applies the bias and the activation.
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());

@@ -9,9 +9,9 @@
 //!   vectorised pass over nine shifted input rows. With AVX-512, output
 //!   rows of at most 32 cells keep each input row in one or two vectors,
 //!   loaded once for the output rows that read it
-//!   ([`kernels::depthwise3x3_stride1`] and `_stride2`); planes into 7x7 at
-//!   stride 2 (and narrow planes on AVX2) go sixteen at a time, one per
-//!   vector lane ([`kernels::depthwise3x3_x16`]).
+//!   ([`kernels::depthwise3x3_stride1`] and `_stride2`); at stride 2 into
+//!   rows of at most 8 cells (and narrow planes on AVX2) planes go sixteen
+//!   at a time, one per vector lane ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
 //!   on one thread, 64 per thread on more unless 256 channels or more go

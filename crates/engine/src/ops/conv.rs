@@ -1309,14 +1309,14 @@ impl Plane<'_> {
 ///   planes and stride 2 into 14x14 or 7x7 gained 25-60 %; 14x14 planes at
 ///   stride 1 gained 0.01 ms per node at one thread and lost as much at two.
 ///   The rule follows the Zen 4 figures, measured with today's kernels.
-/// - AVX-512, against one plane at a time row by row (later, one or two
-///   vectors per row, [`kernels::depthwise3x3_stride1`] and `_stride2`): at
-///   stride 1 sixteen at a time lost everywhere it applied, and at stride 2
-///   into 14x14 (0.041 against 0.026 ms, 192 channels, one thread), but won
-///   into 7x7 (576 channels, 0.038 against 0.051). Zen 4, medians of five alternated runs, one
-///   thread: 14x14 planes 0.050 against 0.022 ms (384 channels) and 0.077
-///   against 0.033 (576); 7x7 planes (960) 0.040 against 0.028. Two threads:
-///   0.05 against 0.024, 0.052 against 0.034, and 0.029 against 0.028.
+/// - AVX-512 (Zen 4), against one plane at a time row by row (later: one or
+///   two vectors per row, [`kernels::depthwise3x3_stride1`] and `_stride2`),
+///   medians of five alternated runs, one thread: at stride 1 sixteen at a
+///   time lost everywhere it applied, 14x14 planes 0.050 against 0.022 ms
+///   (384 channels) and 0.077 against 0.033 (576), 7x7 planes (960) 0.040
+///   against 0.028; at two threads 0.05 against 0.024, 0.052 against 0.034
+///   and 0.029 against 0.028. At stride 2 it lost into 14x14 (192 channels,
+///   0.041 against 0.026 ms) but won into 7x7 (576, 0.038 against 0.051).
 fn sixteen_planes_pay(out_width: usize, stride: usize) -> bool {
     match kernels::isa() {
         kernels::Isa::Baseline => false,

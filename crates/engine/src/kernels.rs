@@ -933,6 +933,35 @@ pub(crate) fn depthwise3x3_x16(
     false
 }
 
+/// Evaluates `$run` with `$act` bound to `$activation` as a closure on
+/// `$vector`s (made with the intrinsics named), one copy of the code per
+/// activation, applied as each cell is stored. `max(0, x)` and
+/// `min(max, max(min, x))` keep a NaN and a -0 as `relu` and `clip` do: the
+/// instructions return their second operand when either is NaN or both are
+/// zeros.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_vector_activation {
+    ($vector:ty, $zero:ident, $splat:ident, $max:ident, $min:ident;
+     $activation:expr, $act:ident => $run:expr) => {{
+        let zero = $zero();
+        match $activation {
+            Activation::None => {
+                let $act = |v: $vector| v;
+                $run
+            }
+            Activation::Relu => {
+                let $act = |v: $vector| $max(zero, v);
+                $run
+            }
+            Activation::Clip { min, max } => {
+                let (min, max) = ($splat(min), $splat(max));
+                let $act = |v: $vector| $min(max, $max(min, v));
+                $run
+            }
+        }
+    }};
+}
+
 /// What the sixteen-plane kernels share whatever their instruction set: the
 /// padded `[H + 2, W + 2, 16]` layout in `scratch` and the walk over its
 /// cells. Every item is `#[inline(always)]`, so that each
@@ -1055,30 +1084,14 @@ mod x16 {
     use crate::graph::Activation;
     use crate::ops::{clip, relu};
 
-    /// Evaluates `$run` with `$act` bound to `$activation` as a closure on
-    /// vectors, one copy of the code per activation, applied as each cell is
-    /// stored. `max(0, x)` and `min(max, max(min, x))` keep a NaN and a -0 as
-    /// `relu` and `clip` do: the instructions return their second operand
-    /// when either is NaN or both are zeros.
+    /// [`with_vector_activation`] on AVX-512 vectors.
     macro_rules! with_activation {
-        ($activation:expr, $act:ident => $run:expr) => {{
-            let zero = _mm512_setzero_ps();
-            match $activation {
-                Activation::None => {
-                    let $act = |v: __m512| v;
-                    $run
-                }
-                Activation::Relu => {
-                    let $act = |v: __m512| _mm512_max_ps(zero, v);
-                    $run
-                }
-                Activation::Clip { min, max } => {
-                    let (min, max) = (_mm512_set1_ps(min), _mm512_set1_ps(max));
-                    let $act = |v: __m512| _mm512_min_ps(max, _mm512_max_ps(min, v));
-                    $run
-                }
-            }
-        }};
+        ($activation:expr, $act:ident => $run:expr) => {
+            with_vector_activation!(
+                __m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_max_ps, _mm512_min_ps;
+                $activation, $act => $run
+            )
+        };
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -1518,30 +1531,14 @@ mod x8 {
     use crate::graph::Activation;
     use crate::ops::{BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput};
 
-    /// Evaluates `$run` with `$act` bound to `$activation` as a closure on
-    /// vectors, one copy of the code per activation, applied as each cell is
-    /// stored. `max(0, x)` and `min(max, max(min, x))` keep a NaN as `relu`
-    /// and `clip` do: the instructions return their second operand when
-    /// either is NaN.
+    /// [`with_vector_activation`] on AVX2 vectors.
     macro_rules! with_activation {
-        ($activation:expr, $act:ident => $run:expr) => {{
-            let zero = _mm256_setzero_ps();
-            match $activation {
-                Activation::None => {
-                    let $act = |v: __m256| v;
-                    $run
-                }
-                Activation::Relu => {
-                    let $act = |v: __m256| _mm256_max_ps(zero, v);
-                    $run
-                }
-                Activation::Clip { min, max } => {
-                    let (min, max) = (_mm256_set1_ps(min), _mm256_set1_ps(max));
-                    let $act = |v: __m256| _mm256_min_ps(max, _mm256_max_ps(min, v));
-                    $run
-                }
-            }
-        }};
+        ($activation:expr, $act:ident => $run:expr) => {
+            with_vector_activation!(
+                __m256, _mm256_setzero_ps, _mm256_set1_ps, _mm256_max_ps, _mm256_min_ps;
+                $activation, $act => $run
+            )
+        };
     }
 
     /// [`super::direct_row`]: for each block of [`BLOCK_COLUMNS`] output cells,

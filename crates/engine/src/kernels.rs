@@ -1191,7 +1191,7 @@ mod x16 {
     ) {
         let width = p.width;
         let zero = _mm512_setzero_ps();
-        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
+        let taps = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -1222,16 +1222,7 @@ mod x16 {
         for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
             let (here, below) = (cells(2 * oh), cells(2 * oh + 1));
             for v in 0..V {
-                let ([l0, m0, r0], [l1, m1, r1], [l2, m2, r2]) = (top[v], here[v], below[v]);
-                let t = _mm512_fmadd_ps(
-                    w2,
-                    r0,
-                    _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
-                );
-                let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
-                let bottom =
-                    _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
-                let sums = act(_mm512_add_ps(_mm512_add_ps(t, mid), bottom));
+                let sums = act(nine_taps(&taps, bias, [top[v], here[v], below[v]]));
                 let cells = (16 * v).min(out_width)..(16 * v + 16).min(out_width);
                 store(&mut out_row[cells], sums);
             }
@@ -1256,7 +1247,7 @@ mod x16 {
         let shift = _mm512_setr_epi32(
             15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
         );
-        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
+        let taps = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
         let zero = _mm512_setzero_ps();
         // Input row r - 1 of padded row r, or none (padding).
@@ -1290,18 +1281,8 @@ mod x16 {
                         }
                     };
                 }
-                let [l0, m0, r0] = cells!(0);
-                let [l1, m1, r1] = cells!(1);
-                let [l2, m2, r2] = cells!(2);
-                let top = _mm512_fmadd_ps(
-                    w2,
-                    r0,
-                    _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
-                );
-                let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
-                let bottom =
-                    _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
-                let sums = act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom));
+                let rows = [cells!(0), cells!(1), cells!(2)];
+                let sums = act(nine_taps(&taps, bias, rows));
                 store(&mut out_row[first..(first + 16).min(out_width)], sums);
             }
         }
@@ -1331,7 +1312,7 @@ mod x16 {
     ) {
         let width = p.width;
         let zero = _mm512_setzero_ps();
-        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = p.taps.map(|t| _mm512_set1_ps(t));
+        let taps = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
         let bits = _mm512_castps_si512;
         // Lanes `15..` of (`low`, `high`), as `valignd` counts: `low`'s last
@@ -1362,16 +1343,7 @@ mod x16 {
         for out_row in out.chunks_exact_mut(width) {
             let below = cells(rows.next());
             for v in 0..V {
-                let ([l0, m0, r0], [l1, m1, r1], [l2, m2, r2]) = (above[v], here[v], below[v]);
-                let top = _mm512_fmadd_ps(
-                    w2,
-                    r0,
-                    _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
-                );
-                let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
-                let bottom =
-                    _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
-                let sums = act(_mm512_add_ps(_mm512_add_ps(top, mid), bottom));
+                let sums = act(nine_taps(&taps, bias, [above[v], here[v], below[v]]));
                 let cells = (16 * v).min(width)..(16 * v + 16).min(width);
                 store(&mut out_row[cells], sums);
             }
@@ -1442,6 +1414,25 @@ mod x16 {
         unsafe {
             _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v)
         }
+    }
+
+    /// The bias plus the nine taps over three input rows' cells `j - 1`, `j`
+    /// and `j + 1` (`rows[k]`, for kernel row `k`), summed in the portable
+    /// kernel's order: each kernel row left to right, the first onto the
+    /// bias, then the three rows' sums top to bottom.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn nine_taps(taps: &[__m512; 9], bias: __m512, rows: [[__m512; 3]; 3]) -> __m512 {
+        let [[l0, m0, r0], [l1, m1, r1], [l2, m2, r2]] = rows;
+        let [w0, w1, w2, w3, w4, w5, w6, w7, w8] = *taps;
+        let top = _mm512_fmadd_ps(
+            w2,
+            r0,
+            _mm512_fmadd_ps(w1, m0, _mm512_fmadd_ps(w0, l0, bias)),
+        );
+        let mid = _mm512_fmadd_ps(w5, r1, _mm512_fmadd_ps(w4, m1, _mm512_mul_ps(w3, l1)));
+        let bottom = _mm512_fmadd_ps(w8, r2, _mm512_fmadd_ps(w7, m2, _mm512_mul_ps(w6, l2)));
+        _mm512_add_ps(_mm512_add_ps(top, mid), bottom)
     }
 
     /// The mask of the first `n` lanes; `n` must be at most 16.
@@ -2145,6 +2136,31 @@ mod tests {
 
     /// The bits of `v`, every NaN as the same one: the kernels compared with
     /// these must agree bit for bit on every other value.
+    /// A plane of `cells` fractions (one a NaN where `nan` says), nine taps,
+    /// and the activation numbered `activation` (0 to 2), for the depthwise
+    /// kernels' tests.
+    fn depthwise_case(
+        cells: usize,
+        nan: Option<usize>,
+        seed: usize,
+        activation: usize,
+    ) -> (Vec<f32>, [f32; 9], Activation) {
+        let mut plane = fractions(cells, seed);
+        if let Some(at) = nan {
+            plane[at % cells] = f32::NAN;
+        }
+        let taps = fractions(9, seed + 1).try_into().unwrap();
+        let activation = [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip {
+                min: -1.0,
+                max: 2.0,
+            },
+        ][activation];
+        (plane, taps, activation)
+    }
+
     fn nan_blind_bits(v: &[f32]) -> Vec<u32> {
         v.iter()
             .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
@@ -2374,17 +2390,7 @@ mod tests {
             nan in proptest::option::of(0usize..2000),
             seed in 0usize..1000,
         ) {
-            let mut plane = fractions(width * height, seed);
-            if let Some(at) = nan {
-                let len = plane.len();
-                plane[at % len] = f32::NAN;
-            }
-            let taps: [f32; 9] = fractions(9, seed + 1).try_into().unwrap();
-            let activation = [
-                Activation::None,
-                Activation::Relu,
-                Activation::Clip { min: -1.0, max: 2.0 },
-            ][activation];
+            let (plane, taps, activation) = depthwise_case(width * height, nan, seed, activation);
             let (out_width, out_height) = (width.div_ceil(2), height.div_ceil(2));
             let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
             let mut got = vec![f32::NAN; out_width * out_height];
@@ -2406,17 +2412,12 @@ mod tests {
             nan in proptest::option::of(0usize..2000),
             seed in 0usize..1000,
         ) {
-            let mut plane = fractions(width * height, seed);
-            if let Some(at) = nan {
-                let len = plane.len();
-                plane[at % len] = f32::NAN;
-            }
-            let taps: [f32; 9] = fractions(9, seed + 1).try_into().unwrap();
-            let (activation, act): (Activation, fn(f32) -> f32) = [
-                (Activation::None, (|v| v) as fn(f32) -> f32),
-                (Activation::Relu, crate::ops::relu),
-                (Activation::Clip { min: -1.0, max: 2.0 }, |v| crate::ops::clip(v, -1.0, 2.0)),
-            ][activation];
+            let (plane, taps, activation) = depthwise_case(width * height, nan, seed, activation);
+            let act = |v: f32| match activation {
+                Activation::None => v,
+                Activation::Relu => crate::ops::relu(v),
+                Activation::Clip { min, max } => crate::ops::clip(v, min, max),
+            };
             let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
             let mut got = vec![f32::NAN; width * height];
             let done = depthwise3x3_stride1(&p, &mut got);

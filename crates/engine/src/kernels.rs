@@ -1195,7 +1195,6 @@ mod x16 {
         let bias = _mm512_set1_ps(p.bias);
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let bits = _mm512_castps_si512;
         // Input row `r`'s cells `2j - 1`, `2j` and `2j + 1` for each block of 16
         // outputs `j`, or zeros below the plane.
         let cells = |r: usize| -> [[__m512; 3]; V] {
@@ -1213,8 +1212,7 @@ mod x16 {
             std::array::from_fn(|v| {
                 let (m, r) = pairs[v];
                 let before = if v == 0 { zero } else { pairs[v - 1].1 };
-                let l = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(bits(r), bits(before)));
-                [l, m, r]
+                [after(before, r), m, r]
             })
         };
         // Output row `oh` reads input rows `2 oh - 1`, `2 oh` and `2 oh + 1`.
@@ -1314,16 +1312,6 @@ mod x16 {
         let zero = _mm512_setzero_ps();
         let taps = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
-        let bits = _mm512_castps_si512;
-        // Lanes `15..` of (`low`, `high`), as `valignd` counts: `low`'s last
-        // lane, then `high`'s first fifteen.
-        let after = |low: __m512, high: __m512| {
-            _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(bits(high), bits(low)))
-        };
-        // Lanes `1..17` of (`low`, `high`).
-        let before = |low: __m512, high: __m512| {
-            _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(bits(high), bits(low)))
-        };
         // A row's cells `j - 1`, `j` and `j + 1` of each block, or zeros.
         let cells = |row: Option<&[f32]>| -> [[__m512; 3]; V] {
             let Some(row) = row else {
@@ -1414,6 +1402,24 @@ mod x16 {
         unsafe {
             _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, v)
         }
+    }
+
+    /// Lanes `15..31` of (`low`, `high`), as `valignd` counts: `low`'s last
+    /// lane, then `high`'s first fifteen (each cell's left neighbour).
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn after(low: __m512, high: __m512) -> __m512 {
+        let bits = _mm512_castps_si512;
+        _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(bits(high), bits(low)))
+    }
+
+    /// Lanes `1..17` of (`low`, `high`): `low`'s last fifteen, then `high`'s
+    /// first (each cell's right neighbour).
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn before(low: __m512, high: __m512) -> __m512 {
+        let bits = _mm512_castps_si512;
+        _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(bits(high), bits(low)))
     }
 
     /// The bias plus the nine taps over three input rows' cells `j - 1`, `j`

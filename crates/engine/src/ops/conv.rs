@@ -24,6 +24,9 @@
 //!   [`direct`]).
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
+//!   With AVX-512, products of at most [`TILE_MAX_DEPTH`] input channels
+//!   and no residual go to a kernel of ours instead
+//!   ([`kernels::pointwise`]), which also applies the bias and activation.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a
 //!   `[C/group * kH * kW, OH * OW]` matrix of receptive fields, then one GEMM
 //!   with the weights `[M/group, C/group * kH * kW]` yields its outputs. A
@@ -509,6 +512,9 @@ impl Unit<'_> {
                 columns: range,
                 mut out,
             } = tile;
+            if pointwise && self.shallow_pointwise(&channels, &range, &mut out) {
+                return;
+            }
             with_scratch(|scratch| {
                 let count = channels.len();
                 let sub = if pointwise && self.depth <= TILE_MAX_DEPTH {
@@ -574,6 +580,49 @@ impl Unit<'_> {
                 }
             });
         });
+    }
+
+    /// Computes a pointwise tile of at most [`TILE_MAX_DEPTH`] input channels
+    /// and no residual with [`kernels::pointwise`], and returns true; returns
+    /// false, touching nothing, where that kernel does not apply.
+    fn shallow_pointwise(
+        &self,
+        channels: &Range<usize>,
+        columns: &Range<usize>,
+        out: &mut TileOut<'_>,
+    ) -> bool {
+        if self.depth > TILE_MAX_DEPTH
+            || self.residual.is_some()
+            || columns.len() < kernels::POINTWISE_MIN_COLUMNS
+        {
+            return false;
+        }
+        let plane = self.geo.out_plane();
+        let zeros;
+        let bias = match self.bias {
+            Some(b) => &b[channels.clone()],
+            None => {
+                zeros = vec![0.0; channels.len()];
+                &zeros
+            }
+        };
+        let tile = kernels::Pointwise {
+            image: self.image,
+            plane,
+            weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
+            depth: self.depth,
+            bias,
+            activation: self.geo.activation,
+            columns: columns.clone(),
+        };
+        let mut rows: Vec<&mut [f32]> = match out {
+            TileOut::Rows(rows) => rows
+                .chunks_mut(plane)
+                .map(|row| &mut row[columns.clone()])
+                .collect(),
+            TileOut::Segments(segments) => segments.iter_mut().map(|s| &mut s[..]).collect(),
+        };
+        kernels::pointwise(&tile, &mut rows)
     }
 
     /// Computes an im2col unit with `tasks` tasks that each take a block of its

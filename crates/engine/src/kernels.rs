@@ -606,6 +606,28 @@ multiversion! {
     fn dots4(x: &[f32], ys: [&[f32]; 4]) -> [f32; 4] => dots4_body;
 }
 
+/// The body of a front of an AVX-512-only kernel: runs `x16::$kernel(args)`
+/// and is true where the CPU has AVX-512 and `$when` holds; is false, having
+/// touched nothing, elsewhere (the caller then takes its portable path).
+macro_rules! on_avx512 {
+    ($kernel:ident($($arg:ident),*) if $when:expr) => {{
+        let run = isa() == Isa::Avx512 && $when;
+        #[cfg(target_arch = "x86_64")]
+        if run {
+            #[allow(unsafe_code)]
+            // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+            // the `x16` kernels are compiled with (detected at run time), and
+            // they are otherwise safe.
+            unsafe {
+                x16::$kernel($($arg),*)
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ($($arg),*);
+        run
+    }};
+}
+
 /// One plane of a 3x3 depthwise convolution with one cell of padding, for
 /// [`depthwise3x3_stride2`] and [`depthwise3x3_stride1`].
 pub(crate) struct OnePlane<'a> {
@@ -635,19 +657,7 @@ pub(crate) struct OnePlane<'a> {
 /// the next band prefetched, it was no better there, and row by row with
 /// nine loads per vector (each across two cache lines) it was slower alone.
 pub(crate) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 && (1..=32).contains(&p.width) {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::depthwise3x3_stride1` is compiled with (detected at run time),
-        // and the function is otherwise safe.
-        unsafe {
-            x16::depthwise3x3_stride1(p, out)
-        };
-        return true;
-    }
-    let _ = (p, out);
-    false
+    on_avx512!(depthwise3x3_stride1(p, out) if (1..=32).contains(&p.width))
 }
 
 /// Computes `p` into `out` (`[OH, OW]`, `OW = out_width`) as [`depthwise3x3`]
@@ -657,19 +667,7 @@ pub(crate) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) -> bool {
 /// portable code writes them to its scratch and reads them back; it sums the
 /// same products in the same order, so the outputs are the same bits.
 pub(crate) fn depthwise3x3_stride2(p: &OnePlane<'_>, out: &mut [f32], out_width: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::depthwise3x3_stride2` is compiled with (detected at run time),
-        // and the function is otherwise safe.
-        unsafe {
-            x16::depthwise3x3_stride2(p, out, out_width)
-        };
-        return true;
-    }
-    let _ = (p, out, out_width);
-    false
+    on_avx512!(depthwise3x3_stride2(p, out, out_width) if true)
 }
 
 /// A shallow 1x1 Conv's tile for [`pointwise`]: output channels
@@ -718,19 +716,7 @@ pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 /// store to: 0.52-0.53 ms inside MobileNetV2 at one thread, 0.30-0.31 at two
 /// (0.34-0.48 without). Prefetching two or more blocks ahead was slower.
 pub(crate) fn pointwise(p: &Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::pointwise` is compiled with (detected at run time), and the
-        // function is otherwise safe.
-        unsafe {
-            x16::pointwise(p, rows)
-        };
-        return true;
-    }
-    let _ = (p, rows);
-    false
+    on_avx512!(pointwise(p, rows) if true)
 }
 
 multiversion! {

@@ -1,0 +1,77 @@
+"""Two builds of mlcapsule on the same ONNX files, alternated: which is quicker.
+
+    cargo build --release -p mlcapsule && cp target/release/mlcapsule /tmp/mlc_a
+    # ... change the engine, build again ...
+    python3 bench/ab.py /tmp/mlc_a target/release/mlcapsule build/models/mobilenetv2.onnx
+    python3 bench/ab.py A B MODEL --threads 1,2 --rounds 10
+    python3 bench/ab.py A B MODEL --node 'features\\.2/'   # per-node sums, from --profile
+
+On a shared machine the same binary can read 20-40 % apart from one minute to
+the next, so comparing two runs made apart says little. Here each round runs A
+then B (then B then A in the next round, so neither always goes first), back
+to back, and the round's B/A ratio pairs two runs made seconds apart; the
+median of those ratios is the figure to report, with their range. Each run is
+`mlcapsule bench --model FILE --plain-only --json` (the median over its own
+timed queries) or, with --node, `--profile`'s per-node medians summed over
+the nodes whose names match the regular expression.
+
+Standard library only: no virtual environment needed.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+
+def run(binary: str, model: str, threads: int, node: str | None) -> float:
+    """One run's median latency in ms: the whole query, or the matching nodes."""
+    args = [binary, "bench", "--model", model, "--threads", str(threads), "--json"]
+    args += ["--profile"] if node else ["--plain-only"]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{binary} failed on {model}:\n{out.stderr.strip()}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if node:
+        matched = [r["median_ms"] for r in rows if re.search(node, r["node"])]
+        if not matched:
+            sys.exit(f"no node of {model} matches {node!r}")
+        return sum(matched)
+    return rows[0]["median_ms"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("a", help="the reference build of mlcapsule")
+    parser.add_argument("b", help="the build to compare with it")
+    parser.add_argument("models", nargs="+", help="ONNX files")
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts [1]")
+    parser.add_argument("--rounds", type=int, default=8, help="alternated rounds [8]")
+    parser.add_argument("--node", help="regular expression: sum these nodes' times instead")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit("--rounds must be at least 1")
+    threads = [int(t) for t in args.threads.split(",")]
+
+    print(f"{'model':<24} {'thr':>3} {'A ms':>8} {'B ms':>8} {'B/A':>6}  rounds' B/A")
+    for model in args.models:
+        for t in threads:
+            a_ms, b_ms, ratios = [], [], []
+            for r in range(args.rounds):
+                order = ("a", "b") if r % 2 == 0 else ("b", "a")
+                got = {w: run(getattr(args, w), model, t, args.node) for w in order}
+                a_ms.append(got["a"])
+                b_ms.append(got["b"])
+                ratios.append(got["b"] / got["a"])
+            name = model.rsplit("/", 1)[-1]
+            print(
+                f"{name:<24} {t:>3} {statistics.median(a_ms):>8.3f} "
+                f"{statistics.median(b_ms):>8.3f} {statistics.median(ratios):>6.3f}  "
+                f"{min(ratios):.3f}-{max(ratios):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,8 @@
 //!
 //! [`zero_uncached`], which the enclave wipes large weight buffers with, is
 //! here for its non-temporal stores: each goes through an aligned reference
-//! to one vector of the slice.
+//! to one vector of the slice. [`prefetch_l2`] is here for its prefetch
+//! instruction, a hint that reads no value.
 //!
 //! [`LineAligned`], the global allocator that the `mlcapsule` and
 //! `mlcapsule-enclave` binaries install (and the engine's own tests, so that
@@ -1929,6 +1930,32 @@ mod x8 {
             }
         }
     }
+}
+
+/// Asks the CPU to bring every cache line of `data` into its L2 cache
+/// (`prefetcht1`, SSE, which every x86-64 CPU has; elsewhere nothing), and
+/// returns at once: a hint, which never faults and changes no value.
+///
+/// For weights a product is about to read that are not in cache. Inside
+/// MobileNetV2, whose 14 MB of weights leave the cache between queries,
+/// `gemm` read each 1x1 Conv's weights by short runs of rows as it packed
+/// them, too short for the hardware prefetcher: 160 -> 960 on 7x7 took
+/// 0.28-0.30 ms there against 0.15 alone. All lines asked for at once
+/// first, it took 0.21-0.22 (one thread, Zen 4, four alternated rounds).
+pub(crate) fn prefetch_l2(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(64 / std::mem::size_of::<f32>()) {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        #[allow(unsafe_code)]
+        // SAFETY: SSE, the one feature `_mm_prefetch` needs, is in every
+        // x86-64 CPU (the target's baseline); a prefetch reads no value and
+        // cannot fault, and the pointer is into `data` anyway.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// Sets every byte of `buf` to zero with non-temporal stores (SSE2, which every

@@ -1610,6 +1610,10 @@ mod tests {
             // pointwise (1x1, stride 1, no pad), with and without groups
             case([2, 8, 4, 5], 6, 1, [1, 1], [1, 1], [0; 4], [1, 1]),
             case([2, 8, 4, 5], 6, 2, [1, 1], [1, 1], [0; 4], [3, 2]),
+            // pointwise, one image split over threads (given two): by its
+            // columns (each task a segment of every row), by output channels
+            case([1, 8, 8, 9], 6, 1, [1, 1], [1, 1], [0; 4], [1, 1]),
+            case([1, 8, 4, 5], 70, 1, [1, 1], [1, 1], [0; 4], [1, 1]),
             // 1x1 but strided or padded: not pointwise
             case([1, 4, 5, 5], 3, 1, [1, 1], [2, 2], [0; 4], [1, 1]),
             case([1, 4, 5, 5], 3, 1, [1, 1], [1, 1], [1, 1, 1, 1], [1, 1]),

@@ -400,10 +400,11 @@ const TILE_LEN: usize = 1 << 16;
 const TILE_MAX_DEPTH: usize = 64;
 
 /// Most bytes of weights a task of [`Unit::tiles`] prefetches into L2
-/// ([`kernels::prefetch_l2`]) before its products read them: MobileNetV2's
-/// largest 1x1 Conv (320 -> 1280, 1.6 MB) went 0.59 → 0.52 ms inside the
-/// network at one thread with it. The weights of larger products would not
-/// stay in a core's L2 of 1 MB (Zen 4) until read.
+/// ([`kernels::prefetch_l2`]) before its products read them. MobileNetV2's
+/// largest 1x1 Conv (320 -> 1280, 1.6 MB, more than a Zen 4 core's 1 MB of
+/// L2) still went 0.59 → 0.52 ms inside the network at one thread with it;
+/// weights several times the L2 (ResNet-18's deep 3x3 Convs, 2.4-9.4 MB)
+/// would evict their own first lines before the product reads them.
 const PREFETCH_MAX_BYTES: usize = 2 << 20;
 
 /// Fewest output channels per task for which a pointwise product is split

@@ -2628,11 +2628,6 @@ mod tests {
                 proptest::prop_assert!(got.iter().flatten().all(|v| v.is_nan()), "touched nothing");
                 return Ok(());
             }
-            let act = |v: f32| match activation {
-                Activation::None => v,
-                Activation::Relu => crate::ops::relu(v),
-                Activation::Clip { min, max } => crate::ops::clip(v, min, max),
-            };
             for (o, row) in got.iter().enumerate() {
                 // From the bias, one fused multiply-add per input channel in order.
                 let want: Vec<f32> = columns
@@ -2641,7 +2636,7 @@ mod tests {
                         let sum = (0..depth).fold(bias[o], |s, k| {
                             weights[o * depth + k].mul_add(image[k * plane + c], s)
                         });
-                        act(sum)
+                        activation.apply(sum)
                     })
                     .chain([f32::NAN])
                     .collect();
@@ -2658,11 +2653,6 @@ mod tests {
             seed in 0usize..1000,
         ) {
             let (plane, taps, activation) = depthwise_case(width * height, nan, seed, activation);
-            let act = |v: f32| match activation {
-                Activation::None => v,
-                Activation::Relu => crate::ops::relu(v),
-                Activation::Clip { min, max } => crate::ops::clip(v, min, max),
-            };
             let p = OnePlane { plane: &plane, width, taps: &taps, bias: 0.25, activation };
             let mut got = vec![f32::NAN; width * height];
             let done = depthwise3x3_stride1(&p, &mut got);
@@ -2685,7 +2675,7 @@ mod tests {
                 let top = w(0, 2).mul_add(x(0, 2), w(0, 1).mul_add(x(0, 1), w(0, 0).mul_add(x(0, 0), 0.25)));
                 let mid = w(1, 2).mul_add(x(1, 2), w(1, 1).mul_add(x(1, 1), w(1, 0) * x(1, 0)));
                 let bottom = w(2, 2).mul_add(x(2, 2), w(2, 1).mul_add(x(2, 1), w(2, 0) * x(2, 0)));
-                *y = act(top + mid + bottom);
+                *y = activation.apply(top + mid + bottom);
             }
             proptest::prop_assert_eq!(nan_blind_bits(&got), nan_blind_bits(&want));
             if width < 32 {

@@ -41,6 +41,19 @@ pub(crate) fn clip(x: f32, min: f32, max: f32) -> f32 {
     if low > max { max } else { low }
 }
 
+impl Activation {
+    /// The activation of one value, as [`relu`] and [`clip`] give it (NaN stays
+    /// NaN). For scalar loops; vector kernels bind the activation once, outside
+    /// their loops.
+    pub(crate) fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::None => x,
+            Activation::Relu => relu(x),
+            Activation::Clip { min, max } => clip(x, min, max),
+        }
+    }
+}
+
 /// The logistic function. For very negative `x`, `exp(-x)` overflows to
 /// infinity and the result is the correct limit, 0.
 pub(crate) fn sigmoid(x: f32) -> f32 {

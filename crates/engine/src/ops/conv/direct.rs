@@ -25,7 +25,6 @@
 use super::{BLOCKS_PER_THREAD, Geometry, copy_strided, split_rows};
 use crate::graph::Activation;
 use crate::kernels;
-use crate::ops::elementwise::{clip, relu};
 use crate::threads::{for_each_chunk, for_each_task, threads};
 
 /// Output channels computed together: each input run loaded feeds this many.
@@ -102,11 +101,7 @@ pub(crate) fn direct_row_body<const FMA: bool>(
         let len = BLOCK_COLUMNS.min(width - first);
         for (row, a) in rows.iter_mut().zip(&acc) {
             for (y, &v) in row[first..first + len].iter_mut().zip(a) {
-                *y = match input.activation {
-                    Activation::None => v,
-                    Activation::Relu => relu(v),
-                    Activation::Clip { min, max } => clip(v, min, max),
-                };
+                *y = input.activation.apply(v);
             }
         }
     }

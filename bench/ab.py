@@ -5,6 +5,7 @@
     python3 bench/ab.py /tmp/mlc_a target/release/mlcapsule build/models/mobilenetv2.onnx
     python3 bench/ab.py A B MODEL --threads 1,2 --rounds 10
     python3 bench/ab.py A B MODEL --node 'features\\.2/'   # per-node sums, from --profile
+    python3 bench/ab.py A B MODEL --threads 2 --mode sealed-streaming
 
 On a shared machine the same binary can read 20-40 % apart from one minute to
 the next, so comparing two runs made apart says little. Here each round runs A
@@ -12,8 +13,9 @@ then B (then B then A in the next round, so neither always goes first), back
 to back, and the round's B/A ratio pairs two runs made seconds apart; the
 median of those ratios is the figure to report, with their range. Each run is
 `mlcapsule bench --model FILE --plain-only --json` (the median over its own
-timed queries) or, with --node, `--profile`'s per-node medians summed over
-the nodes whose names match the regular expression.
+timed queries; with --mode, that mode's median instead of plain's) or, with
+--node, `--profile`'s per-node medians summed over the nodes whose names match
+the regular expression.
 
 Standard library only: no virtual environment needed.
 """
@@ -26,10 +28,10 @@ import subprocess
 import sys
 
 
-def run(binary: str, model: str, threads: int, node: str | None) -> float:
-    """One run's median latency in ms: the whole query, or the matching nodes."""
+def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> float:
+    """One run's median latency in ms: the whole query in `mode`, or the matching nodes."""
     args = [binary, "bench", "--model", model, "--threads", str(threads), "--json"]
-    args += ["--profile"] if node else ["--plain-only"]
+    args += ["--profile"] if node else ["--mode", mode]
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{binary} failed on {model}:\n{out.stderr.strip()}")
@@ -39,7 +41,7 @@ def run(binary: str, model: str, threads: int, node: str | None) -> float:
         if not matched:
             sys.exit(f"no node of {model} matches {node!r}")
         return sum(matched)
-    return rows[0]["median_ms"]
+    return next(r["median_ms"] for r in rows if r["mode"] == mode)
 
 
 def main() -> None:
@@ -50,6 +52,12 @@ def main() -> None:
     parser.add_argument("--threads", default="1", help="comma-separated thread counts [1]")
     parser.add_argument("--rounds", type=int, default=8, help="alternated rounds [8]")
     parser.add_argument("--node", help="regular expression: sum these nodes' times instead")
+    parser.add_argument(
+        "--mode",
+        default="plain",
+        choices=["plain", "sealed-streaming", "sealed-cached"],
+        help="the mode whose queries are timed [plain]",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         sys.exit("--rounds must be at least 1")
@@ -61,7 +69,7 @@ def main() -> None:
             a_ms, b_ms, ratios = [], [], []
             for r in range(args.rounds):
                 order = ("a", "b") if r % 2 == 0 else ("b", "a")
-                got = {w: run(getattr(args, w), model, t, args.node) for w in order}
+                got = {w: run(getattr(args, w), model, t, args.node, args.mode) for w in order}
                 a_ms.append(got["a"])
                 b_ms.append(got["b"])
                 ratios.append(got["b"] / got["a"])

@@ -13,7 +13,9 @@ then B (then B then A in the next round, so neither always goes first), back
 to back, and the round's B/A ratio pairs two runs made seconds apart; the
 median of those ratios is the figure to report, with their range. Each run is
 `mlcapsule bench --model FILE --plain-only --json` (the median over its own
-timed queries; with --mode, that mode's median instead of plain's) or, with
+timed queries; with --mode sealed-*, that mode's median over plain's in the
+same run, the `x` that `mlcapsule bench` prints, which cancels more of the
+machine's drift than either median alone) or, with
 --node, `--profile`'s per-node medians summed over the nodes whose names match
 the regular expression.
 
@@ -29,9 +31,11 @@ import sys
 
 
 def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> float:
-    """One run's median latency in ms: the whole query in `mode`, or the matching nodes."""
+    """One run's median latency in ms (the whole query, or the matching nodes), or
+    for a sealed mode its ratio to plain's."""
     args = [binary, "bench", "--model", model, "--threads", str(threads), "--json"]
-    args += ["--profile"] if node else ["--mode", mode]
+    sealed = mode != "plain" and not node
+    args += ["--profile"] if node else ["--mode", f"plain,{mode}" if sealed else mode]
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{binary} failed on {model}:\n{out.stderr.strip()}")
@@ -41,7 +45,8 @@ def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> f
         if not matched:
             sys.exit(f"no node of {model} matches {node!r}")
         return sum(matched)
-    return next(r["median_ms"] for r in rows if r["mode"] == mode)
+    median = {r["mode"]: r["median_ms"] for r in rows}
+    return median[mode] / median["plain"] if sealed else median[mode]
 
 
 def main() -> None:
@@ -56,14 +61,15 @@ def main() -> None:
         "--mode",
         default="plain",
         choices=["plain", "sealed-streaming", "sealed-cached"],
-        help="the mode whose queries are timed [plain]",
+        help="the mode whose queries are timed; a sealed one as its ratio to plain [plain]",
     )
     args = parser.parse_args()
     if args.rounds < 1:
         sys.exit("--rounds must be at least 1")
     threads = [int(t) for t in args.threads.split(",")]
 
-    print(f"{'model':<24} {'thr':>3} {'A ms':>8} {'B ms':>8} {'B/A':>6}  rounds' B/A")
+    unit = "x" if args.mode != "plain" and not args.node else "ms"
+    print(f"{'model':<24} {'thr':>3} {'A ' + unit:>8} {'B ' + unit:>8} {'B/A':>6}  rounds' B/A")
     for model in args.models:
         for t in threads:
             a_ms, b_ms, ratios = [], [], []

@@ -1015,19 +1015,12 @@ pub(crate) fn open_chunks(
 ) -> Result<(), capsule_format::Error> {
     let step = unsealer.header().chunk_size as usize + TAG_LEN;
     let first = chunks.start;
-    open_each(
-        unsealer,
-        layer,
-        chunks,
-        buffers,
-        parallel,
-        false,
-        |c, out| {
-            let at = (c - first) as usize * step;
-            let piece = &sealed[at.min(sealed.len())..(at + step).min(sealed.len())];
-            unsealer.open_chunk_into(layer, c, piece, out)
-        },
-    )
+    let open = |c: u64, out: &mut [u8]| {
+        let at = (c - first) as usize * step;
+        let piece = &sealed[at.min(sealed.len())..(at + step).min(sealed.len())];
+        unsealer.open_chunk_into(layer, c, piece, out)
+    };
+    open_each(unsealer, layer, chunks, buffers, parallel, false, open)
 }
 
 /// Opens chunks `chunks` of layer `layer` in place: `buffers` (the layer's tensors in

@@ -514,8 +514,12 @@ const PROFILE_RUNS: usize = 30;
 /// Nodes `bench --profile` lists in its table (the slowest; JSON lists all).
 const PROFILE_ROWS: usize = 25;
 
-/// Times each node of `case` over `runs` plain queries (after two to warm up) with
-/// `threads` threads at batch `batch`, and prints the median per node, slowest first.
+/// Times each node of `case` over `runs` plain queries (after [`WARM_UP`] of queries)
+/// with `threads` threads at batch `batch`, and prints the median per node, slowest
+/// first. Two queries of warm-up were not enough at two threads, where the second
+/// core comes up to speed only after tens of milliseconds: twenty 1x1 Convs at 28x28
+/// (1.1-1.3 ms a query once warm) summed to 2.30 ms over 30 queries, and to 1.27 with
+/// this warm-up, in alternated runs.
 fn profile(
     case: &Case,
     threads: usize,
@@ -531,14 +535,16 @@ fn profile(
     shape.extend(&case.item_shape);
     let inputs = [pseudo_random(&shape, 1)];
     let nodes = &case.graph.nodes;
+    let warm = Instant::now();
+    while warm.elapsed() < WARM_UP {
+        std::hint::black_box(model.run_timed(&inputs)?);
+    }
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); nodes.len()];
-    for run in 0..runs + 2 {
+    for _ in 0..runs {
         let (output, times) = model.run_timed(&inputs)?;
         std::hint::black_box(output);
-        if run >= 2 {
-            for (sample, time) in samples.iter_mut().zip(times) {
-                sample.push(time.as_secs_f64() * 1e3);
-            }
+        for (sample, time) in samples.iter_mut().zip(times) {
+            sample.push(time.as_secs_f64() * 1e3);
         }
     }
     let mut rows: Vec<(usize, f64)> = samples

@@ -36,7 +36,7 @@
 //! their transposes, deinterleaves and shifts across lanes are shuffles
 //! that LLVM does not find on its own; the direct convolution's row
 //! ([`direct_row`], AVX2), because LLVM kept its twelve vectors of sums in
-//! memory; and the shallow 1x1 Conv ([`pointwise`], AVX-512), written with
+//! memory; and the 1x1 Conv of few inputs or outputs ([`pointwise`], AVX-512), written with
 //! intrinsics from the start for its 24 vectors of sums and masked row
 //! tails (no portable version of it was tried). Their `unsafe` is that
 //! call, masked loads and stores whose masks
@@ -673,7 +673,7 @@ pub(crate) fn depthwise3x3_stride2(p: &OnePlane<'_>, out: &mut [f32], out_width:
     on_avx512!(depthwise3x3_stride2(p, out, out_width) if true)
 }
 
-/// A shallow 1x1 Conv's tile for [`pointwise`]: output channels
+/// A 1x1 Conv's tile for [`pointwise`]: output channels
 /// `0..weights.len() / depth` of the tile, cells `columns` of each plane.
 pub(crate) struct Pointwise<'a> {
     /// `[K, plane]`: the image's `K = depth` input channels.
@@ -685,6 +685,9 @@ pub(crate) struct Pointwise<'a> {
     pub depth: usize,
     /// `M` values, one per output channel.
     pub bias: &'a [f32],
+    /// `[M, plane]`, laid out like the tile's output channels: added to each
+    /// sum before the activation (a residual connection fused into the Conv).
+    pub residual: Option<&'a [f32]>,
     pub activation: Activation,
     pub columns: Range<usize>,
 }
@@ -694,10 +697,11 @@ pub(crate) struct Pointwise<'a> {
 pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 
 /// Computes `rows[i] = activation(bias[i] + sum_k weights[i, k] * image[k,
-/// columns])` for each output channel `i` of `p`, and returns true, where the
-/// CPU has AVX-512; returns false, touching nothing, where it has not.
-/// `rows[i]` is channel `i`'s cells `p.columns`. Each sum starts from the bias
-/// and adds the input channels in order, one fused multiply-add each.
+/// columns] + residual[i, columns])` for each output channel `i` of `p` (no
+/// residual term without one), and returns true, where the CPU has AVX-512;
+/// returns false, touching nothing, where it has not. `rows[i]` is channel
+/// `i`'s cells `p.columns`. Each sum starts from the bias and adds the input
+/// channels in order, one fused multiply-add each, then the residual.
 ///
 /// For 1x1 Convs of few input channels (at most 64, by the caller), which
 /// `gemm` multiplies well below its pace on deeper products: 16 input
@@ -711,8 +715,14 @@ pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 /// 112x112 0.56 → 0.42 ms, at 56x56 0.139 → 0.104, at 28x28 0.034 → 0.027;
 /// 32 → 16 at 112x112 0.143 → 0.127; 32 → 192 at 28x28 0.117 → 0.096; at two
 /// threads 16 → 96 at 112x112 0.335 → 0.285. From 96 input channels on
-/// `gemm` was quicker (96 → 576 at 14x14 0.218 against 0.254, 160 → 960 at
-/// 7x7 0.152 against 0.175), and at 64 level (64 → 384 at 14x14).
+/// `gemm` was quicker with many outputs (96 → 576 at 14x14 0.218 against
+/// 0.254, 160 → 960 at 7x7 0.152 against 0.175), and at 64 level (64 → 384
+/// at 14x14). With few outputs, as in MobileNetV2's projections (96-576 in,
+/// 24-96 out, most with a residual), this kernel is the quicker where the
+/// caller says (`ops::conv`'s `KERNEL_DEEP_MAX_OUTPUTS`). Deep products go
+/// by narrower panels, of at most 256 KiB of input each: on MobileNetV2's
+/// projections at 28x28 and 56x56 (96-192 channels in) they took 0.939x the
+/// time of panels of 1024 cells (alternated, one thread).
 ///
 /// Inside a network the output rows are rarely in cache, and 16 → 96 at
 /// 112x112 writes 4.8 MB: there it took 0.61-0.66 ms, not 0.42. So each
@@ -1443,6 +1453,10 @@ mod x16 {
     /// channels before it moves to the next.
     const POINTWISE_PANEL: usize = 1024;
 
+    /// Most input values of one panel (256 KiB): deeper products take
+    /// narrower panels.
+    const POINTWISE_PANEL_FLOATS: usize = 1 << 16;
+
     /// [`super::pointwise`]: blocks of [`POINTWISE_VECTORS`] vectors of cells,
     /// and in each, blocks of [`POINTWISE_CHANNELS`] output channels (fewer
     /// for the last), each summed over the whole depth in registers.
@@ -1451,8 +1465,10 @@ mod x16 {
         with_activation!(p.activation, act => {
             let span = 16 * POINTWISE_VECTORS;
             let (start, end) = (p.columns.start, p.columns.end);
-            for panel_first in (start..end).step_by(POINTWISE_PANEL) {
-                let panel_end = (panel_first + POINTWISE_PANEL).min(end);
+            let panel = (POINTWISE_PANEL_FLOATS / p.depth.max(1) / span * span)
+                .clamp(span, POINTWISE_PANEL);
+            for panel_first in (start..end).step_by(panel) {
+                let panel_end = (panel_first + panel).min(end);
                 let mut at = 0;
                 while at < rows.len() {
                     let n = (rows.len() - at).min(POINTWISE_CHANNELS);
@@ -1518,6 +1534,14 @@ mod x16 {
                 let w = _mm512_set1_ps(weights[o * p.depth + k]);
                 for (s, &x) in sum.iter_mut().zip(&x) {
                     *s = _mm512_fmadd_ps(w, x, *s);
+                }
+            }
+        }
+        if let Some(residual) = p.residual {
+            for (o, sum) in sums.iter_mut().enumerate() {
+                let row = &residual[(at + o) * p.plane + cells.start..][..len];
+                for (v, s) in sum.iter_mut().enumerate() {
+                    *s = _mm512_add_ps(*s, load(&row[(16 * v).min(len)..][..lens[v]]));
                 }
             }
         }
@@ -2599,13 +2623,14 @@ mod tests {
         #[test]
         fn pointwise_matches_the_definition_bit_for_bit(
             channels in 1usize..14,
-            depth in 1usize..65,
+            depth in 1usize..200,
             plane in 1usize..1200,
             start in 0usize..1200,
             len in 0usize..1200,
             activation in 0usize..3,
             nan in proptest::option::of(0usize..80_000),
             seed in 0usize..1000,
+            with_residual in proptest::bool::ANY,
         ) {
             let start = start % plane;
             let columns = start..(start + len).min(plane);
@@ -2616,9 +2641,10 @@ mod tests {
             }
             let weights = fractions(channels * depth, seed + 2);
             let bias = fractions(channels, seed + 3);
+            let residual = with_residual.then(|| fractions(channels * plane, seed + 4));
             let p = Pointwise {
-                image: &image, plane, weights: &weights, depth, bias: &bias, activation,
-                columns: columns.clone(),
+                image: &image, plane, weights: &weights, depth, bias: &bias,
+                residual: residual.as_deref(), activation, columns: columns.clone(),
             };
             // Each row a little longer than the columns: the kernel must not
             // write past them.
@@ -2639,6 +2665,10 @@ mod tests {
                         let sum = (0..depth).fold(bias[o], |s, k| {
                             weights[o * depth + k].mul_add(image[k * plane + c], s)
                         });
+                        let sum = match &residual {
+                            Some(r) => sum + r[o * plane + c],
+                            None => sum,
+                        };
                         activation.apply(sum)
                     })
                     .chain([f32::NAN])

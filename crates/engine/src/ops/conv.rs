@@ -24,9 +24,11 @@
 //!   [`direct`]).
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
-//!   With AVX-512, products of at most [`TILE_MAX_DEPTH`] input channels
-//!   and no residual go to a kernel of ours instead
-//!   ([`kernels::pointwise`]), which also applies the bias and activation.
+//!   With AVX-512, products of at most [`TILE_MAX_DEPTH`] input channels,
+//!   and deeper ones with few output channels where it pays
+//!   ([`Unit::by_pointwise_kernel`]), go to a kernel of ours instead
+//!   ([`kernels::pointwise`]), which also applies the bias, the residual and
+//!   the activation.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a
 //!   `[C/group * kH * kW, OH * OW]` matrix of receptive fields, then one GEMM
 //!   with the weights `[M/group, C/group * kH * kW]` yields its outputs. A
@@ -399,6 +401,23 @@ const TILE_LEN: usize = 1 << 16;
 /// of the weights for every tile costs more than the tiles save.
 const TILE_MAX_DEPTH: usize = 64;
 
+/// Deepest pointwise product that [`Unit::by_pointwise_kernel`] takes.
+const KERNEL_MAX_DEPTH: usize = 1024;
+
+/// Most output channels of a pointwise product deeper than [`TILE_MAX_DEPTH`]
+/// that [`Unit::by_pointwise_kernel`] takes. MobileNetV2's projections (96-576
+/// channels in, 24-96 out), per node in the network against `gemm`,
+/// alternated: at two threads, where those of 24-32 outputs are split by
+/// columns and `gemm` writes into a buffer that is then copied, 0.85-0.90x;
+/// at one thread 0.93x at 14x14, but 1.07x at 28x28 and 56x56 (those stay
+/// with `gemm` there). Whole MobileNetV2 0.950x at two threads and 0.992x at
+/// one (medians of 12 rounds). Untried above 96 outputs.
+const KERNEL_DEEP_MAX_OUTPUTS: usize = 96;
+
+/// Largest plane on which [`Unit::by_pointwise_kernel`] takes a deep product
+/// whose tile has whole rows (see [`KERNEL_DEEP_MAX_OUTPUTS`]).
+const KERNEL_DEEP_MAX_PLANE: usize = 256;
+
 /// Most bytes of weights a task of [`Unit::tiles`] prefetches into L2
 /// ([`kernels::prefetch_l2`]) before its products read them. MobileNetV2's
 /// largest 1x1 Conv (320 -> 1280, 1.6 MB, more than a Zen 4 core's 1 MB of
@@ -520,7 +539,7 @@ impl Unit<'_> {
                 columns: range,
                 mut out,
             } = tile;
-            if pointwise && self.shallow_pointwise(&channels, &range, &mut out) {
+            if pointwise && self.by_pointwise_kernel(&channels, &range, &mut out) {
                 return;
             }
             with_scratch(|scratch| {
@@ -595,22 +614,28 @@ impl Unit<'_> {
         });
     }
 
-    /// Computes a pointwise tile of at most [`TILE_MAX_DEPTH`] input channels
-    /// and no residual with [`kernels::pointwise`], and returns true; returns
-    /// false, touching nothing, where that kernel does not apply.
-    fn shallow_pointwise(
+    /// Computes a pointwise tile with [`kernels::pointwise`], and returns true;
+    /// returns false, touching nothing, where that kernel does not apply or does
+    /// not pay: it takes products of at most [`TILE_MAX_DEPTH`] input channels,
+    /// and deeper ones (up to [`KERNEL_MAX_DEPTH`]) of at most
+    /// [`KERNEL_DEEP_MAX_OUTPUTS`] output channels where `gemm` would write into
+    /// a buffer of the task's own (a split by columns) or the plane is at most
+    /// [`KERNEL_DEEP_MAX_PLANE`] cells: MobileNetV2's projections.
+    fn by_pointwise_kernel(
         &self,
         channels: &Range<usize>,
         columns: &Range<usize>,
         out: &mut TileOut<'_>,
     ) -> bool {
-        if self.depth > TILE_MAX_DEPTH
-            || self.residual.is_some()
+        let plane = self.geo.out_plane();
+        let deep_pays = self.depth <= KERNEL_MAX_DEPTH
+            && self.geo.out_channels <= KERNEL_DEEP_MAX_OUTPUTS
+            && (plane <= KERNEL_DEEP_MAX_PLANE || matches!(out, TileOut::Segments(_)));
+        if (self.depth > TILE_MAX_DEPTH && !deep_pays)
             || columns.len() < kernels::POINTWISE_MIN_COLUMNS
         {
             return false;
         }
-        let plane = self.geo.out_plane();
         let zeros;
         let bias = match self.bias {
             Some(b) => &b[channels.clone()],
@@ -625,6 +650,9 @@ impl Unit<'_> {
             weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
             depth: self.depth,
             bias,
+            residual: self
+                .residual
+                .map(|r| &r[channels.start * plane..channels.end * plane]),
             activation: self.geo.activation,
             columns: columns.clone(),
         };

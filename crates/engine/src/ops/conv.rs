@@ -411,7 +411,8 @@ const KERNEL_MAX_DEPTH: usize = 1024;
 /// columns and `gemm` writes into a buffer that is then copied, 0.85-0.90x;
 /// at one thread 0.93x at 14x14, but 1.07x at 28x28 and 56x56 (those stay
 /// with `gemm` there). Whole MobileNetV2 0.950x at two threads and 0.992x at
-/// one (medians of 12 rounds). Untried above 96 outputs.
+/// one (medians of 12 rounds). With up to 320 outputs, MobileNetV2's
+/// projections at 7x7 (160-320 out) took 1.07-1.08x their time with `gemm`.
 const KERNEL_DEEP_MAX_OUTPUTS: usize = 96;
 
 /// Largest plane on which [`Unit::by_pointwise_kernel`] takes a deep product

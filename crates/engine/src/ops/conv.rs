@@ -401,7 +401,8 @@ const TILE_LEN: usize = 1 << 16;
 /// of the weights for every tile costs more than the tiles save.
 const TILE_MAX_DEPTH: usize = 64;
 
-/// Deepest pointwise product that [`Unit::by_pointwise_kernel`] takes.
+/// Deepest pointwise product that [`Unit::by_pointwise_kernel`] takes. The
+/// deepest it was measured on is 576 (MobileNetV2's projections at 14x14).
 const KERNEL_MAX_DEPTH: usize = 1024;
 
 /// Most output channels of a pointwise product deeper than [`TILE_MAX_DEPTH`]

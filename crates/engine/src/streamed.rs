@@ -107,7 +107,7 @@ impl StreamedGemm {
     pub fn dots(&self, a: &Tensor, rows: &[f32], out: &mut [f32]) {
         let a_rows: Vec<&[f32]> = a.data().chunks_exact(self.k).collect();
         let b_rows: Vec<&[f32]> = rows.chunks_exact(self.k).collect();
-        kernels::dots_into(&a_rows, &b_rows, out);
+        kernels::dots_into(&a_rows, &b_rows, out, false);
     }
 
     /// The output `[M, N]` from every row's dot products (`dots[j · M + i]`

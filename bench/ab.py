@@ -19,6 +19,13 @@ machine's drift than either median alone) or, with
 --node, `--profile`'s per-node medians summed over the nodes whose names match
 the regular expression.
 
+At more than one thread each run also notes the core-to-core round trip before
+and after it (`mlcapsule bench` measures it). When rounds ran with the threads'
+cores near each other (every round trip under 150 ns: a shared cache) and
+others far (every one over) or mixed, each group gets a line of its own as well
+("near", "far", "mixed") with its count of rounds: on a machine whose host
+moves the virtual CPUs, the two placements time two threads very differently.
+
 Standard library only: no virtual environment needed.
 """
 
@@ -30,9 +37,10 @@ import subprocess
 import sys
 
 
-def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> float:
+def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> tuple[float, list[float]]:
     """One run's median latency in ms (the whole query, or the matching nodes), or
-    for a sealed mode its ratio to plain's."""
+    for a sealed mode its ratio to plain's; and the core-to-core round trips in ns
+    it noted before and after (none at one thread)."""
     args = [binary, "bench", "--model", model, "--threads", str(threads), "--json"]
     sealed = mode != "plain" and not node
     args += ["--profile"] if node else ["--mode", f"plain,{mode}" if sealed else mode]
@@ -40,13 +48,26 @@ def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> f
     if out.returncode != 0:
         sys.exit(f"{binary} failed on {model}:\n{out.stderr.strip()}")
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    trips = [float(ns) for ns in re.findall(r"round trip \w+: (\d+) ns", out.stderr)]
     if node:
         matched = [r["median_ms"] for r in rows if re.search(node, r["node"])]
         if not matched:
             sys.exit(f"no node of {model} matches {node!r}")
-        return sum(matched)
+        return sum(matched), trips
     median = {r["mode"]: r["median_ms"] for r in rows}
-    return median[mode] / median["plain"] if sealed else median[mode]
+    return (median[mode] / median["plain"] if sealed else median[mode]), trips
+
+
+# Core-to-core round trips (ns) below this are cores that share a cache.
+NEAR_NS = 150
+
+
+def placement(trips: list[float]) -> str:
+    """A round's placement of its threads: "near" (every round trip under
+    NEAR_NS), "far" (every one over) or "mixed"."""
+    if all(t < NEAR_NS for t in trips):
+        return "near"
+    return "far" if all(t >= NEAR_NS for t in trips) else "mixed"
 
 
 def main() -> None:
@@ -72,19 +93,25 @@ def main() -> None:
     print(f"{'model':<24} {'thr':>3} {'A ' + unit:>8} {'B ' + unit:>8} {'B/A':>6}  rounds' B/A")
     for model in args.models:
         for t in threads:
-            a_ms, b_ms, ratios = [], [], []
+            rounds: list[tuple[float, float, str]] = []
             for r in range(args.rounds):
                 order = ("a", "b") if r % 2 == 0 else ("b", "a")
                 got = {w: run(getattr(args, w), model, t, args.node, args.mode) for w in order}
-                a_ms.append(got["a"])
-                b_ms.append(got["b"])
-                ratios.append(got["b"] / got["a"])
+                trips = got["a"][1] + got["b"][1]
+                rounds.append((got["a"][0], got["b"][0], placement(trips)))
             name = model.rsplit("/", 1)[-1]
-            print(
-                f"{name:<24} {t:>3} {statistics.median(a_ms):>8.3f} "
-                f"{statistics.median(b_ms):>8.3f} {statistics.median(ratios):>6.3f}  "
-                f"{min(ratios):.3f}-{max(ratios):.3f}"
-            )
+            places = sorted({p for _, _, p in rounds})
+            groups = [("", rounds)]
+            if t > 1 and len(places) > 1:
+                groups += [(f" {p}", [r for r in rounds if r[2] == p]) for p in places]
+            for label, group in groups:
+                ratios = [b / a for a, b, _ in group]
+                print(
+                    f"{(name + label):<24} {t:>3} {statistics.median(a for a, _, _ in group):>8.3f} "
+                    f"{statistics.median(b for _, b, _ in group):>8.3f} "
+                    f"{statistics.median(ratios):>6.3f}  {min(ratios):.3f}-{max(ratios):.3f}"
+                    f"  ({len(group)})"
+                )
 
 
 if __name__ == "__main__":

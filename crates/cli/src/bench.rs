@@ -268,6 +268,17 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         cpu_name(),
         capsule_engine::instruction_set()
     ));
+    let round_trip_note = |out: &Report, when: &str| {
+        if most > 1
+            && let Some(trip) = core_round_trip()
+        {
+            out.note(&format!(
+                "core-to-core round trip {when}: {:.0} ns (see bench/README.md)",
+                trip.as_secs_f64() * 1e9
+            ));
+        }
+    };
+    round_trip_note(&out, "before");
 
     let mut layer_cases = Vec::new();
     let mut networks = Vec::new();
@@ -339,6 +350,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        round_trip_note(&out, "after");
         return Ok(());
     }
     for case in &layer_cases {
@@ -357,6 +369,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         bench_case(&case, &modes, &configs, runs, args.memory_budget, &mut out)?;
     }
+    round_trip_note(&out, "after");
     out.finish();
     // The defenses' costs: in the default run (or alone), not for a user's model.
     if defenses {
@@ -506,6 +519,56 @@ fn cpu_name() -> String {
         (Some(name), _, _) => name,
         _ => format!("an {} CPU", std::env::consts::ARCH),
     }
+}
+
+/// How long [`core_round_trip`] passes a value back and forth.
+const ROUND_TRIP_FOR: Duration = Duration::from_millis(20);
+
+/// The mean time for a value written by one thread to be seen by another and
+/// answered, over [`ROUND_TRIP_FOR`] of round trips, both threads spinning; `None`
+/// on a machine of one core, where each trip would wait for the scheduler.
+///
+/// Two threads gain on one only as far as the data they share moves quickly
+/// between their cores. On the shared 2-vCPU machines these figures come from,
+/// this reads 50-80 ns for some minutes and 300-360 ns for others (the host
+/// moving the two vCPUs between cores that share a cache and cores that do not),
+/// and MobileNetV2 at two threads then takes 4.1 and 7.1 ms, one thread 7.4-7.9
+/// in both: each report says which it ran under.
+fn core_round_trip() -> Option<Duration> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        return None;
+    }
+    // Odd values are the caller's, even the answerer's; `u64::MAX` ends it.
+    let ball = AtomicU64::new(0);
+    let wait_for = |value: u64| {
+        while ball.load(Ordering::Acquire) != value {
+            std::hint::spin_loop();
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            loop {
+                match ball.load(Ordering::Acquire) {
+                    u64::MAX => return,
+                    odd if odd % 2 == 1 => ball.store(odd + 1, Ordering::Release),
+                    _ => std::hint::spin_loop(),
+                }
+            }
+        });
+        let start = Instant::now();
+        let mut trips = 0u64;
+        while start.elapsed() < ROUND_TRIP_FOR || trips == 0 {
+            for _ in 0..1000 {
+                ball.store(2 * trips + 1, Ordering::Release);
+                wait_for(2 * trips + 2);
+                trips += 1;
+            }
+        }
+        let took = start.elapsed();
+        ball.store(u64::MAX, Ordering::Release);
+        Some(took.div_f64(trips as f64))
+    })
 }
 
 /// Timed queries per configuration of `bench --profile` when `--runs` is not given.

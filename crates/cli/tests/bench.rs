@@ -43,6 +43,38 @@ fn reports_name_the_machine_and_the_kernels_instruction_set() {
     assert!(String::from_utf8_lossy(&json.stderr).contains("note: machine: "));
 }
 
+#[test]
+fn runs_at_two_threads_note_the_core_to_core_round_trip_before_and_after() {
+    let round_trips = |threads: &str| -> Vec<f64> {
+        let args = [
+            "--quick",
+            "--only",
+            "dense",
+            "--mode",
+            "plain",
+            "--threads",
+            threads,
+        ];
+        let out = run_bench(&args);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("note: core-to-core round trip "))
+            .map(|rest| {
+                let ns = rest.split_once(": ").and_then(|(_, r)| r.split_once(" ns"));
+                ns.and_then(|(ns, _)| ns.parse().ok())
+                    .unwrap_or_else(|| panic!("no figure in {rest:?}"))
+            })
+            .collect()
+    };
+    assert!(round_trips("1").is_empty(), "one thread shares nothing");
+    if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+        let trips = round_trips("2");
+        assert_eq!(trips.len(), 2, "one before the cases, one after");
+        assert!(trips.iter().all(|&ns| ns > 0.0), "{trips:?}");
+    }
+}
+
 /// The error of a run that must fail before it times anything.
 fn bench_error(args: &[&str]) -> String {
     let out = run_bench(args);

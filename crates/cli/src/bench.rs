@@ -527,8 +527,16 @@ const ROUND_TRIP_FOR: Duration = Duration::from_millis(20);
 /// Round trips [`core_round_trip`] times at once.
 const ROUND_TRIP_BATCH: u32 = 1000;
 
+/// A round trip this slow means the two threads did not run at once: then
+/// [`core_round_trip`] goes on past [`ROUND_TRIP_FOR`], up to [`ROUND_TRIP_LIMIT`].
+const ROUND_TRIP_SLOW: Duration = Duration::from_micros(5);
+
+/// Longest that [`core_round_trip`] runs.
+const ROUND_TRIP_LIMIT: Duration = Duration::from_millis(200);
+
 /// The time for a value written by one thread to be seen by another and
-/// answered, both threads spinning for [`ROUND_TRIP_FOR`]: the quickest batch of
+/// answered, both threads spinning for [`ROUND_TRIP_FOR`] (longer while no
+/// batch was quicker than [`ROUND_TRIP_SLOW`] a trip): the quickest batch of
 /// [`ROUND_TRIP_BATCH`] trips, per trip. Not the mean: until the scheduler has
 /// put the two threads on two CPUs (an idle virtual CPU can take milliseconds
 /// to wake), each trip waits for a switch between them, and means of 32 µs were
@@ -565,21 +573,21 @@ fn core_round_trip() -> Option<Duration> {
         });
         let start = Instant::now();
         let mut trips = 0u64;
-        let mut batches = Vec::new();
-        while start.elapsed() < ROUND_TRIP_FOR || batches.is_empty() {
+        let mut quickest = Duration::MAX;
+        // Until both threads have run at once for a batch, or the limit.
+        while (start.elapsed() < ROUND_TRIP_FOR || quickest > ROUND_TRIP_BATCH * ROUND_TRIP_SLOW)
+            && start.elapsed() < ROUND_TRIP_LIMIT
+        {
             let batch = Instant::now();
             for _ in 0..ROUND_TRIP_BATCH {
                 ball.store(2 * trips + 1, Ordering::Release);
                 wait_for(2 * trips + 2);
                 trips += 1;
             }
-            batches.push(batch.elapsed());
+            quickest = quickest.min(batch.elapsed());
         }
         ball.store(u64::MAX, Ordering::Release);
-        batches
-            .iter()
-            .min()
-            .map(|quickest| *quickest / ROUND_TRIP_BATCH)
+        Some(quickest / ROUND_TRIP_BATCH)
     })
 }
 

@@ -17,6 +17,7 @@ reliably on this project's 2-core VM.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def time_ours(mlcapsule, path, threads, batch, runs):
     if out.returncode != 0:
         sys.exit(f"{path}: `mlcapsule bench` failed:\n{out.stderr.strip()}")
     line = json.loads(out.stdout.strip().splitlines()[-1])
-    return line["median_ms"]
+    trips = [int(ns) for ns in re.findall(r"round trip \w+: (\d+) ns", out.stderr)]
+    return line["median_ms"], trips
 
 
 def machine(mlcapsule):
@@ -194,7 +196,7 @@ def main():
                 sess.run(None, feed)
                 once = (time.perf_counter() - start) * 1e3
                 runs = max(3, min(50, int(args.seconds * 1e3 / max(once, 1e-3))))
-                ort_ms, ours_ms = [], []
+                ort_ms, ours_ms, trips = [], [], []
                 for r in range(args.rounds):
                     # Alternate which engine goes first.
                     order = [0, 1] if r % 2 == 0 else [1, 0]
@@ -202,13 +204,17 @@ def main():
                         if which == 0:
                             ort_ms.append(time_ort(sess, feed, runs))
                         else:
-                            ours_ms.append(time_ours(args.mlcapsule, path, t, batch, runs))
+                            ms, noted = time_ours(args.mlcapsule, path, t, batch, runs)
+                            ours_ms.append(ms)
+                            trips += noted
                 o, u = statistics.median(ort_ms), statistics.median(ours_ms)
                 verdict = f"max rel err {checked:.1e} {'ok' if checked <= TOLERANCE else 'FAIL'}"
                 per_round = [ours / theirs for ours, theirs in zip(ours_ms, ort_ms)]
                 spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
-                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f} {spread:>11}  {verdict}",
-                      flush=True)
+                # Where the threads' cores were (bench/README.md): a shared cache or not.
+                cores = f"  core round trip {min(trips)}-{max(trips)} ns" if trips else ""
+                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f} {spread:>11}  {verdict}"
+                      f"{cores}", flush=True)
                 del sess
     if failed:
         sys.exit(f"outputs differ from onnxruntime by more than {TOLERANCE}")

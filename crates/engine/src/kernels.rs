@@ -366,7 +366,8 @@ fn row_dots(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>, 
 /// four columns are four short streams that the hardware prefetcher has to
 /// find anew; asked for early, they start at once. MobileNetV2's `1000 x
 /// 1280` classifier, whose 5 MB leave the cache between queries, in the
-/// network: 0.86x its time at one thread, 0.91x at two (alternated). In C on
+/// network: 0.85-0.90x its time at one thread, 0.90-1.00x at two (three
+/// alternated runs); ResNet-18's `1000 x 512` 0.89x and 0.93x. In C on
 /// this Zen 4, B evicted before each pass, 4 and 8 lines each gained 7-20 %
 /// from run to run; prefetching whole quads ahead (`prefetcht1`) lost.
 const PREFETCH_AHEAD_LINES: usize = 4;
@@ -374,7 +375,7 @@ const PREFETCH_AHEAD_LINES: usize = 4;
 /// Smallest B (bytes) for which [`row_dots`] prefetches (see
 /// [`PREFETCH_AHEAD_LINES`]): a core's L2. Smaller ones are likely in cache,
 /// where the prefetches cost time: 512x512 and 256x256 dense layers alone
-/// took 1.03-1.04x as long with them.
+/// took 1.02-1.04x as long with them.
 const ROW_DOT_PREFETCH_MIN_BYTES: usize = 1 << 20;
 
 /// Writes into `out` the dot product of every row of A (`a_rows`) with
@@ -2787,12 +2788,14 @@ mod tests {
             n in 0usize..11,
             k in 0usize..150,
             seed in 0usize..1000,
+            from_memory: bool,
         ) {
             let (a, b) = (fractions(m * k, seed), fractions(n * k, seed + 1));
             let a_rows: Vec<&[f32]> = a.chunks_exact(k.max(1)).take(m).collect();
             let columns: Vec<&[f32]> = b.chunks_exact(k.max(1)).take(n).collect();
             let mut out = vec![f32::NAN; a_rows.len() * columns.len()];
-            dots_into(&a_rows, &columns, &mut out, false);
+            // Prefetching (from memory) changes no value.
+            dots_into(&a_rows, &columns, &mut out, from_memory);
             for (j, column) in columns.iter().enumerate() {
                 for (i, row) in a_rows.iter().enumerate() {
                     proptest::prop_assert_eq!(out[j * a_rows.len() + i].to_bits(), dot(row, column).to_bits());

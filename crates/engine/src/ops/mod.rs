@@ -86,6 +86,18 @@ pub(crate) fn conv_spending(
     inputs: Vec<Cow<'_, Tensor>>,
     w: &mut Tensor,
 ) -> KernelResult {
+    let mut inputs = inputs;
+    if !with_residual && attrs.group > 1 && (1..=2).contains(&inputs.len()) {
+        let x = inputs.remove(0);
+        match conv_in_place(attrs, x, w, inputs.first().map(|b| &**b)) {
+            Ok(y) => {
+                w.data_mut().fill(0.0);
+                recycle(inputs);
+                return y;
+            }
+            Err(x) => inputs.insert(0, x),
+        }
+    }
     let y = match (with_residual, inputs.as_slice()) {
         (false, [x]) => conv::conv_spending(attrs, x, w, None, None),
         (false, [x, b]) => conv::conv_spending(attrs, x, w, Some(b), None),
@@ -103,17 +115,44 @@ pub(crate) fn conv_spending(
     y
 }
 
+/// Y in X's own buffer, where the caller hands X over and the Conv is a
+/// depthwise one that [`conv::depthwise_over_input`] computes in place;
+/// else X back, untouched.
+fn conv_in_place<'a>(
+    attrs: &ConvAttrs,
+    x: Cow<'a, Tensor>,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<KernelResult, Cow<'a, Tensor>> {
+    match x {
+        Cow::Owned(x) if attrs.group > 1 => {
+            conv::depthwise_over_input(attrs, x, w, bias).map_err(Cow::Owned)
+        }
+        x => Err(x),
+    }
+}
+
 /// Runs `op` on `inputs`.
 pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
     use elementwise::{activation, binary, map, sigmoid};
     match op {
         Op::Conv(attrs) => {
-            let y = match inputs.as_slice() {
-                [x, w] => conv::conv(attrs, x, w, None, None),
-                [x, w, b] => conv::conv(attrs, x, w, Some(b), None),
-                _ => Err(wrong_arity(op, inputs.len())),
+            let n = inputs.len();
+            let mut inputs = inputs.into_iter();
+            let (Some(x), Some(w), b, None) =
+                (inputs.next(), inputs.next(), inputs.next(), inputs.next())
+            else {
+                return Err(wrong_arity(op, n));
             };
-            recycle(inputs);
+            let x = match conv_in_place(attrs, x, &w, b.as_deref()) {
+                Ok(y) => {
+                    recycle([w].into_iter().chain(b));
+                    return y;
+                }
+                Err(x) => x,
+            };
+            let y = conv::conv(attrs, &x, &w, b.as_deref(), None);
+            recycle([x, w].into_iter().chain(b));
             y
         }
         &Op::Gemm {
@@ -194,7 +233,7 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
 
 /// Offers the buffers of the operands the executor handed over (and the
 /// kernel did not reuse) to later kernels of this run.
-fn recycle(inputs: Vec<Cow<'_, Tensor>>) {
+fn recycle<'a>(inputs: impl IntoIterator<Item = Cow<'a, Tensor>>) {
     for input in inputs {
         if let Cow::Owned(t) = input {
             crate::buffers::give(t.into_parts().1);

@@ -227,8 +227,14 @@ const IN_PLACE_MIN_WIDTH: usize = 8;
 ///
 /// The depthwise Convs of MobileNetV2's blocks read a value that only they
 /// read. Written apart, their output is a second buffer as large as the
-/// input, which a block at 14x14 (384 channels, 300 KB each) had to bring
-/// back into cache as well.
+/// input (300 KB at 14x14 with 384 channels), and at two threads a recycled
+/// one whose lines the other core last read: the depthwise Convs at 14x14
+/// then took 25 µs, and 12 µs in place (MobileNetV2's 14x14 and 28x28 ones
+/// together 0.61 → 0.52 ms; at one thread 0.871 → 0.865). The cost then
+/// moves to whichever Conv next writes into a buffer both cores read
+/// (MobileNetV2's expansions: +0.06 ms), unless the Conv that reads the
+/// depthwise output, a 1x1 projection, splits by depth ([`Unit::by_depth`]):
+/// then each core reads only its own channels.
 pub(crate) fn depthwise_over_input(
     attrs: &ConvAttrs,
     x: Tensor,
@@ -766,11 +772,13 @@ impl Unit<'_> {
     /// both cores' caches, where the next Conv to write into that buffer pays
     /// to take each line back. Split by depth, each task reads only the
     /// channels its own core computed, and only the small partial sums cross.
-    /// MobileNetV2 at two threads, alternated, with the depthwise Convs in
-    /// place ([`depthwise_over_input`]): 6.98 ms against 8.34 when the two
-    /// cores shared no cache, 0.987x when they did. At 14x14 (384 channels,
-    /// 64 outputs) its projections take about as long either way, and the
-    /// next block's expansion 0.82-0.95x as long.
+    /// With the depthwise Convs in place ([`depthwise_over_input`]), against
+    /// neither, MobileNetV2 at two threads (`bench/ab.py`, alternated):
+    /// 0.945 and 0.962 with the two cores sharing a cache (12 and 13 rounds),
+    /// 0.897 and 0.900 with them far apart (one round each); per class, in 3-5
+    /// far runs each, depthwise 2.26 → 1.24 ms, projections 2.53 → 2.33. The
+    /// projections alone take 1.00-1.07x as long as split by channels when
+    /// the cores share a cache; the next block's expansion 0.82-0.95x.
     ///
     /// For deep im2col products with few output cells. Split by output cells, each task
     /// packs all the weights for products half as wide; split by output channels,

@@ -7,6 +7,12 @@ slows both alike. Each round gives a median per engine; the table shows the
 median of those medians and their ratio. Outputs are compared once per
 model and batch size through `mlcapsule run --output`.
 
+At two threads or more, our runs note the core-to-core round trip before and
+after (bench/README.md). When rounds ran with the threads' cores near (a shared
+cache) and others far or mixed, each placement also gets a row of its own, from
+its rounds only, as bench/ab.py does: the two placements time two threads of
+either engine very differently.
+
 With --cut, each model is first split at the named tensors into consecutive
 pieces (onnx.utils.extract_model), and each piece is compared on its own:
 whole queries of the pieces show where a network's gap lies, which per-node
@@ -26,6 +32,8 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+
+from ab import placement
 
 DEFAULT_MODELS = ["build/models/mobilenetv2.onnx", "build/models/resnet18.onnx", "build/models/vgg16.onnx"]
 TOLERANCE = 1e-4
@@ -143,6 +151,16 @@ def pieces(path, cuts, tmp):
     return out
 
 
+def row(label, threads, batch, rounds):
+    """A table row: each engine's median over `rounds` (onnxruntime ms, ours ms, ...)
+    and the ratio of those medians, then the lowest and highest ratio of a round."""
+    o = statistics.median(r[0] for r in rounds)
+    u = statistics.median(r[1] for r in rounds)
+    per_round = [ours / theirs for theirs, ours, *_ in rounds]
+    spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
+    return f"{label} {threads:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f} {spread:>11}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="*", help="ONNX files [default: build/models/{mobilenetv2,resnet18,vgg16}.onnx, those present]")
@@ -172,7 +190,7 @@ def main():
     print(f"onnxruntime {ort.__version__} (graph optimisation: {args.ort_optimization}), "
           f"{args.rounds} alternating rounds per case; ms are medians; "
           "rounds: the lowest and highest ours/ort of a single round")
-    print(f"{'model':<14} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9} "
+    print(f"{'model':<17} {'thr':>3} {'batch':>5} {'onnxruntime ms':>15} {'ours ms':>10} {'ours/ort':>9} "
           f"{'rounds':>11}  outputs")
     failed = False
     for path in models:
@@ -180,7 +198,7 @@ def main():
         declared = fixed_batch(session(path, 1, args.ort_optimization))
         for batch in batches:
             if declared is not None and declared != batch:
-                print(f"{model:<14} {'':>3} {batch:>5}  skipped: the model's input has a fixed batch "
+                print(f"{model:<17} {'':>3} {batch:>5}  skipped: the model's input has a fixed batch "
                       f"size of {declared}", flush=True)
                 continue
             checked = None
@@ -206,15 +224,21 @@ def main():
                         else:
                             ms, noted = time_ours(args.mlcapsule, path, t, batch, runs)
                             ours_ms.append(ms)
-                            trips += noted
-                o, u = statistics.median(ort_ms), statistics.median(ours_ms)
+                            trips.append(noted)
                 verdict = f"max rel err {checked:.1e} {'ok' if checked <= TOLERANCE else 'FAIL'}"
-                per_round = [ours / theirs for ours, theirs in zip(ours_ms, ort_ms)]
-                spread = f"{min(per_round):.2f}-{max(per_round):.2f}"
+                noted = [ns for round_trips in trips for ns in round_trips]
                 # Where the threads' cores were (bench/README.md): a shared cache or not.
-                cores = f"  core round trip {min(trips)}-{max(trips)} ns" if trips else ""
-                print(f"{model:<14} {t:>3} {batch:>5} {o:>15.2f} {u:>10.2f} {u / o:>9.2f} {spread:>11}  {verdict}"
-                      f"{cores}", flush=True)
+                cores = f"  core round trip {min(noted)}-{max(noted)} ns" if noted else ""
+                rounds = list(zip(ort_ms, ours_ms, trips))
+                print(row(f"{model:<17}", t, batch, rounds) + f"  {verdict}{cores}", flush=True)
+                # Rounds in each placement apart, when they differ (as bench/ab.py does).
+                places = sorted({placement(r[2]) for r in rounds if r[2]})
+                if len(places) > 1:
+                    for place in places:
+                        group = [r for r in rounds if r[2] and placement(r[2]) == place]
+                        count = f"{len(group)} round" + ("s" if len(group) > 1 else "")
+                        print(row(f"{model + ' ' + place:<17}", t, batch, group) + f"  ({count})",
+                              flush=True)
                 del sess
     if failed:
         sys.exit(f"outputs differ from onnxruntime by more than {TOLERANCE}")

@@ -1945,6 +1945,11 @@ mod tests {
                 let mut rng = Rng((seed * 3 + a) as u32 | 1);
                 let (x, w, b) = (rng.tensor(&c.x), rng.tensor(&c.w), rng.tensor(&c.w[..1]));
                 let want = conv(&c.attrs, &x, &w, Some(&b), None).unwrap();
+                // As the executor runs it when it hands X over.
+                let op = crate::graph::Op::Conv(c.attrs.clone());
+                let args = vec![Cow::Owned(x.clone()), Cow::Borrowed(&w), Cow::Borrowed(&b)];
+                let executed = crate::ops::execute(&op, args).unwrap();
+                assert_eq!(bits(&executed), bits(&want), "{height}x{width}, executed");
                 match depthwise_over_input(&c.attrs, x.clone(), &w, Some(&b)) {
                     Ok(got) => {
                         assert!(avx512, "only the AVX-512 kernel works in place");

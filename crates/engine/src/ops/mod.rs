@@ -86,18 +86,6 @@ pub(crate) fn conv_spending(
     inputs: Vec<Cow<'_, Tensor>>,
     w: &mut Tensor,
 ) -> KernelResult {
-    let mut inputs = inputs;
-    if !with_residual && attrs.group > 1 && (1..=2).contains(&inputs.len()) {
-        let x = inputs.remove(0);
-        match conv_in_place(attrs, x, w, inputs.first().map(|b| &**b)) {
-            Ok(y) => {
-                w.data_mut().fill(0.0);
-                recycle(inputs);
-                return y;
-            }
-            Err(x) => inputs.insert(0, x),
-        }
-    }
     let y = match (with_residual, inputs.as_slice()) {
         (false, [x]) => conv::conv_spending(attrs, x, w, None, None),
         (false, [x, b]) => conv::conv_spending(attrs, x, w, Some(b), None),

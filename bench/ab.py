@@ -21,10 +21,11 @@ the regular expression.
 
 At more than one thread each run also notes the core-to-core round trip before
 and after it (`mlcapsule bench` measures it). When rounds ran with the threads'
-cores near each other (every round trip under 150 ns: a shared cache) and
-others far (every one over) or mixed, each group gets a line of its own as well
-("near", "far", "mixed") with its count of rounds: on a machine whose host
-moves the virtual CPUs, the two placements time two threads very differently.
+cores near each other (every round trip from 40 to 150 ns: a shared cache) and
+others far (every one over), on one core's two hardware threads (every one
+under 40 ns) or mixed, each group gets a line of its own as well ("near",
+"far", "smt", "mixed") with its count of rounds: on a machine whose host moves
+the virtual CPUs, the placements time two threads very differently.
 
 Standard library only: no virtual environment needed.
 """
@@ -61,11 +62,18 @@ def run(binary: str, model: str, threads: int, node: str | None, mode: str) -> t
 # Core-to-core round trips (ns) below this are cores that share a cache.
 NEAR_NS = 150
 
+# Round trips below this are the two hardware threads of one core.
+SHARED_NS = 40
+
 
 def placement(trips: list[float]) -> str:
-    """A round's placement of its threads: "near" (every round trip under
-    NEAR_NS), "far" (every one over) or "mixed"."""
-    if all(t < NEAR_NS for t in trips):
+    """A round's placement of its threads: "smt" (every round trip under
+    SHARED_NS: one core's two hardware threads), "near" (every one from
+    SHARED_NS to NEAR_NS: two cores sharing a cache), "far" (every one over)
+    or "mixed"."""
+    if all(t < SHARED_NS for t in trips):
+        return "smt"
+    if all(SHARED_NS <= t < NEAR_NS for t in trips):
         return "near"
     return "far" if all(t >= NEAR_NS for t in trips) else "mixed"
 

@@ -8,10 +8,11 @@ median of those medians and their ratio. Outputs are compared once per
 model and batch size through `mlcapsule run --output`.
 
 At two threads or more, our runs note the core-to-core round trip before and
-after (bench/README.md). When rounds ran with the threads' cores near (a shared
-cache) and others far or mixed, each placement also gets a row of its own, from
-its rounds only, as bench/ab.py does: the two placements time two threads of
-either engine very differently.
+after (bench/README.md). When rounds ran in more than one placement of the
+threads (cores near, sharing a cache; far; one core's two hardware threads;
+mixed), each placement also gets a row of its own, from its rounds only, as
+bench/ab.py does: the placements time two threads of either engine very
+differently.
 
 With --cut, each model is first split at the named tensors into consecutive
 pieces (onnx.utils.extract_model), and each piece is compared on its own:

@@ -1398,15 +1398,11 @@ mod x16 {
     /// plane are zero vectors.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     pub(super) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) {
-        let mut rows = Apart {
-            plane: p.plane,
-            width: p.width,
-            out,
-        };
+        let mut rows = Rows::Apart(p.plane, out);
         with_activation!(p.activation, act => if p.width > 16 {
-            stride1_with::<2, _>(p, &mut rows, act);
+            stride1_with::<2>(p, &mut rows, act);
         } else {
-            stride1_with::<1, _>(p, &mut rows, act);
+            stride1_with::<1>(p, &mut rows, act);
         })
     }
 
@@ -1421,61 +1417,38 @@ mod x16 {
             bias: p.bias,
             activation: p.activation,
         };
-        let mut rows = InPlace {
-            plane: &mut *p.plane,
-            width: p.width,
-        };
+        let mut rows = Rows::InPlace(&mut *p.plane);
         with_activation!(p.activation, act => if p.width > 16 {
-            stride1_with::<2, _>(&shared, &mut rows, act);
+            stride1_with::<2>(&shared, &mut rows, act);
         } else {
-            stride1_with::<1, _>(&shared, &mut rows, act);
+            stride1_with::<1>(&shared, &mut rows, act);
         })
     }
 
     /// Where [`stride1_with`] reads input rows and writes output rows.
-    trait Rows {
-        /// Input row `r`, or `None` below the plane.
-        fn input(&self, r: usize) -> Option<&[f32]>;
-        /// Output row `r`.
-        fn output(&mut self, r: usize) -> &mut [f32];
-        /// Rows of the plane.
-        fn height(&self) -> usize;
+    enum Rows<'a> {
+        /// From a plane into another.
+        Apart(&'a [f32], &'a mut [f32]),
+        /// Each output row over its input row.
+        InPlace(&'a mut [f32]),
     }
 
-    /// The output rows in a plane of their own.
-    struct Apart<'a, 'o> {
-        plane: &'a [f32],
-        width: usize,
-        out: &'o mut [f32],
-    }
+    impl Rows<'_> {
+        /// Input row `r`, `width` long, or `None` below the plane.
+        fn input(&self, r: usize, width: usize) -> Option<&[f32]> {
+            let plane = match self {
+                Rows::Apart(plane, _) => plane,
+                Rows::InPlace(plane) => &**plane,
+            };
+            plane.get(r * width..(r + 1) * width)
+        }
 
-    impl Rows for Apart<'_, '_> {
-        fn input(&self, r: usize) -> Option<&[f32]> {
-            self.plane.get(r * self.width..(r + 1) * self.width)
-        }
-        fn output(&mut self, r: usize) -> &mut [f32] {
-            &mut self.out[r * self.width..][..self.width]
-        }
-        fn height(&self) -> usize {
-            self.out.len() / self.width
-        }
-    }
-
-    /// Each output row over its input row.
-    struct InPlace<'a> {
-        plane: &'a mut [f32],
-        width: usize,
-    }
-
-    impl Rows for InPlace<'_> {
-        fn input(&self, r: usize) -> Option<&[f32]> {
-            self.plane.get(r * self.width..(r + 1) * self.width)
-        }
-        fn output(&mut self, r: usize) -> &mut [f32] {
-            &mut self.plane[r * self.width..][..self.width]
-        }
-        fn height(&self) -> usize {
-            self.plane.len() / self.width
+        /// The output plane.
+        fn output(&mut self) -> &mut [f32] {
+            match self {
+                Rows::Apart(_, out) => out,
+                Rows::InPlace(plane) => plane,
+            }
         }
     }
 
@@ -1484,9 +1457,9 @@ mod x16 {
     /// row `r` is stored, and no input row above it is read after that: so
     /// the output may overwrite the input.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn stride1_with<const V: usize, R: Rows>(
+    fn stride1_with<const V: usize>(
         p: &OnePlane<'_>,
-        rows: &mut R,
+        rows: &mut Rows<'_>,
         act: impl Fn(__m512) -> __m512,
     ) {
         let width = p.width;
@@ -1507,10 +1480,10 @@ mod x16 {
             })
         };
         let mut above = [[zero; 3]; V];
-        let mut here = cells(rows.input(0));
-        for r in 0..rows.height() {
-            let below = cells(rows.input(r + 1));
-            let out_row = rows.output(r);
+        let mut here = cells(rows.input(0, width));
+        for r in 0..rows.output().len() / width {
+            let below = cells(rows.input(r + 1, width));
+            let out_row = &mut rows.output()[r * width..][..width];
             for v in 0..V {
                 let sums = act(nine_taps(&taps, bias, [above[v], here[v], below[v]]));
                 let cells = (16 * v).min(width)..(16 * v + 16).min(width);

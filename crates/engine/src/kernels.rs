@@ -1400,9 +1400,9 @@ mod x16 {
     pub(super) fn depthwise3x3_stride1(p: &OnePlane<'_>, out: &mut [f32]) {
         let mut rows = Rows::Apart(p.plane, out);
         with_activation!(p.activation, act => if p.width > 16 {
-            stride1_with::<2>(p, &mut rows, act);
+            stride1_with::<2>(p.width, p.taps, p.bias, &mut rows, act);
         } else {
-            stride1_with::<1>(p, &mut rows, act);
+            stride1_with::<1>(p.width, p.taps, p.bias, &mut rows, act);
         })
     }
 
@@ -1410,18 +1410,11 @@ mod x16 {
     /// each output row written over its input row.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     pub(super) fn depthwise3x3_stride1_in_place(p: &mut OnePlane<'_, &mut [f32]>) {
-        let shared = OnePlane {
-            plane: &[][..],
-            width: p.width,
-            taps: p.taps,
-            bias: p.bias,
-            activation: p.activation,
-        };
         let mut rows = Rows::InPlace(&mut *p.plane);
         with_activation!(p.activation, act => if p.width > 16 {
-            stride1_with::<2>(&shared, &mut rows, act);
+            stride1_with::<2>(p.width, p.taps, p.bias, &mut rows, act);
         } else {
-            stride1_with::<1>(&shared, &mut rows, act);
+            stride1_with::<1>(p.width, p.taps, p.bias, &mut rows, act);
         })
     }
 
@@ -1452,20 +1445,21 @@ mod x16 {
         }
     }
 
-    /// The rows of `p`'s convolution, from and into `rows` (`p.plane` is not
-    /// read), `V` vectors to a row. Input row `r + 1` is loaded before output
-    /// row `r` is stored, and no input row above it is read after that: so
-    /// the output may overwrite the input.
+    /// The rows of a plane `width` cells wide convolved with `taps`, plus
+    /// `bias`, from and into `rows`, `V` vectors to a row. Input row `r + 1`
+    /// is loaded before output row `r` is stored, and no input row above it
+    /// is read after that: so the output may overwrite the input.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     fn stride1_with<const V: usize>(
-        p: &OnePlane<'_>,
+        width: usize,
+        taps: &[f32; 9],
+        bias: f32,
         rows: &mut Rows<'_>,
         act: impl Fn(__m512) -> __m512,
     ) {
-        let width = p.width;
         let zero = _mm512_setzero_ps();
-        let taps = p.taps.map(|t| _mm512_set1_ps(t));
-        let bias = _mm512_set1_ps(p.bias);
+        let taps = taps.map(|t| _mm512_set1_ps(t));
+        let bias = _mm512_set1_ps(bias);
         // A row's cells `j - 1`, `j` and `j + 1` of each block, or zeros.
         let cells = |row: Option<&[f32]>| -> [[__m512; 3]; V] {
             let Some(row) = row else {

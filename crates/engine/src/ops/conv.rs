@@ -222,8 +222,8 @@ const IN_PLACE_MIN_WIDTH: usize = 8;
 
 /// A depthwise Conv computed over X's own buffer, for a caller that hands X
 /// over: `Ok(Y)` where [`kernels::depthwise3x3_stride1_in_place`] applies (3x3
-/// kernels, one cell of padding, stride 1, planes at most 32 cells wide, a
-/// CPU with AVX-512, no residual), else `Err(x)`, untouched, for [`conv`].
+/// kernels, one cell of padding, stride 1, planes [`IN_PLACE_MIN_WIDTH`] to 32
+/// cells wide, a CPU with AVX-512), else `Err(x)`, untouched, for [`conv`].
 ///
 /// The depthwise Convs of MobileNetV2's blocks read a value that only they
 /// read. Written apart, their output is a second buffer as large as the
@@ -805,26 +805,29 @@ impl Unit<'_> {
             .collect();
         let dests = std::iter::once(&mut *out).chain(partials.iter_mut().map(Vec::as_mut_slice));
         let work: Vec<(Range<usize>, &mut [f32])> = parts.into_iter().zip(dests).collect();
-        let zeros = vec![0.0; outputs];
         for_each_task(work, |(part, dest)| {
             let depth = part.len() * taps;
             let image = &self.image[part.start * in_plane..part.end * in_plane];
             let weights = &self.weights[part.start * taps..];
             if geo.is_pointwise() {
-                let tile = kernels::Pointwise {
-                    image,
-                    plane: out_plane,
-                    weights,
-                    depth,
-                    stride: self.depth,
-                    bias: &zeros,
-                    residual: None,
-                    activation: Activation::None,
-                    columns: 0..out_plane,
-                };
-                let mut rows: Vec<&mut [f32]> = dest.chunks_mut(out_plane).collect();
-                if outputs <= KERNEL_DEEP_MAX_OUTPUTS && kernels::pointwise(&tile, &mut rows) {
-                    return;
+                if outputs <= KERNEL_DEEP_MAX_OUTPUTS {
+                    // The bias comes in with the partial sums' pass.
+                    let zeros = vec![0.0; outputs];
+                    let tile = kernels::Pointwise {
+                        image,
+                        plane: out_plane,
+                        weights,
+                        depth,
+                        stride: self.depth,
+                        bias: &zeros,
+                        residual: None,
+                        activation: Activation::None,
+                        columns: 0..out_plane,
+                    };
+                    let mut rows: Vec<&mut [f32]> = dest.chunks_mut(out_plane).collect();
+                    if kernels::pointwise(&tile, &mut rows) {
+                        return;
+                    }
                 }
                 let weights = MatRef::strided(weights, outputs, depth, self.depth);
                 let image = MatRef::new(image, depth, out_plane);

@@ -229,7 +229,7 @@ const IN_PLACE_MIN_WIDTH: usize = 8;
 /// read. Written apart, their output is a second buffer as large as the
 /// input (300 KB at 14x14 with 384 channels), and at two threads a recycled
 /// one whose lines the other core last read: the depthwise Convs at 14x14
-/// then took 25 µs, and 12 µs in place (MobileNetV2's 14x14 and 28x28 ones
+/// then took 25 µs, and 12 µs in place (all of MobileNetV2's depthwise Convs
 /// together 0.61 → 0.52 ms; at one thread 0.871 → 0.865). The cost then
 /// moves to whichever Conv next writes into a buffer both cores read
 /// (MobileNetV2's expansions: +0.06 ms), unless the Conv that reads the
@@ -776,9 +776,10 @@ impl Unit<'_> {
     /// neither, MobileNetV2 at two threads (`bench/ab.py`, alternated):
     /// 0.945 and 0.962 with the two cores sharing a cache (12 and 13 rounds),
     /// 0.897 and 0.900 with them far apart (one round each); per class, in 3-5
-    /// far runs each, depthwise 2.26 → 1.24 ms, projections 2.53 → 2.33. The
-    /// projections alone take 1.00-1.07x as long as split by channels when
-    /// the cores share a cache; the next block's expansion 0.82-0.95x.
+    /// far runs each, depthwise 2.26 → 1.24 ms, projections 2.53 → 2.33. With
+    /// the cores sharing a cache, the projections alone take 0.93-1.13x as
+    /// long as split by channels (most 1.00-1.07), and the expansions after
+    /// them 0.82-1.03x (9 of 16 under 0.95).
     ///
     /// For deep im2col products with few output cells. Split by output cells, each task
     /// packs all the weights for products half as wide; split by output channels,

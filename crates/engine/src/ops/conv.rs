@@ -810,6 +810,7 @@ impl Unit<'_> {
             let depth = part.len() * taps;
             let image = &self.image[part.start * in_plane..part.end * in_plane];
             let weights = &self.weights[part.start * taps..];
+            let matrix = MatRef::strided(weights, outputs, depth, self.depth);
             if geo.is_pointwise() {
                 if outputs <= KERNEL_DEEP_MAX_OUTPUTS {
                     // The bias comes in with the partial sums' pass.
@@ -830,11 +831,10 @@ impl Unit<'_> {
                         return;
                     }
                 }
-                let weights = MatRef::strided(weights, outputs, depth, self.depth);
                 let image = MatRef::new(image, depth, out_plane);
                 kernels::gemm_single(
                     1.0,
-                    weights,
+                    matrix,
                     image,
                     0.0,
                     MatMut::new(dest, outputs, out_plane),
@@ -842,7 +842,6 @@ impl Unit<'_> {
                 return;
             }
             with_scratch(|scratch| {
-                let weights = MatRef::strided(weights, outputs, depth, self.depth);
                 let band = (PANEL_LEN / (depth * out_width).max(1)).clamp(1, out_height);
                 for first in (0..out_height).step_by(band) {
                     let steps = first..(first + band).min(out_height);
@@ -852,7 +851,7 @@ impl Unit<'_> {
                     im2col(geo, self.columns, image, steps.clone(), col);
                     let at = steps.start * out_width;
                     let view = MatMut::strided(&mut dest[at..], outputs, cols, out_plane);
-                    kernels::gemm_single(1.0, weights, MatRef::new(col, depth, cols), 0.0, view);
+                    kernels::gemm_single(1.0, matrix, MatRef::new(col, depth, cols), 0.0, view);
                 }
             });
         });

@@ -420,12 +420,24 @@ fn unlisted_enclave_measurement_is_refused() {
     let fake = dir.join("mlcapsule");
     std::fs::copy(bin(), &fake).unwrap();
     std::fs::write(dir.join("mlcapsule-enclave"), b"another build").unwrap();
-    let mut child = Command::new(&fake)
-        .args(["server", "--listen", "127.0.0.1:0", "--allow-sim", "--data"])
-        .arg(world.path("server"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Another test's child, forked while `copy` held the new file open for
+    // writing, keeps that descriptor until it execs: until then Linux refuses
+    // to run the file ("Text file busy"). That lasts microseconds; try again.
+    let mut tries = 0;
+    let mut child = loop {
+        let spawned = Command::new(&fake)
+            .args(["server", "--listen", "127.0.0.1:0", "--allow-sim", "--data"])
+            .arg(world.path("server"))
+            .stderr(Stdio::piped())
+            .spawn();
+        match spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other.unwrap(),
+        }
+    };
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
         let line = lines.next().unwrap().unwrap();

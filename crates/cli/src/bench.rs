@@ -108,6 +108,11 @@ pub struct BenchArgs {
     /// as `mlcapsule seal --aead`.
     #[arg(long, value_name = "AEAD", default_value_t = Aead::SEAL_DEFAULT)]
     aead: Aead,
+    /// Plaintext bytes per chunk of the sealed modes' capsules, as `mlcapsule seal
+    /// --chunk-size`.
+    #[arg(long, value_name = "BYTES", default_value_t = capsule_format::DEFAULT_CHUNK_SIZE,
+          value_parser = parse_chunk_size)]
+    chunk_size: u32,
     /// Only the defenses' per-query costs inside the enclave (noising, detector, PRADA).
     #[arg(long)]
     defenses_only: bool,
@@ -262,7 +267,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         }
         modes
     };
-    let mut out = Report::new(args.json, args.aead);
+    let mut out = Report::new(args.json, args.aead, args.chunk_size);
     out.note(&format!(
         "machine: {}, {cores} core(s); engine kernels: {}",
         cpu_name(),
@@ -400,7 +405,7 @@ fn bench_case(
         None
     };
     let sealed = if timed(Mode::Streaming) || timed(Mode::Cached) {
-        Some(Sealed::new(case, out.aead)?)
+        Some(Sealed::new(case, out.aead, out.chunk_size)?)
     } else {
         None
     };
@@ -676,16 +681,16 @@ struct Sealed {
 }
 
 impl Sealed {
-    /// Seals `case` with `aead` as `mlcapsule seal` would (its grouping into layers,
-    /// default chunk size).
-    fn new(case: &Case, aead: Aead) -> anyhow::Result<Sealed> {
+    /// Seals `case` with `aead` in chunks of `chunk_size` bytes as `mlcapsule seal`
+    /// would (its grouping into layers).
+    fn new(case: &Case, aead: Aead, chunk_size: u32) -> anyhow::Result<Sealed> {
         let request = SealRequest {
             architecture: serde_json::to_value(&case.graph)?,
             preprocessing: None,
             labels: None,
             detector: None,
             policy: Policy::default(),
-            chunk_size: capsule_format::DEFAULT_CHUNK_SIZE,
+            chunk_size,
             aead,
             layers: capsule_enclave::seal_layers(&case.graph, &case.weights, ""),
         };
@@ -942,6 +947,8 @@ struct Report {
     family: Option<Family>,
     /// The cipher of the sealed modes' capsules.
     aead: Aead,
+    /// Plaintext bytes per chunk of the sealed modes' capsules.
+    chunk_size: u32,
 }
 
 /// What unsealing a case's weights costs at least: its bytes, and the time one core
@@ -952,11 +959,12 @@ struct Unsealing {
 }
 
 impl Report {
-    fn new(json: bool, aead: Aead) -> Report {
+    fn new(json: bool, aead: Aead, chunk_size: u32) -> Report {
         Report {
             json,
             family: None,
             aead,
+            chunk_size,
         }
     }
 
@@ -1002,6 +1010,7 @@ impl Report {
                 });
                 if t.mode != Mode::Plain {
                     line["aead"] = self.aead.name().into();
+                    line["chunk_size"] = self.chunk_size.into();
                     if let Some(plain) = plain {
                         line["ratio_to_plain"] = round(t.median() / plain).into();
                     }
@@ -1095,9 +1104,10 @@ impl Report {
         if !self.json {
             println!(
                 "\nx: median over plain's median, same run, modes alternating. Sealed modes: \
-                 chunks sealed with {}. AES ms: weight bytes / {:.1} GB/s, issue 4's AES-GCM \
+                 chunks of {} bytes sealed with {}. AES ms: weight bytes / {:.1} GB/s, issue 4's AES-GCM \
                  bound. open ms: one core opening every layer once with {}, measured in this \
                  run: the least CPU time streaming spends per query.",
+                self.chunk_size,
                 self.aead,
                 AES_GCM_BYTES_PER_SEC / 1e9,
                 self.aead,
@@ -1153,6 +1163,20 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{text}' is not a usable size"))
 }
 
+/// Parses a capsule's chunk size as [`parse_bytes`] does (e.g. 65536 or 64KiB), within
+/// the bounds the capsule format allows.
+pub fn parse_chunk_size(text: &str) -> Result<u32, String> {
+    let (min, max) = (
+        capsule_format::MIN_CHUNK_SIZE,
+        capsule_format::MAX_CHUNK_SIZE,
+    );
+    parse_bytes(text)?
+        .try_into()
+        .ok()
+        .filter(|size| (min..=max).contains(size))
+        .ok_or_else(|| format!("a chunk size must be between {min} and {max} bytes"))
+}
+
 /// Four significant digits: short JSON that still tells 0.0054 from 0.0046 ms
 /// (three decimals printed a 0.3 µs defense as 0 and dense 256x256's 5 µs
 /// products as 0.005 or 0.006).
@@ -1180,7 +1204,7 @@ mod round_tests {
 
 #[cfg(test)]
 mod size_tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, parse_chunk_size};
 
     #[test]
     fn sizes_parse_with_and_without_units() {
@@ -1191,5 +1215,19 @@ mod size_tests {
         assert!(parse_bytes("0").is_err());
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("3 lots").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn chunk_sizes_stay_within_the_format() {
+        assert_eq!(parse_chunk_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_chunk_size("64"), Ok(64));
+        assert_eq!(parse_chunk_size("64MiB"), Ok(64 << 20));
+        assert!(
+            parse_chunk_size("63")
+                .unwrap_err()
+                .contains("between 64 and")
+        );
+        assert!(parse_chunk_size("65MiB").is_err());
+        assert!(parse_chunk_size("8GiB").is_err());
     }
 }

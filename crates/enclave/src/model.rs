@@ -462,7 +462,7 @@ pub(crate) struct Weights {
     spare: Vec<Vec<f32>>,
     keep_spare: bool,
     /// One buffer per thread for streamed chunks, zeroized when their layer is done.
-    pub scratch: Vec<Zeroizing<Vec<f32>>>,
+    pub scratch: Vec<crate::stream::Scratch>,
     /// Sealed chunks read from the host, a few at a time (ciphertext only).
     pub sealed: Vec<u8>,
     /// Plaintext weight bytes held now, and the most held at once.
@@ -1084,6 +1084,11 @@ mod tests {
             let want = plain.run(std::slice::from_ref(&x)).unwrap();
             let got = streaming.run(std::slice::from_ref(&x)).unwrap();
             assert_eq!(bits(&got[0]), bits(&want[0]), "batch {batch}");
+            // fc's chunks were opened in the lanes' scratch buffers, which are wiped
+            // whole, though only as far as they were written.
+            let scratch = &streaming.weights.scratch;
+            assert!(!scratch.is_empty(), "fc was streamed");
+            assert!(scratch.iter().all(crate::stream::Scratch::is_zero));
         }
         // Above the exact batch the streamed Gemm still runs, to rounding.
         let x = ramp(&[12, 2, 5, 5], 5);

@@ -623,14 +623,15 @@ impl Drop for Weights {
 /// opened the bytes (byte buffers) on every query; it still wipes buffers when they are
 /// dropped.
 ///
-/// When [`on_team`], a buffer above [`WIPE_PIECE`] bytes is wiped in pieces that the
-/// pool's other workers take when they are free: evicting a layer runs between two
+/// When [`on_team`], a buffer above [`TEAM_WIPE_PIECE`] bytes is wiped in pieces that
+/// the pool's other workers take when they are free: evicting a layer runs between two
 /// nodes of a query, and one core alone wiped ResNet-18's 47 MB in 2.6 ms of its 24.
 /// A query at one engine thread runs on the caller's thread, which shares a buffer of
-/// [`SHARE_MIN_PIECES`] pieces or more with one worker (conv3x3 512x14x14's 9.4 MB of
-/// weights after its only node: 0.335 → 0.235 ms); smaller ones it wipes right here.
+/// [`SHARE_MIN_PIECES`] pieces of [`WIPE_PIECE`] bytes or more with one worker
+/// (conv3x3 512x14x14's 9.4 MB of weights after its only node: 0.335 → 0.235 ms);
+/// smaller ones it wipes right here.
 pub(crate) fn wipe<T: bytemuck::Pod + Send>(buf: &mut [T]) {
-    let piece = (WIPE_PIECE / std::mem::size_of::<T>().max(1)).max(1);
+    let size = std::mem::size_of::<T>().max(1);
     let uncached = std::mem::size_of_val(buf) >= UNCACHED_WIPE_MIN;
     let zero = |p: &mut [T]| {
         if uncached {
@@ -639,8 +640,9 @@ pub(crate) fn wipe<T: bytemuck::Pod + Send>(buf: &mut [T]) {
             p.fill(T::zeroed());
         }
     };
-    if buf.len() > piece && on_team() {
-        buf.par_chunks_mut(piece).for_each(zero);
+    let (team_piece, piece) = ((TEAM_WIPE_PIECE / size).max(1), (WIPE_PIECE / size).max(1));
+    if buf.len() > team_piece && on_team() {
+        buf.par_chunks_mut(team_piece).for_each(zero);
     } else if buf.len() >= SHARE_MIN_PIECES * piece && alone_off_pool() {
         share_with_worker(buf.chunks_mut(piece), zero);
     } else {
@@ -705,8 +707,17 @@ pub(crate) fn on_team() -> bool {
 /// and at 0 the networks read the same as at 4 MiB.
 const UNCACHED_WIPE_MIN: usize = 4 << 20;
 
-/// Bytes of a buffer [`wipe`] leaves to one task.
+/// Bytes of a buffer [`wipe`] leaves to one task off the pool ([`share_with_worker`]).
 const WIPE_PIECE: usize = 256 << 10;
+
+/// Bytes of a buffer [`wipe`] leaves to one task on the team ([`on_team`]): the pool's
+/// workers are awake there, so that buffers from twice this size on are split. Most of
+/// MobileNetV2's layers are 16-256 KiB; at two threads, each wiped by the query's
+/// thread alone cost as much as all its openings (streaming/plain 1.39 against 1.25
+/// with no wiping at all). With 16 KiB pieces instead of 256, alternated (6-8 rounds):
+/// 1.55 → 1.40 (cores far, 0.908), 1.36 → 1.28 against 32 KiB pieces (near, 0.960);
+/// 8 and 4 KiB read as 16, 64 KiB 1.015 against 32.
+const TEAM_WIPE_PIECE: usize = 16 << 10;
 
 impl WeightSource for Weights {
     fn param(&self, index: usize, _info: &ParamInfo) -> Option<&Tensor> {
@@ -880,7 +891,15 @@ mod tests {
     #[test]
     fn wipe_zeroes_buffers_of_every_size() {
         let large = UNCACHED_WIPE_MIN / 4 + 3;
-        for len in [0, 1, 5, 1000, WIPE_PIECE / 4 * 3 + 1, large] {
+        for len in [
+            0,
+            1,
+            5,
+            1000,
+            TEAM_WIPE_PIECE / 4 * 2 + 3,
+            WIPE_PIECE / 4 * 3 + 1,
+            large,
+        ] {
             let mut buf = vec![f32::NAN; len + 1];
             wipe(&mut buf[1..]);
             assert!(

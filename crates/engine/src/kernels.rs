@@ -1263,9 +1263,9 @@ mod x16 {
     /// `out` (`[OH, OW]`, `OW = out_width`). Output cell `j` reads input cells
     /// `2j - 1`, `2j` and `2j + 1` of three input rows: two loads of 32 cells
     /// and two permutes give every `2j` and every `2j + 1`, and a shift by one
-    /// lane (the previous block's last cell in front) every `2j - 1`. Rows of
-    /// at most 32 outputs go row by row ([`stride2_rows`]), wider ones sixteen
-    /// output cells at a time ([`stride2_blocks`]). The sums are the portable
+    /// lane (the cell before the block in front) every `2j - 1`. Rows of
+    /// at most 32 outputs go row by row ([`stride2_rows`]), wider ones in
+    /// strips of sixteen output cells ([`stride2_strips`]). The sums are the portable
     /// kernel's, in its order, with zeros in the padding (masked loads past
     /// the row's end, zero vectors for the rows above and below the plane).
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -1273,7 +1273,7 @@ mod x16 {
         with_activation!(p.activation, act => match out_width.div_ceil(16) {
             0 | 1 => stride2_rows::<1>(p, out, out_width, act),
             2 => stride2_rows::<2>(p, out, out_width, act),
-            _ => stride2_blocks(p, out, out_width, act),
+            _ => stride2_strips(p, out, out_width, act),
         })
     }
 
@@ -1281,10 +1281,10 @@ mod x16 {
     /// is taken apart into `V` vectors of each kind of cell once, and the odd
     /// input rows serve the two output rows that read them. MobileNetV2's
     /// layers alone, one thread (Zen 4): 144 planes into 28x28 0.112 → 0.050
-    /// ms and 192 into 14x14 0.041 → 0.026 against [`stride2_blocks`] and the
-    /// sixteen-plane kernel; into 56x56 (four vectors) it was level with
-    /// [`stride2_blocks`], and into 7x7 (576 planes) 0.051 against the
-    /// sixteen-plane kernel's 0.038.
+    /// ms and 192 into 14x14 0.041 → 0.026 against a kernel that took three
+    /// input rows apart for every output row, and the sixteen-plane kernel;
+    /// into 56x56 (four vectors) it was level with that kernel, and into 7x7
+    /// (576 planes) 0.051 against the sixteen-plane kernel's 0.038.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     fn stride2_rows<const V: usize>(
         p: &OnePlane<'_>,
@@ -1331,60 +1331,71 @@ mod x16 {
         }
     }
 
-    /// Stride 2 into rows of any width, sixteen output cells at a time, each
-    /// block's three input rows taken apart afresh.
+    /// Most strips of 16 output cells that [`stride2_strips`] takes down the
+    /// plane at once (wider rows go in bands of this many): their cells of
+    /// the last odd input row stay on the stack, not on the heap (a `Vec` of
+    /// them made MobileNetV2's 96 planes into 56x56 1.6x as slow).
+    const STRIPS: usize = 16;
+
+    /// Stride 2 into rows of more than 32 cells, sixteen output cells (a
+    /// strip) at a time: each input row is taken apart once, and the odd input
+    /// rows serve the two output rows that read them, as in [`stride2_rows`],
+    /// with each strip's odd row kept for the next output row. A strip's
+    /// cells `2j - 1` are its odd cells shifted by a lane, the cell before the
+    /// strip coming in (one scalar load), and strips whose 32 input cells are
+    /// all inside the row load them without masks. Against a kernel that took
+    /// three input rows apart afresh for each output row, with a masked load
+    /// for every 16 cells, MobileNetV2's 96 planes 112x112 into 56x56 (one
+    /// thread, Zen 4): alone 0.238 → 0.150-0.164 ms, inside the network 0.258
+    /// → 0.233 (6 alternated rounds), where their input comes from memory.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn stride2_blocks(
+    fn stride2_strips(
         p: &OnePlane<'_>,
         out: &mut [f32],
         out_width: usize,
         act: impl Fn(__m512) -> __m512,
     ) {
         let width = p.width;
-        let height = p.plane.len() / width;
-        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        // Lane 0 from the first operand's lane 15, lane k from the second's k - 1.
-        let shift = _mm512_setr_epi32(
-            15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
-        );
+        let zero = _mm512_setzero_ps();
         let taps = p.taps.map(|t| _mm512_set1_ps(t));
         let bias = _mm512_set1_ps(p.bias);
-        let zero = _mm512_setzero_ps();
-        // Input row r - 1 of padded row r, or none (padding).
-        let row = |r: usize| {
-            r.checked_sub(1)
-                .filter(|&r| r < height)
-                .map(|r| &p.plane[r * width..][..width])
-        };
-        for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
-            let rows = [row(2 * oh), row(2 * oh + 1), row(2 * oh + 2)];
-            // Per row: input cell 2 first - 1 (the previous block's last `2j + 1`).
-            let mut carry = [zero; 3];
-            for first in (0..out_width).step_by(16) {
-                // Per row, every `2j - 1`, `2j` and `2j + 1`.
-                // Row k's every `2j - 1`, `2j` and `2j + 1`. A macro, not a closure:
-                // a closure here was left out of line (twice as slow).
-                macro_rules! cells {
-                    ($k:literal) => {
-                        match rows[$k] {
-                            None => [zero; 3],
-                            Some(row) => {
-                                let len = row.len();
-                                let (a, b) = ((2 * first).min(len), (2 * first + 16).min(len));
-                                let lo = load(&row[a..(a + 16).min(len)]);
-                                let hi = load(&row[b..(b + 16).min(len)]);
-                                let right = _mm512_permutex2var_ps(lo, odds, hi);
-                                let left = _mm512_permutex2var_ps(carry[$k], shift, right);
-                                carry[$k] = right;
-                                [left, _mm512_permutex2var_ps(lo, evens, hi), right]
-                            }
-                        }
-                    };
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // Input row `row`'s cells `2j - 1`, `2j` and `2j + 1` for the strip of
+        // outputs `j` from `first`.
+        let cells = |row: &[f32], first: usize| -> [__m512; 3] {
+            let at = 2 * first;
+            let (lo, hi) = match row.get(at..at + 32) {
+                Some(both) => (load(&both[..16]), load(&both[16..])),
+                None => {
+                    let part = |from: usize| load(&row[from.min(width)..(from + 16).min(width)]);
+                    (part(at), part(at + 16))
                 }
-                let rows = [cells!(0), cells!(1), cells!(2)];
-                let sums = act(nine_taps(&taps, bias, rows));
-                store(&mut out_row[first..(first + 16).min(out_width)], sums);
+            };
+            let m = _mm512_permutex2var_ps(lo, evens, hi);
+            let r = _mm512_permutex2var_ps(lo, odds, hi);
+            let before = match at.checked_sub(1) {
+                Some(left) => _mm512_set1_ps(row[left]),
+                None => zero,
+            };
+            [after(before, r), m, r]
+        };
+        for band in (0..out_width).step_by(16 * STRIPS) {
+            let strips = (out_width - band).div_ceil(16).min(STRIPS);
+            // Per strip, input row `2 oh - 1`'s cells for output row `oh`: the
+            // padding's zeros for the first.
+            let mut top = [[zero; 3]; STRIPS];
+            for (oh, out_row) in out.chunks_exact_mut(out_width).enumerate() {
+                let row = |r: usize| p.plane.get(r * width..(r + 1) * width);
+                let (here, below) = (row(2 * oh), row(2 * oh + 1));
+                for (strip, top) in top.iter_mut().enumerate().take(strips) {
+                    let first = band + 16 * strip;
+                    let here = here.map_or([zero; 3], |row| cells(row, first));
+                    let below = below.map_or([zero; 3], |row| cells(row, first));
+                    let sums = act(nine_taps(&taps, bias, [*top, here, below]));
+                    store(&mut out_row[first..(first + 16).min(out_width)], sums);
+                    *top = below;
+                }
             }
         }
     }
@@ -2700,7 +2711,7 @@ mod tests {
 
         #[test]
         fn stride2_depthwise_matches_the_portable_kernel_bit_for_bit(
-            width in 1usize..120,
+            width in 1usize..600,
             height in 1usize..12,
             activation in 0usize..3,
             nan in proptest::option::of(0usize..2000),

@@ -461,7 +461,7 @@ pub(crate) struct Weights {
     /// Zeroized buffers by param index, for the next time its layer is opened.
     spare: Vec<Vec<f32>>,
     keep_spare: bool,
-    /// One buffer per thread for streamed chunks, zeroized when their layer is done.
+    /// One buffer per thread for streamed chunks, zeroized when its run of them is done.
     pub scratch: Vec<crate::stream::Scratch>,
     /// Sealed chunks read from the host, a few at a time (ciphertext only).
     pub sealed: Vec<u8>,

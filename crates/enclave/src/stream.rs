@@ -17,7 +17,7 @@
 //! decrypted there in place: the enclave holds no second, sealed copy of it. A
 //! dense layer that only one Gemm reads is never whole in memory: each opened
 //! chunk's rows of B are multiplied into the output at once, in a per-thread
-//! buffer that is wiped when the layer is done ([`StreamedGemm`]).
+//! buffer that is wiped when the thread's run of chunks is done ([`StreamedGemm`]).
 //!
 //! The chunks come from a [`Feed`]: the host's `Layer` frames in the
 //! enclave ([`FrameFeed`]), or a capsule in memory for the provider's
@@ -791,10 +791,6 @@ impl<'a, F: Feed> LayerStream<'a, F> {
             }
         }
         self.weights.sealed = sealed;
-        // The chunks' plaintext, kept in the scratch buffers between chunks.
-        for buf in &mut scratch {
-            buf.wipe();
-        }
         self.weights.scratch = scratch;
         if outcome.is_ok() && rows_done != gemm.rows() {
             outcome = Err(Streamed::Engine(capsule_engine::Error::InvalidWeights {
@@ -1202,7 +1198,7 @@ fn from_le(values: &mut [f32]) {
 }
 
 /// One lane's buffer for a streamed dense layer's chunks ([`dense_run`]), which remembers
-/// how far it was written, so that wiping it when the layer is done costs only the bytes
+/// how far it was written, so that wiping it when its run is done costs only the bytes
 /// that held plaintext: a lane that opened no chunk, or only a layer smaller than the
 /// buffer, wipes nothing, or that much. Dense 256x256 at one engine thread opens its one
 /// 256 KiB chunk on one lane, and wiping both lanes' buffers whole was 17 % of its
@@ -1304,11 +1300,27 @@ enum Target {
 /// and copies out the rest: the head of a row that began before the run, the tail of one
 /// that goes on after it, and the layer's other tensors. A row that straddles two chunks
 /// of the run is completed in `scratch` itself: the part the first chunk gave is moved to
-/// the front, and the next chunk is opened right after it. `scratch` keeps the plaintext
-/// until the next run overwrites it: [`LayerStream::stream_layer`] wipes each scratch
-/// buffer once, when the layer is done (wiping a 256 KiB buffer after every chunk cost a
-/// third of a streamed dense layer's time beside the decryption).
+/// the front, and the next chunk is opened right after it.
+///
+/// `scratch` keeps the plaintext from chunk to chunk, and is wiped once, when the run
+/// is done or fails, on the run's own thread: wiping a 256 KiB buffer after every chunk
+/// cost a third of a streamed dense layer's time beside the decryption, and wiping every
+/// lane's buffer on the query's thread after the layer took 5 % of dense 512x512's
+/// samples at two threads.
 fn dense_run(
+    unsealer: &Unsealer,
+    layer: usize,
+    run: &[(u64, &[u8])],
+    job: &DenseJob<'_>,
+    scratch: &mut Scratch,
+) -> Result<ChunkOut, capsule_format::Error> {
+    let out = open_run(unsealer, layer, run, job, scratch);
+    scratch.wipe();
+    out
+}
+
+/// [`dense_run`] but for its wiping of `scratch`.
+fn open_run(
     unsealer: &Unsealer,
     layer: usize,
     run: &[(u64, &[u8])],

@@ -715,7 +715,7 @@ const WIPE_PIECE: usize = 256 << 10;
 /// MobileNetV2's layers are 16-256 KiB; at two threads, each wiped by the query's
 /// thread alone cost as much as all its openings (streaming/plain 1.39 against 1.25
 /// with no wiping at all). With 16 KiB pieces instead of 256, alternated (6-8 rounds):
-/// 1.55 → 1.40 (cores far, 0.908), 1.36 → 1.28 against 32 KiB pieces (near, 0.960);
+/// 1.55 → 1.40 (cores far, 0.908), 1.36 → 1.27 against 32 KiB pieces (near, 0.960);
 /// 8 and 4 KiB read as 16, 64 KiB 1.015 against 32.
 const TEAM_WIPE_PIECE: usize = 16 << 10;
 

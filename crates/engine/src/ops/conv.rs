@@ -9,9 +9,10 @@
 //!   vectorised pass over nine shifted input rows. With AVX-512, output
 //!   rows of at most 32 cells keep each input row in one or two vectors,
 //!   loaded once for the output rows that read it
-//!   ([`kernels::depthwise3x3_stride1`] and `_stride2`); at stride 2 into
-//!   rows of at most 8 cells (and narrow planes on AVX2) planes go sixteen
-//!   at a time, one per vector lane ([`kernels::depthwise3x3_x16`]).
+//!   ([`kernels::depthwise3x3_stride1`] and `_stride2`, which at stride 2
+//!   also has an AVX2 form); at stride 2 into rows of at most 8 cells (and
+//!   narrow planes on AVX2) planes go sixteen at a time, one per vector lane
+//!   ([`kernels::depthwise3x3_x16`]).
 //! - *Winograd* F(2x2, 3x3) (3x3 kernel, stride 1, no dilation, one group,
 //!   at least 16 channels in and out, and at least 48 output tiles of 2x2
 //!   on one thread, 64 per thread on more unless 256 channels or more go
@@ -1052,8 +1053,8 @@ const BLOCKS_PER_THREAD: usize = 4;
 /// that it sets up its working memory once per block, not per plane. For each output row, every kernel
 /// tap adds a weighted, shifted input row segment: with stride 1 that is a
 /// vectorisable `y += w * x` over slices. 3x3 kernels with one cell of
-/// padding take [`kernels::depthwise3x3`] (with AVX-512, at stride 2
-/// [`kernels::depthwise3x3_stride2`] and at stride 1 on planes at most 32
+/// padding take [`kernels::depthwise3x3`] (with AVX-512 or AVX2, at stride 2
+/// [`kernels::depthwise3x3_stride2`]; with AVX-512, at stride 1 on planes at most 32
 /// cells wide [`kernels::depthwise3x3_stride1`]; some narrow planes sixteen
 /// at a time, [`kernels::depthwise3x3_x16`], see [`sixteen_planes_pay`]),
 /// which also applies the bias and the activation.
@@ -1552,13 +1553,19 @@ impl Plane<'_> {
 ///   against 0.028; at two threads 0.05 against 0.024, 0.052 against 0.034
 ///   and 0.029 against 0.028. At stride 2 it lost into 14x14 (192 channels,
 ///   0.041 against 0.026 ms) but won into 7x7 (576, 0.038 against 0.051).
+/// - AVX2 (EPYC Zen 3), stride 2, alone, one thread, against the strips of
+///   [`kernels::depthwise3x3_stride2`]: into 14x14 (192 channels) 0.064
+///   against 0.060 ms, into 7x7 (576) 0.052 against 0.192 (a row of seven is
+///   less than one strip).
 fn sixteen_planes_pay(out_width: usize, stride: usize) -> bool {
     match kernels::isa() {
         kernels::Isa::Baseline => false,
         // Quicker one plane at a time, row by row, but into rows of at most
         // half a vector: `kernels::depthwise3x3_stride1` and `_stride2`.
         kernels::Isa::Avx512 => stride == 2 && out_width <= 8,
-        kernels::Isa::Avx2 => out_width < 16,
+        // At stride 2 `kernels::depthwise3x3_stride2`'s strips of eight, but
+        // not into rows narrower than a strip.
+        kernels::Isa::Avx2 => out_width < if stride == 2 { 8 } else { 16 },
     }
 }
 

@@ -2141,56 +2141,60 @@ mod tests {
     #[test]
     fn direct_kernel_matches_the_portable_one_bit_for_bit() {
         let mut rng = Rng(41);
-        // Output row 3 of rows 37 cells wide (two blocks and a tail of 5): the
-        // planes hold the rows it reads and the cells its last block reads.
         let (c, kh, kw, stride, rows) = (3, 3, 5, 2, 9);
-        let pitch = 37usize.next_multiple_of(BLOCK_COLUMNS) + (kw - 1) / stride;
-        let mut planes: Vec<f32> = rng.tensor(&[c * stride * rows * pitch]).data().to_vec();
-        // A NaN that output cell 10 reads (channel 1, phase 0, row 7, cell 11
-        // for tap (1, 2, 2)) must come out as NaN through every activation.
-        planes[(stride * rows + 7) * pitch + 11] = f32::NAN;
-        let mut offsets = Vec::new();
-        for ch in 0..c {
-            for ki in 0..kh {
-                for kj in 0..kw {
-                    offsets.push(
-                        (ch * stride + kj % stride) * rows * pitch + ki * pitch + kj / stride,
-                    );
+        // Output row 3 of rows of each width: one block of 16 cells; 37 (AVX2:
+        // two blocks and a tail of 5; AVX-512: a block of three vectors); 100
+        // (AVX-512: a block of four vectors, then one of three). The planes hold
+        // the rows it reads and the cells its last block reads.
+        for width in [16usize, 37, 100] {
+            let pitch = width.next_multiple_of(BLOCK_COLUMNS) + (kw - 1) / stride;
+            let mut planes: Vec<f32> = rng.tensor(&[c * stride * rows * pitch]).data().to_vec();
+            // A NaN that output cell 10 reads (channel 1, phase 0, row 7, cell
+            // 11 for tap (1, 2, 2)) must come out as NaN through every activation.
+            planes[(stride * rows + 7) * pitch + 11] = f32::NAN;
+            let mut offsets = Vec::new();
+            for ch in 0..c {
+                for ki in 0..kh {
+                    for kj in 0..kw {
+                        offsets.push(
+                            (ch * stride + kj % stride) * rows * pitch + ki * pitch + kj / stride,
+                        );
+                    }
                 }
             }
-        }
-        let weights = rng.tensor(&[offsets.len() * BLOCK_OUTPUTS]);
-        let taps: Vec<[f32; BLOCK_OUTPUTS]> = weights
-            .data()
-            .chunks_exact(BLOCK_OUTPUTS)
-            .map(|t| t.try_into().unwrap())
-            .collect();
-        for activation in ACTIVATIONS {
-            let input = DirectInput {
-                planes: &planes,
-                row_stride: 2,
-                pitch,
-                offsets: &offsets,
-                taps: &taps,
-                bias: std::array::from_fn(|i| i as f32 - 2.5),
-                activation,
-            };
-            let run = |f: RowKernel| {
-                let mut out = vec![f32::NAN; BLOCK_OUTPUTS * 37];
-                let mut rows: Vec<&mut [f32]> = out.chunks_mut(37).collect();
-                f(&input, 3, &mut rows);
-                out
-            };
-            let got = run(&kernels::direct_row);
-            let want = run(&direct_row_body::<true>);
-            // Any NaN is the same NaN here; every other value, bit for bit.
-            let bits = |v: &[f32]| {
-                v.iter()
-                    .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(bits(&got), bits(&want), "{activation:?}");
-            assert!(got[10].is_nan() && got[5].is_finite(), "{activation:?}");
+            let weights = rng.tensor(&[offsets.len() * BLOCK_OUTPUTS]);
+            let taps: Vec<[f32; BLOCK_OUTPUTS]> = weights
+                .data()
+                .chunks_exact(BLOCK_OUTPUTS)
+                .map(|t| t.try_into().unwrap())
+                .collect();
+            for activation in ACTIVATIONS {
+                let input = DirectInput {
+                    planes: &planes,
+                    row_stride: 2,
+                    pitch,
+                    offsets: &offsets,
+                    taps: &taps,
+                    bias: std::array::from_fn(|i| i as f32 - 2.5),
+                    activation,
+                };
+                let run = |f: RowKernel| {
+                    let mut out = vec![f32::NAN; BLOCK_OUTPUTS * width];
+                    let mut rows: Vec<&mut [f32]> = out.chunks_mut(width).collect();
+                    f(&input, 3, &mut rows);
+                    out
+                };
+                let got = run(&kernels::direct_row);
+                let want = run(&direct_row_body::<true>);
+                // Any NaN is the same NaN here; every other value, bit for bit.
+                let bits = |v: &[f32]| {
+                    v.iter()
+                        .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&got), bits(&want), "width {width}, {activation:?}");
+                assert!(got[10].is_nan() && got[5].is_finite(), "{activation:?}");
+            }
         }
     }
 

@@ -29,7 +29,8 @@
 //! channels on several threads ([`by_blocks`]). Either buffer is zeroed
 //! before it is recycled. The transforms are written
 //! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
-//! `kernels::winograd_*` compile them per instruction set.
+//! `kernels::winograd_*` compile them per instruction set, and on AVX-512
+//! take kernels of their own that compute the same bits.
 
 use std::ops::Range;
 

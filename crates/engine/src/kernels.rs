@@ -1369,8 +1369,6 @@ mod x16 {
         stride: usize,
         scratch: &mut Vec<f32>,
     ) {
-        let (width, pad_left) = (source.width, source.pad_left);
-        let height = source.plane.len() / width.max(1);
         // Padded columns 0..2 tiles + 2 hold the tiles' input; the last
         // block's loads reach column 32 blocks + 2.
         let pitch = 32 * tiles.div_ceil(16) + 2;
@@ -1378,18 +1376,7 @@ mod x16 {
             scratch.resize(4 * pitch, 0.0);
         }
         let padded = &mut scratch[..4 * pitch];
-        for (i, d) in padded.chunks_exact_mut(pitch).enumerate() {
-            let row = (2 * tile_row + i)
-                .checked_sub(source.pad_top)
-                .filter(|&r| r < height);
-            let skip = pad_left.min(pitch);
-            let take = row.map_or(0, |_| (pitch - skip).min(width));
-            d[..skip].fill(0.0);
-            if let Some(r) = row {
-                d[skip..skip + take].copy_from_slice(&source.plane[r * width..][..take]);
-            }
-            d[skip + take..].fill(0.0);
-        }
+        source.pad_rows(tile_row, padded);
         let padded = &*padded;
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);

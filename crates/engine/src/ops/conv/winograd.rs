@@ -525,6 +525,28 @@ pub(crate) struct TileSource<'a> {
 }
 
 impl<'a> TileSource<'a> {
+    /// The four input rows of tile row `tile_row`, with their padding, into
+    /// the four rows `padded` holds: row `i`'s column `j` is the input cell
+    /// `(2 tile_row + i - pad_top, j - pad_left)`, or 0 outside the plane.
+    #[inline(always)]
+    pub(crate) fn pad_rows(&self, tile_row: usize, padded: &mut [f32]) {
+        let width = self.width;
+        let height = self.plane.len() / width.max(1);
+        let pitch = padded.len() / 4;
+        for (i, d) in padded.chunks_exact_mut(pitch).enumerate() {
+            let row = (2 * tile_row + i)
+                .checked_sub(self.pad_top)
+                .filter(|&r| r < height);
+            let skip = self.pad_left.min(pitch);
+            let take = row.map_or(0, |_| (pitch - skip).min(width));
+            d[..skip].fill(0.0);
+            if let Some(r) = row {
+                d[skip..skip + take].copy_from_slice(&self.plane[r * width..][..take]);
+            }
+            d[skip + take..].fill(0.0);
+        }
+    }
+
     /// `plane`, an input plane of the Conv of `geo`.
     fn of(geo: &Geometry, plane: &'a [f32]) -> TileSource<'a> {
         TileSource {
@@ -614,26 +636,13 @@ pub(crate) fn winograd_input_body<const FMA: bool>(
     stride: usize,
     scratch: &mut Vec<f32>,
 ) {
-    let (width, pad_left) = (source.width, source.pad_left);
-    let height = source.plane.len() / width.max(1);
     // Padded columns 0..span hold the tiles' input; tile t starts at 2t.
     let span = 2 * tiles + 2;
     let half = tiles + 1;
     grow(scratch, 4 * span + 8 * half);
     let (padded, rest) = scratch.split_at_mut(4 * span);
     let (even, odd) = rest.split_at_mut(4 * half);
-    for (i, d) in padded.chunks_exact_mut(span).enumerate() {
-        let row = (2 * tile_row + i)
-            .checked_sub(source.pad_top)
-            .filter(|&r| r < height);
-        let skip = pad_left.min(span);
-        let take = row.map_or(0, |_| (span - skip).min(width));
-        d[..skip].fill(0.0);
-        if let Some(r) = row {
-            d[skip..skip + take].copy_from_slice(&source.plane[r * width..][..take]);
-        }
-        d[skip + take..].fill(0.0);
-    }
+    source.pad_rows(tile_row, padded);
     // B^T d, split into even and odd columns.
     let d: [&[f32]; 4] = std::array::from_fn(|i| &padded[i * span..][..2 * half]);
     {

@@ -35,9 +35,10 @@
 //! and Winograd's three transforms ([`winograd_weights`], [`winograd_input`],
 //! [`winograd_output`], AVX-512), because their transposes, deinterleaves
 //! and shifts across lanes are shuffles that LLVM does not find on its own
-//! (or, for rows of 7-28 tiles, finds only in four-lane and scalar code); the direct convolution's row
-//! ([`direct_row`], AVX2 and AVX-512), because LLVM kept its twelve vectors
-//! of sums in memory; and the 1x1 Conv of few inputs or outputs ([`pointwise`], AVX-512), written with
+//! (or, for rows of 7-28 tiles, finds only in four-lane and scalar code);
+//! the direct convolution's row ([`direct_row`], AVX2 and AVX-512), because
+//! LLVM kept its twelve vectors of sums in memory; and the 1x1 Conv of few
+//! inputs or outputs ([`pointwise`], AVX-512), written with
 //! intrinsics from the start for its 24 vectors of sums and masked row
 //! tails (no portable version of it was tried). Their `unsafe` is that
 //! call, masked loads and stores whose masks
@@ -888,7 +889,15 @@ pub(crate) fn winograd_input(
     stride: usize,
     scratch: &mut Vec<f32>,
 ) {
-    if on_avx512!(winograd_input(source, tile_row, tiles, v, stride, scratch) if true) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::winograd_input` is compiled with (detected at run time), and
+        // the function is otherwise safe.
+        unsafe {
+            x16::winograd_input(source, tile_row, tiles, v, stride, scratch)
+        };
         return;
     }
     winograd_input_portable(source, tile_row, tiles, v, stride, scratch);
@@ -917,14 +926,18 @@ pub(crate) fn winograd_output(
     out: OutputRows<'_>,
     scratch: &mut Vec<f32>,
 ) {
-    let mut out = Some(out);
-    let taken = &mut out;
-    if on_avx512!(winograd_output(p, stride, tiles, taken) if true) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::winograd_output` is compiled with (detected at run time), and
+        // the function is otherwise safe.
+        unsafe {
+            x16::winograd_output(p, stride, tiles, out)
+        };
         return;
     }
-    if let Some(out) = out {
-        winograd_output_portable(p, stride, tiles, out, scratch);
-    }
+    winograd_output_portable(p, stride, tiles, out, scratch);
 }
 
 /// Partial sums of [`dot`], [`dots4`] and [`sum`]: enough to vectorise
@@ -1426,16 +1439,9 @@ mod x16 {
     /// sixteen tiles, A^T over the block's sixteen products, then for each
     /// of its two output rows A over those and the two cells of every tile
     /// interleaved into a row of 32; the bias, residual and activation then
-    /// go over the band's rows as in the portable code. Takes `out` (leaves
-    /// `None`).
+    /// go over the band's rows as in the portable code.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn winograd_output(
-        p: &[f32],
-        stride: usize,
-        tiles: usize,
-        out: &mut Option<OutputRows<'_>>,
-    ) {
-        let Some(out) = out.take() else { return };
+    pub(super) fn winograd_output(p: &[f32], stride: usize, tiles: usize, out: OutputRows<'_>) {
         let width = out.width;
         let row_tiles = width.div_ceil(2);
         let products: [&[f32]; 16] = std::array::from_fn(|xi| &p[xi * stride..][..tiles]);

@@ -268,8 +268,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         modes
     };
     let mut out = Report::new(args.json, args.aead, args.chunk_size);
+    let cache = capsule_engine::last_level_cache().map_or(String::new(), |bytes| {
+        format!(", {} MiB of last-level cache", bytes >> 20)
+    });
     out.note(&format!(
-        "machine: {}, {cores} core(s); engine kernels: {}",
+        "machine: {}, {cores} core(s){cache}; engine kernels: {}",
         cpu_name(),
         capsule_engine::instruction_set()
     ));

@@ -617,7 +617,7 @@ impl Drop for Weights {
 }
 
 /// Overwrites plaintext with zeros at memory speed: a vectorised fill (non-temporal
-/// stores from [`UNCACHED_WIPE_MIN`] bytes on) that the optimiser cannot drop, because
+/// stores from [`uncached_wipe_min`] bytes on) that the optimiser cannot drop, because
 /// `black_box` makes the buffer observable afterwards. The zeroize
 /// crate's volatile stores, one element at a time, cost as much as the AES-GCM that
 /// opened the bytes (byte buffers) on every query; it still wipes buffers when they are
@@ -631,8 +631,13 @@ impl Drop for Weights {
 /// (conv3x3 512x14x14's 9.4 MB of weights after its only node: 0.335 → 0.235 ms);
 /// smaller ones it wipes right here.
 pub(crate) fn wipe<T: bytemuck::Pod + Send>(buf: &mut [T]) {
+    wipe_uncached_from(buf, uncached_wipe_min());
+}
+
+/// [`wipe`], with non-temporal stores from `uncached_min` bytes on.
+fn wipe_uncached_from<T: bytemuck::Pod + Send>(buf: &mut [T], uncached_min: usize) {
     let size = std::mem::size_of::<T>().max(1);
-    let uncached = std::mem::size_of_val(buf) >= UNCACHED_WIPE_MIN;
+    let uncached = std::mem::size_of_val(buf) >= uncached_min;
     let zero = |p: &mut [T]| {
         if uncached {
             capsule_engine::zero_uncached(bytemuck::cast_slice_mut(p));
@@ -700,11 +705,26 @@ pub(crate) fn on_team() -> bool {
 
 /// Smallest buffer [`wipe`] zeroes with non-temporal stores
 /// ([`capsule_engine::zero_uncached`]), which write each cache line without reading
-/// it first: a layer this large has mostly left the cache by the time its node is
-/// done. Measured at two engine threads, streaming/plain, alternated (EPYC Zen 2):
-/// conv3x3 512x14x14 (9.4 MB of weights) 1.21-1.25 → 1.18-1.19, ResNet-18
-/// 1.27-1.28 → 1.22-1.23; at one thread, and on dense layers, no change. At 1 MiB
-/// and at 0 the networks read the same as at 4 MiB.
+/// it first: a quarter of the last-level cache ([`capsule_engine::last_level_cache`]),
+/// or [`UNCACHED_WIPE_MIN`] where the CPU does not say. A buffer that large has mostly
+/// left the cache by the time its node is done, and reading its lines back only to
+/// overwrite them is wasted; a smaller one is likely still cached, and so is its
+/// zeroed copy when the next query opens the layer into it again, which
+/// non-temporal stores would have sent to memory.
+///
+/// Measured at two engine threads, streaming/plain, alternated. On an EPYC Zen 2 (16
+/// MiB of L3 per four cores: 4 MiB), against none: conv3x3 512x14x14 (9.4 MB of
+/// weights) 1.21-1.25 → 1.18-1.19, ResNet-18 1.27-1.28 → 1.22-1.23; at one thread,
+/// and on dense layers, no change. On an Intel Xeon declaring 480 MiB of L3 (none
+/// wiped uncached), against a fixed 4 MiB, three rounds each: MobileNetV2 (its 5.1 MB
+/// classifier) 1.40-1.44 → 1.35-1.39, ResNet-18 1.41 → 1.36-1.38, conv3x3 512x14x14
+/// at one thread 1.23-1.25 → 1.19; dense layers unchanged. Not measured on Zen 3 and
+/// Zen 4 (32 MiB of L3: 8 MiB).
+fn uncached_wipe_min() -> usize {
+    capsule_engine::last_level_cache().map_or(UNCACHED_WIPE_MIN, |bytes| bytes / 4)
+}
+
+/// [`uncached_wipe_min`] where the CPU does not declare its last-level cache.
 const UNCACHED_WIPE_MIN: usize = 4 << 20;
 
 /// Bytes of a buffer [`wipe`] leaves to one task off the pool ([`share_with_worker`]).
@@ -922,8 +942,9 @@ mod tests {
                 "{len} values on a pool: the value after them was wiped"
             );
         }
+        // Non-temporal stores, whatever this machine's cache.
         let mut bytes = vec![7u8; UNCACHED_WIPE_MIN + 9];
-        wipe(&mut bytes[1..]);
+        wipe_uncached_from(&mut bytes[1..], UNCACHED_WIPE_MIN);
         assert_eq!(bytes[0], 7);
         assert!(bytes[1..].iter().all(|&b| b == 0));
     }

@@ -586,6 +586,54 @@ fn detect() -> Isa {
     Isa::Baseline
 }
 
+/// Bytes of this CPU's last-level cache that the calling core shares, as the CPU
+/// reports it (CPUID's deterministic cache parameters: leaf 4 on Intel, leaf
+/// 0x8000001D on AMD); `None` where it does not say (another architecture, or a
+/// hypervisor that hides them). Read once. In a virtual machine it is the cache
+/// the hypervisor declares, which other guests may share: a hint for how much of
+/// a query's data can stay cached, not a promise.
+#[must_use]
+pub fn last_level_cache() -> Option<usize> {
+    static LLC: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *LLC.get_or_init(read_last_level_cache)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_last_level_cache() -> Option<usize> {
+    use std::arch::x86_64::__cpuid_count;
+    // Each sub-leaf describes one cache until one of type 0; the deepest level
+    // that holds data (type 1, data, or 3, unified) is the last.
+    let caches_in = |leaf: u32| {
+        (0..16)
+            .map(move |sub| __cpuid_count(leaf, sub))
+            .take_while(|r| r.eax & 0x1f != 0)
+            .filter(|r| matches!(r.eax & 0x1f, 1 | 3))
+            .map(|r| {
+                let level = (r.eax >> 5) & 0x7;
+                let ways = ((r.ebx >> 22) & 0x3ff) as usize + 1;
+                let partitions = ((r.ebx >> 12) & 0x3ff) as usize + 1;
+                let line = (r.ebx & 0xfff) as usize + 1;
+                let sets = r.ecx as usize + 1;
+                (level, ways * partitions * line * sets)
+            })
+            .max_by_key(|&(level, _)| level)
+            .map(|(_, bytes)| bytes)
+    };
+    let max_basic = __cpuid_count(0, 0).eax;
+    let max_extended = __cpuid_count(0x8000_0000, 0).eax;
+    let intel = (max_basic >= 4).then(|| caches_in(4)).flatten();
+    intel.or_else(|| {
+        (max_extended >= 0x8000_001d)
+            .then(|| caches_in(0x8000_001d))
+            .flatten()
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn read_last_level_cache() -> Option<usize> {
+    None
+}
+
 /// Defines `fn $name(args)` that calls `$body::<FMA>(args)` compiled for
 /// the best [`Isa`] of this CPU. `$body` must be a safe function generic
 /// over `const FMA: bool`, marked `#[inline(always)]` so that it is
@@ -2890,6 +2938,32 @@ mod tests {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "[{i}] {g} vs {w}");
         }
+    }
+
+    /// The last-level cache read from CPUID is the one Linux reports in sysfs (which
+    /// it reads from the same leaves, parsed by its own code), where both say.
+    #[test]
+    fn last_level_cache_is_what_linux_reports() {
+        let Some(bytes) = last_level_cache() else {
+            return;
+        };
+        let caches = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+                let kind = read("type")?;
+                let level: u32 = read("level")?.trim().parse().ok()?;
+                let size = read("size")?;
+                let kib: usize = size.trim().strip_suffix('K')?.parse().ok()?;
+                (kind.trim() != "Instruction").then_some((level, kib << 10))
+            })
+            .max_by_key(|&(level, _)| level);
+        if let Some((level, reported)) = caches {
+            assert_eq!(bytes, reported, "level {level} cache");
+        }
+        assert!(bytes >= 64 << 10, "{bytes} bytes");
     }
 
     #[test]

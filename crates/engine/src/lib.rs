@@ -74,7 +74,9 @@ mod threads;
 
 pub use error::Error;
 pub use graph::{Activation, ConvAttrs, Graph, Node, Op, ParamInfo, PoolAttrs, ValueInfo};
-pub use kernels::{LINE_ALIGNED_FROM, LineAligned, instruction_set, zero_uncached};
+pub use kernels::{
+    LINE_ALIGNED_FROM, LineAligned, instruction_set, last_level_cache, zero_uncached,
+};
 pub use model::Model;
 pub use npy::{read_npy, write_npy};
 pub use plan::{Plan, WeightSource};

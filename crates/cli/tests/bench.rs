@@ -37,7 +37,14 @@ fn reports_name_the_machine_and_the_kernels_instruction_set() {
         .lines()
         .find(|l| l.starts_with("note: machine: "))
         .unwrap_or_else(|| panic!("no machine line in:\n{text}"));
-    assert!(line.contains(" core(s); engine kernels: "), "{line}");
+    assert!(line.contains(" core(s)"), "{line}");
+    assert!(line.contains("; engine kernels: "), "{line}");
+    // The last-level cache, where the CPU declares one (it sets the zeroing of
+    // spent weights, so streaming figures depend on it).
+    if let Some(bytes) = capsule_engine::last_level_cache() {
+        let cache = format!(", {} MiB of last-level cache;", bytes >> 20);
+        assert!(line.contains(&cache), "{line}");
+    }
     // With --json the note goes to stderr, so that stdout stays JSON lines.
     let json = run_bench(&["--quick", "--json", "--only", "dense", "--mode", "plain"]);
     assert!(String::from_utf8_lossy(&json.stderr).contains("note: machine: "));

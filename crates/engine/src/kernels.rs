@@ -824,15 +824,19 @@ pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 /// 0.254, 160 → 960 at 7x7 0.152 against 0.175), and at 64 level (64 → 384
 /// at 14x14). With few outputs, as in MobileNetV2's projections (96-576 in,
 /// 24-96 out, most with a residual), this kernel is the quicker where the
-/// caller says (`ops::conv`'s `KERNEL_DEEP_MAX_OUTPUTS`). Deep products (more
-/// than 64 input channels) go by blocks of 64 cells, and through their input
-/// channels by slices of 64 that every block of output channels reads while
-/// they are in L1. With that, and the loop over the input channels written
-/// without a bounds check per weight and per row (they were a third of its
-/// instructions), a 576 → 96 projection at 14x14 alone took 0.172 ms against
-/// 0.228 at one thread and 0.113 against 0.139 at two (onnxruntime: 0.15 and
-/// 0.10), and MobileNetV2's projections inside the network 0.908x and 0.895x
-/// as long (`bench/ab.py`, Intel Xeon, 3 rounds).
+/// caller says (`ops::conv`'s `KERNEL_DEEP_MAX_OUTPUTS`). Deep products go
+/// by narrower panels, of at most 256 KiB of input each: on MobileNetV2's
+/// projections at 28x28 and 56x56 (96-192 channels in) they took 0.939x the
+/// time of panels of 1024 cells (alternated, one thread).
+///
+/// The loop over the input channels reads each weight and each row of cells
+/// without a bounds check (one `assert` per block covers them): the checks
+/// were a third of its instructions. A 576 → 96 projection at 14x14 alone
+/// then took 0.165 ms against 0.228 at one thread, and 0.113 against 0.139 at
+/// two (onnxruntime: 0.15 and 0.10); MobileNetV2 0.913x and 0.906x as long
+/// (`bench/ab.py`, Intel Xeon, 5 rounds). Going through deep products by
+/// slices of 64 input channels, each read by every block of output channels
+/// while in L1, gained nothing more (0.98-1.0x without them).
 ///
 /// Inside a network the output rows are rarely in cache, and 16 → 96 at
 /// 112x112 writes 4.8 MB: there it took 0.61-0.66 ms, not 0.42. So each
@@ -1881,153 +1885,106 @@ mod x16 {
     /// channels before it moves to the next.
     const POINTWISE_PANEL: usize = 1024;
 
-    /// Input channels one pass of a deep product's blocks of output channels
-    /// reads: with [`POINTWISE_VECTORS`] vectors of cells, 16 KiB, which stay
-    /// in L1 for all of them.
-    const POINTWISE_SLICE: usize = 64;
+    /// Most input values of one panel (256 KiB): deeper products take
+    /// narrower panels.
+    const POINTWISE_PANEL_FLOATS: usize = 1 << 16;
 
     /// [`super::pointwise`]: blocks of [`POINTWISE_VECTORS`] vectors of cells,
     /// and in each, blocks of [`POINTWISE_CHANNELS`] output channels (fewer
-    /// for the last), each summed in registers.
-    ///
-    /// Products of at most [`POINTWISE_SLICE`] input channels go by panels of
-    /// [`POINTWISE_PANEL`] cells, every block of output channels through the
-    /// panel in turn. Deeper ones go one block of cells at a time, through
-    /// their input channels by slices of [`POINTWISE_SLICE`], each slice read
-    /// by every block of output channels while it is in L1 (the sums are
-    /// stored between slices as they are, so the result is the same bits).
+    /// for the last), each summed over the whole depth in registers.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     pub(super) fn pointwise(p: &Pointwise<'_>, rows: &mut [&mut [f32]]) {
-        let span = 16 * POINTWISE_VECTORS;
-        let (start, end) = (p.columns.start, p.columns.end);
         with_activation!(p.activation, act => {
-            if p.depth <= POINTWISE_SLICE {
-                for panel in (start..end).step_by(POINTWISE_PANEL) {
-                    let panel_end = (panel + POINTWISE_PANEL).min(end);
-                    for at in (0..rows.len()).step_by(POINTWISE_CHANNELS) {
-                        for first in (panel..panel_end).step_by(span) {
-                            let part = Part {
-                                at,
-                                cells: first..(first + span).min(panel_end),
-                                depths: 0..p.depth,
-                            };
-                            pointwise_blocks(p, part, rows, act);
-                        }
-                    }
-                }
-            } else {
-                for first in (start..end).step_by(span) {
-                    for k in (0..p.depth).step_by(POINTWISE_SLICE) {
-                        for at in (0..rows.len()).step_by(POINTWISE_CHANNELS) {
-                            let part = Part {
-                                at,
-                                cells: first..(first + span).min(end),
-                                depths: k..(k + POINTWISE_SLICE).min(p.depth),
-                            };
-                            pointwise_blocks(p, part, rows, act);
-                        }
+            let span = 16 * POINTWISE_VECTORS;
+            let (start, end) = (p.columns.start, p.columns.end);
+            let panel = (POINTWISE_PANEL_FLOATS / p.depth.max(1) / span * span)
+                .clamp(span, POINTWISE_PANEL);
+            for panel_first in (start..end).step_by(panel) {
+                let panel_end = (panel_first + panel).min(end);
+                for at in (0..rows.len()).step_by(POINTWISE_CHANNELS) {
+                    for first in (panel_first..panel_end).step_by(span) {
+                        let cells = first..(first + span).min(panel_end);
+                        pointwise_blocks(p, at, cells, rows, act);
                     }
                 }
             }
         })
     }
 
-    /// [`pointwise_block`] for the output channels from `part.at` (at most
-    /// [`POINTWISE_CHANNELS`]), with as many vectors as `part.cells` (at most
-    /// 64) fill.
+    /// [`pointwise_block`] for the output channels from `at` (at most
+    /// [`POINTWISE_CHANNELS`]), with as many vectors as `cells` (at most 64)
+    /// fill.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     #[inline]
     fn pointwise_blocks(
         p: &Pointwise<'_>,
-        part: Part,
+        at: usize,
+        cells: Range<usize>,
         rows: &mut [&mut [f32]],
         act: impl Fn(__m512) -> __m512,
     ) {
-        let n = (rows.len() - part.at).min(POINTWISE_CHANNELS);
-        let rows = &mut rows[part.at..part.at + n];
+        let n = (rows.len() - at).min(POINTWISE_CHANNELS);
+        let rows = &mut rows[at..at + n];
         match n {
-            6 => pointwise_vectors::<6>(p, part, rows, act),
-            5 => pointwise_vectors::<5>(p, part, rows, act),
-            4 => pointwise_vectors::<4>(p, part, rows, act),
-            3 => pointwise_vectors::<3>(p, part, rows, act),
-            2 => pointwise_vectors::<2>(p, part, rows, act),
-            _ => pointwise_vectors::<1>(p, part, rows, act),
+            6 => pointwise_vectors::<6>(p, at, cells, rows, act),
+            5 => pointwise_vectors::<5>(p, at, cells, rows, act),
+            4 => pointwise_vectors::<4>(p, at, cells, rows, act),
+            3 => pointwise_vectors::<3>(p, at, cells, rows, act),
+            2 => pointwise_vectors::<2>(p, at, cells, rows, act),
+            _ => pointwise_vectors::<1>(p, at, cells, rows, act),
         }
     }
 
-    /// [`pointwise_block`] with as many vectors as `part.cells` fill.
+    /// [`pointwise_block`] with as many vectors as `cells` fill.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     #[inline]
     fn pointwise_vectors<const O: usize>(
         p: &Pointwise<'_>,
-        part: Part,
+        at: usize,
+        cells: Range<usize>,
         rows: &mut [&mut [f32]],
         act: impl Fn(__m512) -> __m512,
     ) {
-        match part.cells.len().div_ceil(16) {
+        match cells.len().div_ceil(16) {
             0 => {}
-            1 => pointwise_block::<O, 1>(p, part, rows, act),
-            2 => pointwise_block::<O, 2>(p, part, rows, act),
-            3 => pointwise_block::<O, 3>(p, part, rows, act),
-            _ => pointwise_block::<O, POINTWISE_VECTORS>(p, part, rows, act),
+            1 => pointwise_block::<O, 1>(p, at, cells, rows, act),
+            2 => pointwise_block::<O, 2>(p, at, cells, rows, act),
+            3 => pointwise_block::<O, 3>(p, at, cells, rows, act),
+            _ => pointwise_block::<O, POINTWISE_VECTORS>(p, at, cells, rows, act),
         }
     }
 
-    /// The sums one call of [`pointwise_block`] adds to: output channels from
-    /// `at`, the cells `cells`, and the input channels `depths`.
-    struct Part {
-        at: usize,
-        cells: Range<usize>,
-        depths: Range<usize>,
-    }
-
     /// Output channels `at..at + O` of `p` at cells `cells` (at most `16 V`)
-    /// into `rows` (their rows, each indexed from `p.columns.start`), over the
-    /// input channels `depths`: the sums start from the bias where `depths`
-    /// is the first of them, else from what `rows` holds (the sums of the
-    /// channels before, stored as they were); they get the residual and the
-    /// activation where it is the last.
+    /// into `rows` (their rows, each indexed from `p.columns.start`).
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     #[inline]
     fn pointwise_block<const O: usize, const V: usize>(
         p: &Pointwise<'_>,
-        part: Part,
+        at: usize,
+        cells: Range<usize>,
         rows: &mut [&mut [f32]],
         act: impl Fn(__m512) -> __m512,
     ) {
-        let Part { at, cells, depths } = part;
         let len = cells.len();
         // Lanes of each vector of cells that lie in `cells`.
         let lens: [usize; V] = std::array::from_fn(|v| len.saturating_sub(16 * v).min(16));
         let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(lens[v]));
-        let from = cells.start - p.columns.start;
-        let mut sums = [[_mm512_setzero_ps(); V]; O];
-        for (o, sum) in sums.iter_mut().enumerate() {
-            if depths.start == 0 {
-                *sum = [_mm512_set1_ps(p.bias[at + o]); V];
-            } else {
-                let row = &rows[o][from..][..len];
-                for (v, s) in sum.iter_mut().enumerate() {
-                    *s = load(&row[16 * v..][..lens[v]]);
-                }
-            }
-        }
-        // Each output channel's weights for `depths`, and the first input
-        // value this block reads: channel `depths.start + j`'s cells are
-        // `pitch * j` further on.
-        let n = depths.len();
-        let taps: [&[f32]; O] =
-            std::array::from_fn(|o| &p.weights[(at + o) * p.stride + depths.start..][..n]);
-        let (first, pitch) = (depths.start * p.plane + cells.start, p.plane);
-        assert!(n == 0 || p.image.len() >= first + (n - 1) * pitch + len);
+        let mut sums: [[__m512; V]; O] =
+            std::array::from_fn(|o| [_mm512_set1_ps(p.bias[at + o]); V]);
+        // Each output channel's weights, and the first input value this
+        // block reads: input channel `k`'s cells are `plane * k` further on.
+        let (n, plane) = (p.depth, p.plane);
+        let taps: [&[f32]; O] = std::array::from_fn(|o| &p.weights[(at + o) * p.stride..][..n]);
+        let first = cells.start;
+        assert!(n == 0 || p.image.len() >= first + (n - 1) * plane + len);
         let image = p.image.as_ptr().wrapping_add(first);
-        for j in 0..n {
-            let row = image.wrapping_add(j * pitch);
+        for k in 0..n {
+            let row = image.wrapping_add(k * plane);
             let x: [__m512; V] = std::array::from_fn(|v| {
                 #[allow(unsafe_code)]
                 // SAFETY: the lanes `masks[v]` enables are values
-                // `first + j * pitch + 16 v ..` up to `first + j * pitch + len`
-                // of the image, inside it by the assert above (with `j < n`);
+                // `first + k * plane + 16 v ..` up to `first + k * plane + len`
+                // of the image, inside it by the assert above (with `k < n`);
                 // masked lanes are not accessed and cannot fault.
                 unsafe {
                     _mm512_maskz_loadu_ps(masks[v], row.add(16 * v))
@@ -2035,21 +1992,12 @@ mod x16 {
             });
             for (sum, taps) in sums.iter_mut().zip(&taps) {
                 #[allow(unsafe_code)]
-                // SAFETY: every `taps` has length `n`, and `j < n`.
-                let w = _mm512_set1_ps(unsafe { *taps.get_unchecked(j) });
+                // SAFETY: every `taps` has length `n`, and `k < n`.
+                let w = _mm512_set1_ps(unsafe { *taps.get_unchecked(k) });
                 for (s, &x) in sum.iter_mut().zip(&x) {
                     *s = _mm512_fmadd_ps(w, x, *s);
                 }
             }
-        }
-        if depths.end < p.depth {
-            for (row, sum) in rows.iter_mut().zip(sums) {
-                let row = &mut row[from..][..len];
-                for (v, s) in sum.into_iter().enumerate() {
-                    store(&mut row[16 * v..][..lens[v]], s);
-                }
-            }
-            return;
         }
         if let Some(residual) = p.residual {
             for (o, sum) in sums.iter_mut().enumerate() {
@@ -2059,6 +2007,7 @@ mod x16 {
                 }
             }
         }
+        let from = cells.start - p.columns.start;
         // The lines the next block of cells will store to, while this one is
         // stored: inside a network the output rows are rarely in cache.
         for row in rows.iter() {

@@ -26,7 +26,7 @@
 //! The weights are transformed on every call: whole, into a buffer of 16/9
 //! the weights' size, for images cut into bands of tiles; a block of output
 //! channels at a time, into a buffer per thread, for small images of many
-//! channels on several threads ([`by_blocks`]). Either buffer is zeroed
+//! channels ([`by_blocks`]; on one thread, only the smallest). Either buffer is zeroed
 //! before it is recycled. The transforms are written
 //! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
 //! `kernels::winograd_*` compile them per instruction set, and on AVX-512
@@ -63,7 +63,7 @@ const MIN_TILES_ALONE: usize = 48;
 const MIN_TILES_PER_THREAD: usize = 64;
 
 /// Fewest channels (input and output) for which an image is computed by
-/// blocks of output channels on several threads ([`by_blocks`]). Chosen for
+/// blocks of output channels ([`by_blocks`]). Chosen for
 /// the strategy it replaced, whose GEMMs each spanned the image and every
 /// channel ("by steps"). Three 3x3 Convs in a row at two threads, median ms
 /// of three runs each way, alternated (EPYC Zen 2), before (im2col below
@@ -91,6 +91,14 @@ const BY_BLOCKS_MIN_CHANNELS: usize = 256;
 /// within the spread of the runs (medians of six alternated runs, EPYC
 /// Zen 4).
 const BY_BLOCKS_MAX_TILES: usize = 256;
+
+/// Most tiles per image computed by blocks on one thread, where U whole is
+/// the other way (see [`compute`]). Against U whole, at one thread (Intel
+/// Xeon, `bench/ab.py`, 3 rounds): 256 channels at 14x14 (49 tiles) 0.957x
+/// as long, 512 at 14x14 0.979x (three Convs in a row), but 512 at 28x28
+/// (196 tiles) 1.099x; ResNet-18, whose layer3 goes by blocks with this,
+/// 0.971x (4 rounds), and VGG-16 1.031x with 256 here.
+const BY_BLOCKS_ALONE_MAX_TILES: usize = 64;
 
 /// Most elements of U one block of output channels takes ([`by_blocks`]):
 /// 64 channels of 512 (2 MiB). conv3x3 512x14x14 at two threads, plain,
@@ -141,14 +149,18 @@ fn tiles(geo: &Geometry) -> usize {
 }
 
 /// True when the Conv of `geo` is computed by `tasks` tasks by blocks of
-/// output channels ([`by_blocks`]), not band by band: several tasks, at
-/// least [`BY_BLOCKS_MIN_CHANNELS`] channels in and out, at most
-/// [`BY_BLOCKS_MAX_TILES`] tiles. (Blocks split channels, so an image of
-/// one tile row goes by blocks too, where bands would leave one task.)
+/// output channels ([`by_blocks`]), not band by band: at least
+/// [`BY_BLOCKS_MIN_CHANNELS`] channels in and out, and at most
+/// [`BY_BLOCKS_MAX_TILES`] tiles on several tasks, [`BY_BLOCKS_ALONE_MAX_TILES`]
+/// on one. (Blocks split channels, so an image of one tile row goes by
+/// blocks too, where bands would leave one task.)
 fn by_blocks_fit(geo: &Geometry, tasks: usize) -> bool {
-    tasks > 1
-        && geo.channels.min(geo.out_channels) >= BY_BLOCKS_MIN_CHANNELS
-        && tiles(geo) <= BY_BLOCKS_MAX_TILES
+    let max_tiles = match tasks {
+        0 => return false,
+        1 => BY_BLOCKS_ALONE_MAX_TILES,
+        _ => BY_BLOCKS_MAX_TILES,
+    };
+    geo.channels.min(geo.out_channels) >= BY_BLOCKS_MIN_CHANNELS && tiles(geo) <= max_tiles
 }
 
 /// True when the Conv of `geo` has a 3x3 kernel, stride 1, no dilation, one

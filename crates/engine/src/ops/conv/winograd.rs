@@ -26,8 +26,8 @@
 //! The weights are transformed on every call: whole, into a buffer of 16/9
 //! the weights' size, for images cut into bands of tiles; a block of output
 //! channels at a time, into a buffer per thread, for small images of many
-//! channels ([`by_blocks`]; on one thread, only the smallest). Either buffer is zeroed
-//! before it is recycled. The transforms are written
+//! channels ([`by_blocks`]; on one thread, only the smallest). Either buffer
+//! is zeroed before it is recycled. The transforms are written
 //! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
 //! `kernels::winograd_*` compile them per instruction set, and on AVX-512
 //! take kernels of their own that compute the same bits.
@@ -96,8 +96,9 @@ const BY_BLOCKS_MAX_TILES: usize = 256;
 /// the other way (see [`compute`]). Against U whole, at one thread (Intel
 /// Xeon, `bench/ab.py`, 3 rounds): 256 channels at 14x14 (49 tiles) 0.957x
 /// as long, 512 at 14x14 0.979x (three Convs in a row), but 512 at 28x28
-/// (196 tiles) 1.099x; ResNet-18, whose layer3 goes by blocks with this,
-/// 0.971x (4 rounds), and VGG-16 1.031x with 256 here.
+/// (196 tiles) 1.099x. Whole networks, with 64 here: ResNet-18, whose layer3
+/// goes by blocks with this, 0.974x (4 rounds), VGG-16 0.955x (3 rounds);
+/// VGG-16 read 1.031x with 256 here.
 const BY_BLOCKS_ALONE_MAX_TILES: usize = 64;
 
 /// Most elements of U one block of output channels takes ([`by_blocks`]):

@@ -104,8 +104,8 @@ pub struct BenchArgs {
     /// as `mlcapsule run --memory-budget` caps the enclave's.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     memory_budget: Option<u64>,
-    /// The cipher the sealed modes' capsules are sealed with: aegis-256x2 or aes-256-gcm,
-    /// as `mlcapsule seal --aead`.
+    /// The cipher the sealed modes' capsules are sealed with: aegis-256x4, aegis-256x2 or
+    /// aes-256-gcm, as `mlcapsule seal --aead`.
     #[arg(long, value_name = "AEAD", default_value_t = Aead::SEAL_DEFAULT)]
     aead: Aead,
     /// Plaintext bytes per chunk of the sealed modes' capsules, as `mlcapsule seal

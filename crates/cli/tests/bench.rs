@@ -119,7 +119,7 @@ fn quick_json_has_every_mode_and_key() {
     // The sealed modes name their cipher, the default one unless --aead says otherwise.
     assert_eq!(lines[0].get("aead"), None);
     for line in &lines[1..] {
-        assert_eq!(line["aead"], "aegis-256x2", "{line}");
+        assert_eq!(line["aead"], "aegis-256x4", "{line}");
     }
 
     // The defenses' costs inside the enclave, each beside its floor.

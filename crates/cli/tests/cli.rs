@@ -113,7 +113,7 @@ fn sealed_and_plain_outputs_are_bit_identical() {
     ok(&mlcapsule(&[&"run", &mnist(), &batch, &"--output", &plain]));
     let plain = std::fs::read(plain).unwrap();
     for (name, more, cipher) in [
-        ("default", &[][..], "aegis-256x2"),
+        ("default", &[][..], "aegis-256x4"),
         ("gcm", &["--aead", "aes-256-gcm"][..], "aes-256-gcm"),
         ("aegis", &["--aead", "aegis-256x2"][..], "aegis-256x2"),
     ] {
@@ -143,7 +143,7 @@ fn sealed_and_plain_outputs_are_bit_identical() {
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert_eq!(unknown.status.code(), Some(2), "a usage error: {stderr}");
     assert!(
-        stderr.contains("unknown AEAD 'rot13'; choose one of aegis-256x2, aes-256-gcm"),
+        stderr.contains("unknown AEAD 'rot13'; choose one of aegis-256x4, aegis-256x2, aes-256-gcm"),
         "{stderr}"
     );
 }

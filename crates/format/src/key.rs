@@ -155,10 +155,13 @@ mod tests {
         let a = key.schedule(&[0; CAPSULE_ID_LEN], Aead::Aes256Gcm);
         let b = key.schedule(&[1; CAPSULE_ID_LEN], Aead::Aes256Gcm);
         let c = key.schedule(&[0; CAPSULE_ID_LEN], Aead::Aegis256X2);
+        let d = key.schedule(&[0; CAPSULE_ID_LEN], Aead::Aegis256X4);
         assert_ne!(*a.header, *a.payload);
         assert_ne!(*a.payload, *b.payload);
         assert_ne!(*a.payload, *c.payload);
+        assert_ne!(*c.payload, *d.payload);
         assert_eq!(*a.header, *c.header);
+        assert_eq!(*c.header, *d.header);
         assert_ne!(a.key_id, b.key_id);
     }
 

@@ -3,8 +3,8 @@
 //! This crate owns the capsule format, `spec/capsule-v1.md`: a versioned
 //! first line, a JSON header (architecture, an optional input detector,
 //! tensor table, chunk table, policy) authenticated by an HMAC keyed from the
-//! model key, and the weights as AEAD chunks (AEGIS-256X2 by default, or
-//! AES-256-GCM), one stream per layer, whose nonces and associated data bind
+//! model key, and the weights as AEAD chunks (AEGIS-256X4 by default,
+//! AEGIS-256X2 or AES-256-GCM), one stream per layer, whose nonces and associated data bind
 //! capsule id, layer, chunk index and a last-chunk flag. Sections of the spec
 //! are cited as `capsule-v1 §N` where they are implemented.
 //!

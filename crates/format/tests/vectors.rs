@@ -393,6 +393,28 @@ fn build() -> BTreeMap<&'static str, Vector> {
             downgraded,
         ),
     );
+    let x4 = sample_with(Policy::default(), false, false, Aead::Aegis256X4, "id6");
+    let x4_payload = header_range(&x4).end + 32;
+    out.insert(
+        "ok-aegis-256x4",
+        v(
+            "the two layers sealed with AEGIS-256X4",
+            &k1,
+            "ok",
+            x4.clone(),
+        ),
+    );
+    let mut x4_flipped = x4.clone();
+    x4_flipped[x4_payload + 70] ^= 1;
+    out.insert(
+        "chunk-aegis-256x4-flipped-bit",
+        v(
+            "one payload bit flipped, AEGIS-256X4",
+            &k1,
+            "chunk-failed",
+            x4_flipped,
+        ),
+    );
     let mut stripped = aegis.clone();
     let member = b",\"aead\":\"aegis-256x2\"";
     let at = aegis

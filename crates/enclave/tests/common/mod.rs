@@ -116,7 +116,7 @@ pub fn defended_capsule(
             ..Policy::default()
         },
         chunk_size: 4096,
-        // The capsules a provider sealed before AEGIS-256X2 was the default still run:
+        // The capsules a provider sealed before AEGIS was the default still run:
         // every test of a defended capsule runs one sealed with AES-256-GCM.
         aead: capsule_format::Aead::Aes256Gcm,
         layers: all,

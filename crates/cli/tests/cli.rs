@@ -143,7 +143,8 @@ fn sealed_and_plain_outputs_are_bit_identical() {
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert_eq!(unknown.status.code(), Some(2), "a usage error: {stderr}");
     assert!(
-        stderr.contains("unknown AEAD 'rot13'; choose one of aegis-256x4, aegis-256x2, aes-256-gcm"),
+        stderr
+            .contains("unknown AEAD 'rot13'; choose one of aegis-256x4, aegis-256x2, aes-256-gcm"),
         "{stderr}"
     );
 }

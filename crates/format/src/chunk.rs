@@ -302,7 +302,10 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", aead.name()));
         }
         let err = "aes-128-gcm".parse::<Aead>().unwrap_err();
-        assert!(err.contains("aegis-256x4, aegis-256x2, aes-256-gcm"), "{err}");
+        assert!(
+            err.contains("aegis-256x4, aegis-256x2, aes-256-gcm"),
+            "{err}"
+        );
         for (i, a) in Aead::ALL.into_iter().enumerate() {
             for b in &Aead::ALL[i + 1..] {
                 assert_ne!(a.payload_info(), b.payload_info(), "{a} {b}");

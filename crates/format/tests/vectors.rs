@@ -354,28 +354,35 @@ fn build() -> BTreeMap<&'static str, Vector> {
         },
         &k1,
     );
+    // Each AEGIS variant's capsule, and the same with one payload bit flipped.
+    let variants = [
+        (
+            Aead::Aegis256X2,
+            "id5",
+            ["ok-aegis-256x2", "the two layers sealed with AEGIS-256X2"],
+            [
+                "chunk-aegis-256x2-flipped-bit",
+                "one payload bit flipped, AEGIS-256X2",
+            ],
+        ),
+        (
+            Aead::Aegis256X4,
+            "id6",
+            ["ok-aegis-256x4", "the two layers sealed with AEGIS-256X4"],
+            [
+                "chunk-aegis-256x4-flipped-bit",
+                "one payload bit flipped, AEGIS-256X4",
+            ],
+        ),
+    ];
+    for (aead, id, [ok, ok_text], [flipped, flipped_text]) in variants {
+        let capsule = sample_with(Policy::default(), false, false, aead, id);
+        let mut broken = capsule.clone();
+        broken[header_range(&capsule).end + 32 + 70] ^= 1;
+        out.insert(ok, v(ok_text, &k1, "ok", capsule));
+        out.insert(flipped, v(flipped_text, &k1, "chunk-failed", broken));
+    }
     let aegis = sample_with(Policy::default(), false, false, Aead::Aegis256X2, "id5");
-    let aegis_payload = header_range(&aegis).end + 32;
-    out.insert(
-        "ok-aegis-256x2",
-        v(
-            "the two layers sealed with AEGIS-256X2",
-            &k1,
-            "ok",
-            aegis.clone(),
-        ),
-    );
-    let mut aegis_flipped = aegis.clone();
-    aegis_flipped[aegis_payload + 70] ^= 1;
-    out.insert(
-        "chunk-aegis-256x2-flipped-bit",
-        v(
-            "one payload bit flipped, AEGIS-256X2",
-            &k1,
-            "chunk-failed",
-            aegis_flipped,
-        ),
-    );
     let downgraded = reheader(
         &aegis,
         |h| {
@@ -391,28 +398,6 @@ fn build() -> BTreeMap<&'static str, Vector> {
             &k1,
             "chunk-failed",
             downgraded,
-        ),
-    );
-    let x4 = sample_with(Policy::default(), false, false, Aead::Aegis256X4, "id6");
-    let x4_payload = header_range(&x4).end + 32;
-    out.insert(
-        "ok-aegis-256x4",
-        v(
-            "the two layers sealed with AEGIS-256X4",
-            &k1,
-            "ok",
-            x4.clone(),
-        ),
-    );
-    let mut x4_flipped = x4.clone();
-    x4_flipped[x4_payload + 70] ^= 1;
-    out.insert(
-        "chunk-aegis-256x4-flipped-bit",
-        v(
-            "one payload bit flipped, AEGIS-256X4",
-            &k1,
-            "chunk-failed",
-            x4_flipped,
         ),
     );
     let mut stripped = aegis.clone();

@@ -1057,6 +1057,9 @@ mod tests {
             let (bytes, key) = seal(&graph, &weights, chunk_size);
             let capsule = Capsule::parse(&bytes).unwrap();
             let mut streaming = StreamingModel::open(&capsule, &key, None).unwrap();
+            // Under a budget, the dense layers are opened chunk by chunk into the
+            // lanes' scratch buffers, never whole.
+            let mut budgeted = StreamingModel::open(&capsule, &key, Some(64 << 10)).unwrap();
             let cached = SealedModel::open(&capsule, &key).unwrap();
             // Batch 9 takes the plan (not streamed), the others the streamed Gemm.
             for (batch, seed) in [(1, 1), (3, 2), (9, 3), (1, 4)] {
@@ -1070,6 +1073,22 @@ mod tests {
                     "chunk {chunk_size}, batch {batch}"
                 );
                 assert_eq!(bits(&resident[0]), bits(&want[0]));
+                let pieces = budgeted.run(std::slice::from_ref(&x)).unwrap();
+                if batch <= capsule_engine::STREAMED_GEMM_EXACT_ROWS {
+                    assert_eq!(bits(&pieces[0]), bits(&want[0]), "chunk {chunk_size}");
+                } else {
+                    // Streamed all the same, to rounding.
+                    for (a, b) in pieces[0].data().iter().zip(want[0].data()) {
+                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+                    }
+                }
+                // Wiped as they were used: no plaintext left behind.
+                let scratch = &budgeted.weights.scratch;
+                assert!(!scratch.is_empty(), "chunk {chunk_size}: fc was streamed");
+                assert!(
+                    scratch.iter().all(crate::stream::Scratch::is_zero),
+                    "chunk {chunk_size}, batch {batch}"
+                );
             }
         }
     }

@@ -56,7 +56,7 @@
 //! `mlcapsule-enclave` binaries install (and the engine's own tests, so that
 //! valgrind checks it), is here for its pointer arithmetic: it hands out the
 //! system's blocks shifted onto a cache line, with the system's address kept
-//! in the eight bytes before each.
+//! in the eight bytes before each, and zeroes every block it frees.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -2645,17 +2645,34 @@ fn stream_zeros(body: &mut [std::arch::x86_64::__m128i]) {
 /// still gets the kernel's fresh zero pages rather than a `memset`); the
 /// block handed out starts at the first cache line at least 8 bytes in, and
 /// those 8 bytes before it hold the address the system returned, which
-/// `dealloc` frees. A `realloc` of a large block goes through the system's
-/// (which can grow it in place), and shifts the contents when the system
-/// moved it to another offset within a line, zeroing the bytes they leave
-/// behind in the slack; across [`LINE_ALIGNED_FROM`] it
-/// allocates, copies and frees. Smaller blocks, and any block that asks for
-/// more than 64 bytes of alignment, go to the system allocator unchanged.
+/// `dealloc` frees. Smaller blocks, and any block that asks for more than 64
+/// bytes of alignment, go to the system allocator unchanged.
+///
+/// Every block it frees, it first overwrites with zeros, and a `realloc`
+/// allocates, copies and frees (so zeroes) the old block: no freed block keeps
+/// what it held. That covers what the enclave cannot wipe itself: the `gemm`
+/// crate packs an operand of a product into a buffer of its own, which it
+/// frees as it is, and a dense layer's product at batch 16 freed a whole
+/// packed copy of its weights (256x512) that way. Zeroing cost ResNet-18
+/// 1.018x and 1.024x as long at one and two threads, MobileNetV2 0.987x and
+/// 1.003x (`bench/ab.py`, 4 rounds, plain; its streaming/plain 0.971x and
+/// 0.986x, 3 rounds), on the Intel Xeon of `bench/README.md`. Not covered: memory never freed,
+/// such as `gemm`'s 2 MiB slab per thread, kept for the thread's life (in
+/// the products tried, it held no weight afterwards), and what the system
+/// allocator's own `realloc` or `free` would move (it is never called on a
+/// block's behalf but to free it, zeroed).
 ///
 /// Not for memory a foreign library frees itself: every block must come back
 /// through this allocator (as it does in a Rust binary that installs it).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LineAligned;
+
+#[cfg(test)]
+thread_local! {
+    /// Zero bytes the blocks [`LineAligned`] freed on this thread held as it
+    /// freed them.
+    static WIPED_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// Size from which [`LineAligned`] aligns a block to a cache line: 256
 /// values, an input row of a dense 256x256 layer (which the row-dot kernel
@@ -2715,76 +2732,17 @@ impl LineAligned {
             block
         }
     }
-
-    /// Resizes a large block of `size` bytes at `ptr` (allocated with the
-    /// system layout `outer`) to one allocated with `new_outer`, through the
-    /// system's `realloc`, which can grow a block in place (glibc remaps a
-    /// large one rather than copying it); if the system's address moved to
-    /// another offset within a line, the contents are shifted to the new
-    /// block's start.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` is a live large block of `size` bytes from [`LineAligned::place`]
-    /// with system layout `outer`; `new_outer` is the system layout of the
-    /// large block wanted (as [`line_outer`] gives them).
-    unsafe fn move_large(
-        ptr: *mut u8,
-        size: usize,
-        outer: std::alloc::Layout,
-        new_outer: std::alloc::Layout,
-    ) -> *mut u8 {
-        use std::alloc::GlobalAlloc as _;
-        let header = size_of::<usize>();
-        // SAFETY: the header before a large block holds the system's address
-        // of the allocation it lies in, made with `outer`.
-        let raw = unsafe { ptr.sub(header).cast::<*mut u8>().read() };
-        let old_offset = ptr as usize - raw as usize;
-        // SAFETY: `raw` was allocated by the system with `outer`, whose
-        // alignment `new_outer` shares; `new_outer.size()` is nonzero.
-        let moved = unsafe { std::alloc::System.realloc(raw, outer, new_outer.size()) };
-        if moved.is_null() {
-            // The old block is left as it was, as `realloc` promises.
-            return moved;
-        }
-        let offset = (moved as usize + header).next_multiple_of(LINE) - moved as usize;
-        let kept = size.min(new_outer.size() - LINE_SLACK);
-        // SAFETY: the system kept the first `min(outer, new_outer)` bytes,
-        // which cover the old offset (at most `LINE_SLACK - 1`) plus `kept`
-        // bytes; both ranges, `kept` bytes at either offset, lie inside the new
-        // allocation; `copy` allows them to overlap. The bytes zeroed after it
-        // lie between the old offset and the header, or between the block's
-        // end and the old contents' end, all inside the allocation. The header
-        // is the aligned `usize` before the block.
-        unsafe {
-            let block = moved.add(offset);
-            if offset != old_offset {
-                std::ptr::copy(moved.add(old_offset), block, kept);
-                // The bytes the contents left behind, outside the new block
-                // and its header: zeroed, so that no copy of them outlives
-                // the block in its slack. Shifted up, they lie before the
-                // header; shifted down, after the block's `kept` bytes.
-                if old_offset < offset {
-                    let before = (offset - header).saturating_sub(old_offset);
-                    std::ptr::write_bytes(moved.add(old_offset), 0, before);
-                } else {
-                    std::ptr::write_bytes(block.add(kept), 0, old_offset - offset);
-                }
-            }
-            block.sub(header).cast::<*mut u8>().write(moved);
-            block
-        }
-    }
 }
 
 // SAFETY: every block is either the system allocator's own (small ones, and
 // those with an alignment above a line, passed through both ways by the same
-// `line_outer` test on the caller's layout, which `dealloc` and `realloc` get
-// unchanged) or lies inside one system allocation sized for it (`place`),
-// whose address its header keeps for `dealloc`. Large blocks are aligned to a
-// line, which satisfies any alignment up to 64 that their layout asks.
-// Zeroed blocks come from `System.alloc_zeroed`, which zeroes the whole
-// allocation. `realloc` keeps the contents up to the smaller size.
+// `line_outer` test on the caller's layout, which `dealloc` gets unchanged)
+// or lies inside one system allocation sized for it (`place`), whose address
+// its header keeps for `dealloc`. Large blocks are aligned to a line, which
+// satisfies any alignment up to 64 that their layout asks. Zeroed blocks come
+// from `System.alloc_zeroed`, which zeroes the whole allocation. `realloc`
+// keeps the contents up to the smaller size (it copies them). `dealloc`
+// writes only inside the block it frees.
 #[allow(unsafe_code)]
 unsafe impl std::alloc::GlobalAlloc for LineAligned {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
@@ -2798,6 +2756,21 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: the caller's block, `layout.size()` bytes, still live.
+        unsafe { std::ptr::write_bytes(ptr, 0, layout.size()) };
+        // The zeros are a store the optimiser may not drop as dead before the
+        // free: the block's address escapes here.
+        std::hint::black_box(ptr);
+        // The zero bytes the block now holds (all of them), for the tests.
+        #[cfg(test)]
+        WIPED_HERE.set(
+            // SAFETY: the block, just written whole.
+            WIPED_HERE.get()
+                + unsafe { std::slice::from_raw_parts(ptr, layout.size()) }
+                    .iter()
+                    .filter(|&&b| b == 0)
+                    .count(),
+        );
         match line_outer(layout) {
             // SAFETY: a small block is the system's, allocated with `layout`.
             None => unsafe { std::alloc::System.dealloc(ptr, layout) },
@@ -2816,15 +2789,8 @@ unsafe impl std::alloc::GlobalAlloc for LineAligned {
         let Ok(new) = std::alloc::Layout::from_size_align(new_size, layout.align()) else {
             return std::ptr::null_mut();
         };
-        match (line_outer(layout), line_outer(new)) {
-            // SAFETY: both the old and the new block are the system's.
-            (None, None) => return unsafe { std::alloc::System.realloc(ptr, layout, new_size) },
-            // SAFETY: see `move_large`.
-            (Some(outer), Some(new_outer)) => {
-                return unsafe { Self::move_large(ptr, layout.size(), outer, new_outer) };
-            }
-            _ => {}
-        }
+        // Never the system's `realloc`, which may move a block and free the
+        // old one as it was: a new block, and the old one freed here, zeroed.
         // SAFETY: `new` has a nonzero size (`new_size` is nonzero by the
         // contract); `ptr` holds `layout.size()` bytes and the new block
         // `new_size`, distinct allocations; `ptr` was allocated here with
@@ -2921,6 +2887,37 @@ mod tests {
             a.dealloc(p, layout);
             for (q, l) in others {
                 a.dealloc(q, l);
+            }
+        }
+    }
+
+    /// Every block freed, directly or by `realloc`, is zeroed whole first, on
+    /// the thread that frees it.
+    #[test]
+    #[allow(unsafe_code)]
+    fn freed_blocks_are_zeroed_whole() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let a = LineAligned;
+        for size in [1, 100, 1023, 1024, 100_000, 3 << 20] {
+            for align in [4, 128] {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                // SAFETY: nonzero sizes; each block is freed once, with its layout.
+                unsafe {
+                    let p = a.alloc(layout);
+                    std::ptr::write_bytes(p, 0xAB, size);
+                    let grown = Layout::from_size_align(2 * size, align).unwrap();
+                    let before = WIPED_HERE.get();
+                    let q = a.realloc(p, layout, grown.size());
+                    assert_eq!(WIPED_HERE.get() - before, size, "realloc of {size}");
+                    assert!(
+                        std::slice::from_raw_parts(q, size)
+                            .iter()
+                            .all(|&b| b == 0xAB)
+                    );
+                    let before = WIPED_HERE.get();
+                    a.dealloc(q, grown);
+                    assert_eq!(WIPED_HERE.get() - before, 2 * size, "free of {}", 2 * size);
+                }
             }
         }
     }

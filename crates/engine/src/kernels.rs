@@ -2649,18 +2649,17 @@ fn stream_zeros(body: &mut [std::arch::x86_64::__m128i]) {
 /// bytes of alignment, go to the system allocator unchanged.
 ///
 /// Every block it frees, it first overwrites with zeros, and a `realloc`
-/// allocates, copies and frees (so zeroes) the old block: no freed block keeps
-/// what it held. That covers what the enclave cannot wipe itself: the `gemm`
-/// crate packs an operand of a product into a buffer of its own, which it
-/// frees as it is, and a dense layer's product at batch 16 freed a whole
+/// allocates, copies and frees (so zeroes) the old block, where the system's
+/// `realloc` may move a block and free the old one as it was: no freed block
+/// keeps what it held. That covers what the enclave cannot wipe itself: the
+/// `gemm` crate packs an operand of a product into a buffer of its own, which
+/// it frees as it is, and a dense layer's product at batch 16 freed a whole
 /// packed copy of its weights (256x512) that way. Zeroing cost ResNet-18
 /// 1.018x and 1.024x as long at one and two threads, MobileNetV2 0.987x and
-/// 1.003x (`bench/ab.py`, 4 rounds, plain; its streaming/plain 0.971x and
-/// 0.986x, 3 rounds), on the Intel Xeon of `bench/README.md`. Not covered: memory never freed,
-/// such as `gemm`'s 2 MiB slab per thread, kept for the thread's life (in
-/// the products tried, it held no weight afterwards), and what the system
-/// allocator's own `realloc` or `free` would move (it is never called on a
-/// block's behalf but to free it, zeroed).
+/// 1.003x (`bench/ab.py`, 4 rounds, plain; ResNet-18's streaming/plain 0.971x
+/// and 0.986x, 3 rounds), on the Intel Xeon of `bench/README.md`. Not
+/// covered: memory never freed, such as `gemm`'s slab of 2 MiB per thread,
+/// kept for the thread's life (after the products tried, it held no weights).
 ///
 /// Not for memory a foreign library frees itself: every block must come back
 /// through this allocator (as it does in a Rust binary that installs it).

@@ -2842,8 +2842,8 @@ mod tests {
             }
         }
         // Growing and shrinking, across the threshold and beyond it, keeps the
-        // bytes both sizes have; blocks allocated in between make the system
-        // move some of them.
+        // bytes both sizes have (each `realloc` moves the block; blocks
+        // allocated in between keep the freed ones from coming straight back).
         let pattern = |i: usize| (i % 251) as u8;
         let mut layout = Layout::from_size_align(64, 4).unwrap();
         let sizes = [

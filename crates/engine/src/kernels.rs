@@ -288,6 +288,14 @@ const APART_BELOW: usize = 64;
 /// contiguous copies, 0.013 (left strided, the 48 and the 1 together took
 /// as long as one call). Apart, the product took 0.84-0.89 of one call's time,
 /// with the same sums (EPYC Zen 2; ResNet-18's `512 x 4608` by 49: 0.89-0.98).
+///
+/// The last columns (at most [`ROW_DOT_MAX_ROWS`] of them, from a row-major
+/// A) go to the row-dot kernel, as rows of `Cᵀ = Bᵀ Aᵀ`, not to `gemm`'s
+/// matrix-vector kernel, which took 15 % of that `512 x 4608` by 49 product
+/// at one thread. On AVX-512 (Xeon, `bench/ab.py`, alternated): that Conv
+/// alone 1.001x at one thread and 0.897x at two (4 rounds), ResNet-18 0.984x
+/// and 0.981x (6 rounds), MobileNetV2 0.991x and 1.009x (4). Not measured
+/// on AVX2, where up to 15 columns are left and up to 8 take this path.
 fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c: MatMut<'_>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let whole = n - n % BLOCK_COLUMNS;
@@ -299,26 +307,38 @@ fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c
         return;
     }
     // The copies index B and C as `sgemm` reads them; views shorter than
-    // their matrices panic here as they would there.
-    let mut b_rest = vec![0.0; k * rest];
-    for (l, row) in b_rest.chunks_exact_mut(rest).enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
+    // their matrices panic here as they would there. Both are transposed:
+    // row `j` of `b_rest` is column `whole + j` of B, row `j` of `c_rest`
+    // column `whole + j` of C.
+    let mut b_rest = vec![0.0; rest * k];
+    for (j, row) in b_rest.chunks_exact_mut(k).enumerate() {
+        for (l, v) in row.iter_mut().enumerate() {
             *v = b.data[l * b.row_stride + (whole + j) * b.col_stride];
         }
     }
-    let mut c_rest = vec![0.0; m * rest];
+    let mut c_rest = vec![0.0; rest * m];
     if beta != 0.0 {
-        for (i, row) in c_rest.chunks_exact_mut(rest).enumerate() {
-            row.copy_from_slice(&c.data[i * c.row_stride + whole..][..rest]);
+        for (j, row) in c_rest.chunks_exact_mut(m).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = c.data[i * c.row_stride + whole + j];
+            }
         }
     }
     let (b_rest, c_view) = (
-        MatRef::new(&b_rest, k, rest),
-        MatMut::new(&mut c_rest, m, rest),
+        MatRef::new(&b_rest, rest, k),
+        MatMut::new(&mut c_rest, rest, m),
     );
-    sgemm(alpha, a, b_rest, beta, c_view, none);
-    for (i, row) in c_rest.chunks_exact(rest).enumerate() {
-        c.data[i * c.row_stride + whole..][..rest].copy_from_slice(row);
+    if a.col_stride == 1 && rest <= ROW_DOT_MAX_ROWS {
+        // `C_restᵀ = B_restᵀ Aᵀ`: a few rows against Aᵀ, whose columns are
+        // A's rows, contiguous.
+        row_dots(alpha, b_rest, a.t(), beta, c_view, false);
+    } else {
+        sgemm(alpha, b_rest, a.t(), beta, c_view, none);
+    }
+    for (j, row) in c_rest.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            c.data[i * c.row_stride + whole + j] = v;
+        }
     }
 }
 
@@ -3091,16 +3111,24 @@ mod tests {
     }
 
     /// The last columns computed apart land where one call puts them, with
-    /// alpha, beta, a transposed B and padded rows of C (whatever the CPU:
-    /// [`product`] takes this path only on AVX2 and AVX-512, see [`apart`]).
+    /// alpha, beta, a transposed B and padded rows of C, from a row-major A
+    /// (the row-dot kernel, up to 8 columns left) and a transposed one
+    /// (`gemm`), whatever the CPU: [`product`] takes this path only on AVX2
+    /// and AVX-512, see [`apart`].
     #[test]
     fn last_columns_apart_match_the_definition() {
         let (m, k) = (7, 19);
-        for n in [16, 17, 31, 49, 63, 113] {
+        let cases = [16, 17, 20, 31, 49, 63, 113].map(|n| [(n, false), (n, true)]);
+        for (n, a_transposed) in cases.into_iter().flatten() {
             let a = values(m * k, 5);
+            let a = if a_transposed {
+                MatRef::new(&a, k, m).t()
+            } else {
+                MatRef::new(&a, m, k)
+            };
             // B stored transposed: `[n, k]`, viewed as `[k, n]`.
             let b = values(n * k, 6);
-            let (a, b) = (MatRef::new(&a, m, k), MatRef::new(&b, n, k).t());
+            let b = MatRef::new(&b, n, k).t();
             let product = naive(&a, &b);
             let pitch = n + 3;
             let mut c = values(m * pitch, 7);
@@ -3113,7 +3141,7 @@ mod tests {
                     let got = c[i * pitch + j];
                     assert!(
                         (got - want).abs() < 1e-3,
-                        "n {n}: C[{i}, {j}] {got}, want {want}"
+                        "n {n}, A transposed {a_transposed}: C[{i}, {j}] {got}, want {want}"
                     );
                 }
                 assert_eq!(

@@ -32,6 +32,7 @@ mod defenses;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -242,6 +243,12 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     };
     if threads.contains(&0) || batches.contains(&0) {
         bail!("--threads and --batch take counts of 1 or more");
+    }
+    // A missing or unreadable model fails here, before a second of machine notes.
+    for path in &args.models {
+        std::fs::File::open(path)
+            .and_then(|mut file| file.read(&mut [0u8; 1]))
+            .with_context(|| format!("cannot read {}", path.display()))?;
     }
     let most = threads.iter().copied().max().unwrap_or(1);
     if most > cores {

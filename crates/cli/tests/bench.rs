@@ -242,6 +242,20 @@ fn an_only_that_matches_nothing_is_an_error_that_lists_the_cases() {
 }
 
 #[test]
+fn a_model_that_cannot_be_read_fails_before_the_machine_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.onnx");
+    for path in [missing.as_path(), dir.path()] {
+        let err = bench_error(&["--model", path.to_str().unwrap()]);
+        assert!(
+            err.starts_with(&format!("error: cannot read {}", path.display())),
+            "{err}"
+        );
+        assert!(!err.contains("note:"), "{err}");
+    }
+}
+
+#[test]
 fn a_batch_size_a_model_does_not_take_is_an_error_that_says_which_it_takes() {
     let model = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -311,14 +311,14 @@ fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c
     // row `j` of `b_rest` is column `whole + j` of B, row `j` of `c_rest`
     // column `whole + j` of C.
     let mut b_rest = vec![0.0; rest * k];
-    for (j, row) in b_rest.chunks_exact_mut(k).enumerate() {
+    for (j, row) in b_rest.chunks_exact_mut(k.max(1)).enumerate() {
         for (l, v) in row.iter_mut().enumerate() {
             *v = b.data[l * b.row_stride + (whole + j) * b.col_stride];
         }
     }
     let mut c_rest = vec![0.0; rest * m];
     if beta != 0.0 {
-        for (j, row) in c_rest.chunks_exact_mut(m).enumerate() {
+        for (j, row) in c_rest.chunks_exact_mut(m.max(1)).enumerate() {
             for (i, v) in row.iter_mut().enumerate() {
                 *v = c.data[i * c.row_stride + whole + j];
             }
@@ -328,14 +328,14 @@ fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c
         MatRef::new(&b_rest, rest, k),
         MatMut::new(&mut c_rest, rest, m),
     );
-    if a.col_stride == 1 && rest <= ROW_DOT_MAX_ROWS {
+    if a.col_stride == 1 && rest <= ROW_DOT_MAX_ROWS && k > 0 && m > 0 {
         // `C_restᵀ = B_restᵀ Aᵀ`: a few rows against Aᵀ, whose columns are
         // A's rows, contiguous.
         row_dots(alpha, b_rest, a.t(), beta, c_view, false);
     } else {
         sgemm(alpha, b_rest, a.t(), beta, c_view, none);
     }
-    for (j, row) in c_rest.chunks_exact(m).enumerate() {
+    for (j, row) in c_rest.chunks_exact(m.max(1)).enumerate() {
         for (i, &v) in row.iter().enumerate() {
             c.data[i * c.row_stride + whole + j] = v;
         }
@@ -3113,13 +3113,20 @@ mod tests {
     /// The last columns computed apart land where one call puts them, with
     /// alpha, beta, a transposed B and padded rows of C, from a row-major A
     /// (the row-dot kernel, up to 8 columns left) and a transposed one
-    /// (`gemm`), whatever the CPU: [`product`] takes this path only on AVX2
-    /// and AVX-512, see [`apart`].
+    /// (`gemm`), and with empty sums (`k` = 0) or no rows, whatever the CPU:
+    /// [`product`] takes this path only on AVX2 and AVX-512, see [`apart`]
+    /// (under valgrind, which has no AVX-512, an image without rows or
+    /// columns took it with `k` = 0).
     #[test]
     fn last_columns_apart_match_the_definition() {
-        let (m, k) = (7, 19);
-        let cases = [16, 17, 20, 31, 49, 63, 113].map(|n| [(n, false), (n, true)]);
-        for (n, a_transposed) in cases.into_iter().flatten() {
+        let shapes = [(7, 19), (7, 0), (0, 19)];
+        let columns = [16, 17, 20, 31, 49, 63, 113];
+        let cases = shapes.iter().flat_map(|&(m, k)| {
+            columns
+                .iter()
+                .flat_map(move |&n| [(m, k, n, false), (m, k, n, true)])
+        });
+        for (m, k, n, a_transposed) in cases {
             let a = values(m * k, 5);
             let a = if a_transposed {
                 MatRef::new(&a, k, m).t()
@@ -3141,13 +3148,13 @@ mod tests {
                     let got = c[i * pitch + j];
                     assert!(
                         (got - want).abs() < 1e-3,
-                        "n {n}, A transposed {a_transposed}: C[{i}, {j}] {got}, want {want}"
+                        "{m}x{k} by {n}, A transposed {a_transposed}: C[{i}, {j}] {got}, want {want}"
                     );
                 }
                 assert_eq!(
                     c[i * pitch + n..][..3],
                     before[i * pitch + n..][..3],
-                    "n {n}"
+                    "{m}x{k} by {n}"
                 );
             }
         }

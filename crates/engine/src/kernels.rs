@@ -330,7 +330,7 @@ fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c
     );
     if a.col_stride == 1 && rest <= ROW_DOT_MAX_ROWS && k > 0 && m > 0 {
         // `C_restᵀ = B_restᵀ Aᵀ`: a few rows against Aᵀ, whose columns are
-        // A's rows, contiguous.
+        // A's rows, contiguous. (`sgemm` takes empty sums and empty products.)
         row_dots(alpha, b_rest, a.t(), beta, c_view, false);
     } else {
         sgemm(alpha, b_rest, a.t(), beta, c_view, none);

@@ -27,13 +27,14 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! Eight kernels are written with `std::arch` intrinsics instead. The
+//! Eleven kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
 //! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
 //! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512 and AVX2) and
 //! at stride 1 on planes at most 32 wide ([`depthwise3x3_stride1`], AVX-512)
-//! and Winograd's three transforms ([`winograd_weights`], [`winograd_input`],
-//! [`winograd_output`], AVX-512), because their transposes, deinterleaves
+//! and Winograd's three transforms in either tiling ([`winograd_weights`],
+//! [`winograd_input`], [`winograd_output`] and their `winograd4_` kin,
+//! AVX-512), because their transposes, deinterleaves
 //! and shifts across lanes are shuffles that LLVM does not find on its own
 //! (or, for rows of 7-28 tiles, finds only in four-lane and scalar code);
 //! the direct convolution's row ([`direct_row`], AVX2 and AVX-512), because
@@ -65,7 +66,8 @@ use crate::graph::Activation;
 use crate::ops::{
     DirectInput, OutputRows, Span, TileSource, bias_activate_body, bias_add_activate_body,
     depthwise3x3_body, direct_row_body, max_by_rows_body, winograd_input_body,
-    winograd_output_body, winograd_weights_body,
+    winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
+    winograd4_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -1017,6 +1019,113 @@ pub(crate) fn winograd_output(
     winograd_output_portable(p, stride, tiles, out, scratch);
 }
 
+/// True when F(4x4, 3x3)'s transforms ([`winograd4_input`],
+/// [`winograd4_output`], [`winograd4_weights`]) run as kernels written for
+/// this CPU (AVX-512). Elsewhere they are the portable reference code, which
+/// LLVM compiles into scalar loops, and Winograd keeps to F(2x2, 3x3).
+pub(crate) fn winograd4_is_native() -> bool {
+    cfg!(target_arch = "x86_64") && isa() == Isa::Avx512
+}
+
+multiversion! {
+    /// [`winograd4_weights`] in portable code (see `winograd4_weights_body`).
+    fn winograd4_weights_portable(w: &[f32], u: &mut [&mut [f32]]) => winograd4_weights_body;
+}
+
+/// F(4x4, 3x3)'s weight transform (see `winograd4_weights_body`, the
+/// portable code, whose sums this computes in the same order). With
+/// AVX-512, [`x16::winograd4_weights`] takes sixteen kernels at a time, as
+/// [`winograd_weights`] does.
+pub(crate) fn winograd4_weights(w: &[f32], u: &mut [&mut [f32]]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::winograd4_weights` is compiled with (detected at run time),
+        // and the function is otherwise safe.
+        unsafe {
+            x16::winograd4_weights(w, u)
+        };
+        return;
+    }
+    winograd4_weights_portable(w, u);
+}
+
+multiversion! {
+    /// [`winograd4_input`] in portable code (see `winograd4_input_body`).
+    fn winograd4_input_portable(
+        source: &TileSource<'_>,
+        tile_row: usize,
+        tiles: usize,
+        v: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) => winograd4_input_body;
+}
+
+/// F(4x4, 3x3)'s input transform of one tile row (see
+/// `winograd4_input_body`, the portable code, whose sums this computes in
+/// the same order). With AVX-512, [`x16::winograd4_input`] takes sixteen
+/// tiles at a time, each combined row's cells split four ways in registers.
+pub(crate) fn winograd4_input(
+    source: &TileSource<'_>,
+    tile_row: usize,
+    tiles: usize,
+    v: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::winograd4_input` is compiled with (detected at run time), and
+        // the function is otherwise safe.
+        unsafe {
+            x16::winograd4_input(source, tile_row, tiles, v, stride, scratch)
+        };
+        return;
+    }
+    winograd4_input_portable(source, tile_row, tiles, v, stride, scratch);
+}
+
+multiversion! {
+    /// [`winograd4_output`] in portable code (see `winograd4_output_body`).
+    fn winograd4_output_portable(
+        p: &[f32],
+        stride: usize,
+        tiles: usize,
+        out: OutputRows<'_>,
+        scratch: &mut Vec<f32>,
+    ) => winograd4_output_body;
+}
+
+/// F(4x4, 3x3)'s output transform of one band of tile rows (see
+/// `winograd4_output_body`, the portable code, whose sums this computes in
+/// the same order). With AVX-512, [`x16::winograd4_output`] takes sixteen
+/// tiles of a tile row at a time and interleaves each output row's four
+/// cells per tile in registers.
+pub(crate) fn winograd4_output(
+    p: &[f32],
+    stride: usize,
+    tiles: usize,
+    out: OutputRows<'_>,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        #[allow(unsafe_code)]
+        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
+        // `x16::winograd4_output` is compiled with (detected at run time),
+        // and the function is otherwise safe.
+        unsafe {
+            x16::winograd4_output(p, stride, tiles, out)
+        };
+        return;
+    }
+    winograd4_output_portable(p, stride, tiles, out, scratch);
+}
+
 /// Partial sums of [`dot`], [`dots4`] and [`sum`]: enough to vectorise
 /// (a sum in order is one long chain of dependent additions).
 const LANES: usize = 32;
@@ -1353,8 +1462,8 @@ mod x16 {
     use super::{OnePlane, Pointwise, Sixteen};
     use crate::graph::Activation;
     use crate::ops::{
-        BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, bias_activate_body,
-        bias_add_activate_body, clip, relu,
+        Arith, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, bias_activate_body,
+        bias_add_activate_body, clip, f4_input, f4_output, f4_weights, relu,
     };
 
     /// [`with_vector_activation`] on AVX-512 vectors.
@@ -1466,7 +1575,7 @@ mod x16 {
             scratch.resize(4 * pitch, 0.0);
         }
         let padded = &mut scratch[..4 * pitch];
-        source.pad_rows(tile_row, padded);
+        source.pad_rows(2 * tile_row, 4, padded);
         let padded = &*padded;
         let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -1905,6 +2014,170 @@ mod x16 {
                     store(&mut u[4 * r + j][first..first + n], values);
                 }
             }
+        }
+    }
+
+    /// The AVX-512 [`Arith`] of F(4x4, 3x3)'s transforms.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn vector_arith() -> impl Arith<__m512> {
+        (
+            |a: __m512, b: __m512| _mm512_add_ps(a, b),
+            |a: __m512, b: __m512| _mm512_sub_ps(a, b),
+            |k: f32, a: __m512| _mm512_mul_ps(_mm512_set1_ps(k), a),
+        )
+    }
+
+    /// [`super::winograd4_weights`]: sixteen kernels at a time, transposed
+    /// as in [`winograd_weights`], then `G g G^T` as
+    /// `winograd4_weights_body` computes it.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn winograd4_weights(w: &[f32], u: &mut [&mut [f32]]) {
+        let ops = vector_arith();
+        let pairs = w.len() / 9;
+        for first in (0..pairs).step_by(16) {
+            let n = (pairs - first).min(16);
+            let ahead = w.as_ptr().wrapping_add((first + 16 * WEIGHTS_AHEAD) * 9);
+            for line in 0..9 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
+            }
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (row, kernel) in rows
+                .iter_mut()
+                .zip(w[first * 9..(first + n) * 9].chunks_exact(9))
+            {
+                *row = load(kernel);
+            }
+            let taps = transpose(rows);
+            let columns: [[__m512; 6]; 3] =
+                std::array::from_fn(|j| f4_weights(&ops, [taps[j], taps[3 + j], taps[6 + j]]));
+            for r in 0..6 {
+                let row = f4_weights(&ops, [columns[0][r], columns[1][r], columns[2][r]]);
+                for (j, values) in row.into_iter().enumerate() {
+                    store(&mut u[6 * r + j][first..first + n], values);
+                }
+            }
+        }
+    }
+
+    /// [`super::winograd4_input`]: the six input rows copied with their
+    /// padding (and zeros up to what the last block of sixteen tiles
+    /// reads), then per block B^T over the rows' raw cells (five vectors
+    /// each), a split of each combined row's cells by their column modulo
+    /// four (two permutes deep) and the first two of those shifted by a
+    /// tile for the tiles' last two columns, and B over those.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn winograd4_input(
+        source: &TileSource<'_>,
+        tile_row: usize,
+        tiles: usize,
+        v: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let ops = vector_arith();
+        // Padded columns 0..4 tiles + 2 hold the tiles' input; the last
+        // block's loads reach column 64 blocks + 16.
+        let pitch = 64 * tiles.div_ceil(16) + 16;
+        if scratch.len() < 6 * pitch {
+            scratch.resize(6 * pitch, 0.0);
+        }
+        let padded = &mut scratch[..6 * pitch];
+        source.pad_rows(4 * tile_row, 6, padded);
+        let padded = &*padded;
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // A tile on: lanes 1..16, then the next block's first (or second) cell.
+        let next0 = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
+        let next1 = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17);
+        for first in (0..tiles).step_by(16) {
+            let n = (tiles - first).min(16);
+            // Row i's cells 4 first .. 4 first + 80, five vectors.
+            let d: [[__m512; 5]; 6] = std::array::from_fn(|i| {
+                let cells = &padded[i * pitch + 4 * first..][..80];
+                std::array::from_fn(|q| load(&cells[16 * q..16 * q + 16]))
+            });
+            // B^T d, vector by vector: combined[q][i], row i of vector q.
+            let combined: [[__m512; 6]; 5] =
+                std::array::from_fn(|q| f4_input(&ops, std::array::from_fn(|i| d[i][q])));
+            for i in 0..6 {
+                let c: [__m512; 5] = std::array::from_fn(|q| combined[q][i]);
+                let (e01, o01) = (
+                    _mm512_permutex2var_ps(c[0], evens, c[1]),
+                    _mm512_permutex2var_ps(c[0], odds, c[1]),
+                );
+                let (e23, o23) = (
+                    _mm512_permutex2var_ps(c[2], evens, c[3]),
+                    _mm512_permutex2var_ps(c[2], odds, c[3]),
+                );
+                // phase[k][t]: cell 4t + k of the combined row.
+                let phase0 = _mm512_permutex2var_ps(e01, evens, e23);
+                let phase1 = _mm512_permutex2var_ps(o01, evens, o23);
+                let z = [
+                    phase0,
+                    phase1,
+                    _mm512_permutex2var_ps(e01, odds, e23),
+                    _mm512_permutex2var_ps(o01, odds, o23),
+                    _mm512_permutex2var_ps(phase0, next0, c[4]),
+                    _mm512_permutex2var_ps(phase1, next1, c[4]),
+                ];
+                for (j, x) in f4_input(&ops, z).into_iter().enumerate() {
+                    store(&mut v[(6 * i + j) * stride + first..][..n], x);
+                }
+            }
+        }
+    }
+
+    /// [`super::winograd4_output`]: per tile row of the band and block of
+    /// sixteen tiles, A^T over the block's 36 products, then for each of
+    /// its four output rows A over those and the four cells of every tile
+    /// interleaved (two permutes deep) into a row of 64; the bias, residual
+    /// and activation then go over the band's rows as in the portable code.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn winograd4_output(p: &[f32], stride: usize, tiles: usize, out: OutputRows<'_>) {
+        let ops = vector_arith();
+        let width = out.width;
+        let row_tiles = width.div_ceil(4);
+        let products: [&[f32]; 36] = std::array::from_fn(|xi| &p[xi * stride..][..tiles]);
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for (tile_row, rows) in out.rows.chunks_mut(4 * width).enumerate() {
+            let at = tile_row * row_tiles;
+            for first in (0..row_tiles).step_by(16) {
+                let n = (row_tiles - first).min(16);
+                let m: [__m512; 36] =
+                    std::array::from_fn(|xi| load(&products[xi][at + first..][..n]));
+                // A^T M: s[j][a], row a of column j.
+                let s: [[__m512; 4]; 6] =
+                    std::array::from_fn(|j| f4_output(&ops, std::array::from_fn(|i| m[6 * i + j])));
+                for (a, row) in rows.chunks_mut(width).enumerate() {
+                    // (A^T M) A: cell 4t + b of the row in o[b].
+                    let o = f4_output(&ops, std::array::from_fn(|j| s[j][a]));
+                    let (x02, y02) = (
+                        _mm512_permutex2var_ps(o[0], low, o[2]),
+                        _mm512_permutex2var_ps(o[0], high, o[2]),
+                    );
+                    let (x13, y13) = (
+                        _mm512_permutex2var_ps(o[1], low, o[3]),
+                        _mm512_permutex2var_ps(o[1], high, o[3]),
+                    );
+                    let cells = [
+                        _mm512_permutex2var_ps(x02, low, x13),
+                        _mm512_permutex2var_ps(x02, high, x13),
+                        _mm512_permutex2var_ps(y02, low, y13),
+                        _mm512_permutex2var_ps(y02, high, y13),
+                    ];
+                    let span = &mut row[4 * first..];
+                    let count = span.len().min(64);
+                    for (chunk, x) in span[..count].chunks_mut(16).zip(cells) {
+                        store(chunk, x);
+                    }
+                }
+            }
+        }
+        match out.residual {
+            Some(r) => bias_add_activate_body::<true>(out.rows, out.bias, r, out.activation),
+            None => bias_activate_body::<true>(out.rows, out.bias, out.activation),
         }
     }
 
@@ -3461,6 +3734,67 @@ mod tests {
                 nan_blind_bits(&y)
             };
             proptest::prop_assert_eq!(transform(winograd_output), transform(winograd_output_portable));
+        }
+
+        #[test]
+        fn dispatched_winograd4_transforms_match_the_portable_ones_bit_for_bit(
+            pairs in 0usize..40,
+            (width, height) in (1usize..90, 1usize..12),
+            (pad_top, pad_left) in (0usize..3, 0usize..3),
+            (tile_row, tiles, gap) in (0usize..3, 1usize..40, 0usize..20),
+            (tile_rows, activation, with_residual) in (1usize..4, 0usize..3, proptest::bool::ANY),
+            nan in proptest::option::of(0usize..5000),
+            seed in 0usize..1000,
+        ) {
+            // Fractions, so that the order of the sums shows in the bits;
+            // a NaN, so that no lane is left out.
+            let with_nan = |mut values: Vec<f32>| {
+                if let (Some(at), false) = (nan, values.is_empty()) {
+                    let len = values.len();
+                    values[at % len] = f32::NAN;
+                }
+                values
+            };
+            let w = with_nan(fractions(9 * pairs, seed));
+            let weights = |f: fn(&[f32], &mut [&mut [f32]])| -> Vec<u32> {
+                let mut u = vec![7.0f32; 36 * pairs];
+                let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs.max(1)).collect();
+                f(&w, &mut slices);
+                nan_blind_bits(&u)
+            };
+            proptest::prop_assert_eq!(weights(winograd4_weights), weights(winograd4_weights_portable));
+
+            let plane = with_nan(fractions(width * height, seed + 1));
+            let source = TileSource { plane: &plane, width, pad_top, pad_left };
+            let stride = tiles + gap;
+            let input = |f: fn(&TileSource<'_>, usize, usize, &mut [f32], usize, &mut Vec<f32>)| {
+                let mut v = vec![7.0f32; 36 * stride];
+                let mut scratch = vec![f32::NAN; 50];
+                f(&source, tile_row, tiles, &mut v, stride, &mut scratch);
+                nan_blind_bits(&v)
+            };
+            proptest::prop_assert_eq!(input(winograd4_input), input(winograd4_input_portable));
+
+            // A band of whole tile rows but the last, which keeps 1-4 rows.
+            let tiles = tile_rows * width.div_ceil(4);
+            let stride = tiles + gap;
+            let p = with_nan(fractions(36 * stride, seed + 2));
+            let rows = 4 * (tile_rows - 1) + 1 + seed % 4;
+            let residual = fractions(rows * width, seed + 3);
+            let (_, _, activation) = depthwise_case(1, None, seed, activation);
+            let output = |f: fn(&[f32], usize, usize, OutputRows<'_>, &mut Vec<f32>)| {
+                let mut y = vec![f32::NAN; rows * width];
+                let out = OutputRows {
+                    rows: &mut y,
+                    width,
+                    bias: 0.25,
+                    residual: with_residual.then_some(&residual[..]),
+                    activation,
+                };
+                f(&p, stride, tiles, out, &mut Vec::new());
+                nan_blind_bits(&y)
+            };
+            proptest::prop_assert_eq!(output(winograd4_output), output(winograd4_output_portable));
         }
 
         #[test]

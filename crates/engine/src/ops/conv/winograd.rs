@@ -1,5 +1,6 @@
-//! Winograd's minimal filtering F(2x2, 3x3) for 3x3, stride-1, undilated
-//! convolutions without groups (most of ResNet's and VGG's work).
+//! Winograd's minimal filtering F(2x2, 3x3) and F(4x4, 3x3) for 3x3,
+//! stride-1, undilated convolutions without groups (most of ResNet's and
+//! VGG's work).
 //!
 //! The output is cut into 2x2 tiles; each reads a 4x4 input tile (rows and
 //! columns `2t - pad .. 2t - pad + 4`, zero outside the image). With the
@@ -23,8 +24,19 @@
 //! engine's 1e-4 agreement with onnxruntime (checked by the tests below and
 //! by the reference models).
 //!
+//! F(4x4, 3x3) cuts the output into 4x4 tiles, each read from a 6x6 input
+//! tile, with the transforms of [`f4_weights`], [`f4_input`] and
+//! [`f4_output`]: 36 GEMMs, 2.25 multiply-adds per output cell and channel
+//! pair against F(2x2, 3x3)'s 4, and a transformed input of 2.25 values per
+//! cell against 4. Its transforms scale by up to 8 and by 1/6 and 1/24, and
+//! its sums drift 4-13 times as far from the exact ones as F(2x2, 3x3)'s
+//! (the tests below); ResNet-18 and VGG-16 still agree with onnxruntime to
+//! 1.9e-6 and 5.2e-7. It is used on large enough images ([`how`]) where its
+//! transforms are written for the CPU (AVX-512).
+//!
 //! The weights are transformed on every call: whole, into a buffer of 16/9
-//! the weights' size, for images cut into bands of tiles; a block of output
+//! the weights' size (36/9 for F(4x4, 3x3)), for images cut into bands of
+//! tiles; a block of output
 //! channels at a time, into a buffer per thread, for small images of many
 //! channels ([`by_blocks`]; on one thread, only the smallest). Either buffer
 //! is zeroed before it is recycled. The transforms are written
@@ -132,10 +144,115 @@ const BAND_MIN_TILES: usize = 96;
 /// transforms and its GEMMs.
 const BAND_LEN: usize = 1 << 18;
 
+/// The tile sizes, by output cells per tile side: Winograd's F(2x2, 3x3),
+/// whose transformed tiles have 4x4 cells, and F(4x4, 3x3), 6x6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tiling {
+    F2,
+    F4,
+}
+
+impl Tiling {
+    /// Output cells per tile side.
+    pub(crate) fn size(self) -> usize {
+        match self {
+            Tiling::F2 => 2,
+            Tiling::F4 => 4,
+        }
+    }
+
+    /// Cells of a transformed tile, and so GEMMs per band.
+    pub(crate) fn cells(self) -> usize {
+        match self {
+            Tiling::F2 => 16,
+            Tiling::F4 => 36,
+        }
+    }
+
+    fn weights(self, w: &[f32], u: &mut [&mut [f32]]) {
+        match self {
+            Tiling::F2 => kernels::winograd_weights(w, u),
+            Tiling::F4 => kernels::winograd4_weights(w, u),
+        }
+    }
+
+    fn input(
+        self,
+        source: &TileSource<'_>,
+        tile_row: usize,
+        tiles: usize,
+        v: &mut [f32],
+        stride: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        match self {
+            Tiling::F2 => kernels::winograd_input(source, tile_row, tiles, v, stride, scratch),
+            Tiling::F4 => kernels::winograd4_input(source, tile_row, tiles, v, stride, scratch),
+        }
+    }
+
+    fn output(
+        self,
+        p: &[f32],
+        stride: usize,
+        tiles: usize,
+        out: OutputRows<'_>,
+        scratch: &mut Vec<f32>,
+    ) {
+        match self {
+            Tiling::F2 => kernels::winograd_output(p, stride, tiles, out, scratch),
+            Tiling::F4 => kernels::winograd4_output(p, stride, tiles, out, scratch),
+        }
+    }
+}
+
+/// Fewest tiles of F(4x4, 3x3) per image for which it is used, where its
+/// transforms are written for the CPU ([`kernels::winograd4_is_native`]).
+/// Against F(2x2, 3x3), three 3x3 Convs in a row at one and two threads
+/// (Intel Xeon, `bench/ab.py`, 3 rounds): 64 channels at 56x56 (196 tiles)
+/// 0.707x and 0.724x as long, 128 at 28x28 (49) 0.756x and 0.777x, 512 at
+/// 28x28 0.892x and 0.806x; but 256 at 14x14 (16 tiles, of which 31 % of
+/// the cells fall outside the image) 1.338x and 1.406x, 512 at 14x14 1.501x
+/// and 1.507x.
+const F4_MIN_TILES: usize = 49;
+
+/// How an image is computed: by blocks of output channels ([`by_blocks`])
+/// or band by band, and in which tiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum How {
+    Blocks(Tiling),
+    Bands(Tiling),
+}
+
+/// How the Conv of `geo` is computed on the engine's threads: F(4x4, 3x3)
+/// where it pays ([`F4_MIN_TILES`]), by blocks of output channels when the
+/// image's tiles would leave a band of fewer than [`BAND_MIN_TILES`] to a
+/// thread; otherwise F(2x2, 3x3), by blocks where [`by_blocks_fit`] says.
+///
+/// F(4x4, 3x3) by blocks against bands (three Convs in a row, 3 rounds): at
+/// two threads 128 channels at 28x28 (49 tiles) 0.779x as long, 64 at 56x56
+/// (196) 1.138x; at one thread 0.949x, 1.023x and, 512 channels at 28x28,
+/// 1.081x.
+fn how(geo: &Geometry) -> How {
+    let tasks = threads();
+    let tiles4 = tiles(geo, Tiling::F4);
+    if kernels::winograd4_is_native() && tiles4 >= F4_MIN_TILES {
+        if tasks > 1 && tiles4 < BAND_MIN_TILES * tasks {
+            How::Blocks(Tiling::F4)
+        } else {
+            How::Bands(Tiling::F4)
+        }
+    } else if by_blocks_fit(geo, tasks) {
+        How::Blocks(Tiling::F2)
+    } else {
+        How::Bands(Tiling::F2)
+    }
+}
+
 /// True when the Conv of `geo` is computed here: Winograd can compute it
 /// ([`fits`]) and its image has enough tiles for the engine's threads.
 pub(super) fn applies(geo: &Geometry) -> bool {
-    let tiles = tiles(geo);
+    let tiles = tiles(geo, Tiling::F2);
     let min_tiles = match threads() {
         0 | 1 => MIN_TILES_ALONE,
         _ if by_blocks_fit(geo, threads()) => MIN_TILES_ALONE,
@@ -144,9 +261,10 @@ pub(super) fn applies(geo: &Geometry) -> bool {
     fits(geo) && tiles >= min_tiles
 }
 
-/// The output tiles of one image.
-fn tiles(geo: &Geometry) -> usize {
-    geo.h.output().div_ceil(2) * geo.w.output().div_ceil(2)
+/// The output tiles of one image in `tiling`.
+fn tiles(geo: &Geometry, tiling: Tiling) -> usize {
+    let size = tiling.size();
+    geo.h.output().div_ceil(size) * geo.w.output().div_ceil(size)
 }
 
 /// True when the Conv of `geo` is computed by `tasks` tasks by blocks of
@@ -161,7 +279,8 @@ fn by_blocks_fit(geo: &Geometry, tasks: usize) -> bool {
         1 => BY_BLOCKS_ALONE_MAX_TILES,
         _ => BY_BLOCKS_MAX_TILES,
     };
-    geo.channels.min(geo.out_channels) >= BY_BLOCKS_MIN_CHANNELS && tiles(geo) <= max_tiles
+    geo.channels.min(geo.out_channels) >= BY_BLOCKS_MIN_CHANNELS
+        && tiles(geo, Tiling::F2) <= max_tiles
 }
 
 /// True when the Conv of `geo` has a 3x3 kernel, stride 1, no dilation, one
@@ -179,7 +298,7 @@ fn fits(geo: &Geometry) -> bool {
 /// True when the Conv of `geo` is computed here by blocks of output
 /// channels, which overwrite spent weights block by block ([`by_blocks`]).
 pub(super) fn spends(geo: &Geometry) -> bool {
-    applies(geo) && by_blocks_fit(geo, threads())
+    applies(geo) && matches!(how(geo), How::Blocks(_))
 }
 
 /// Computes the Conv of `geo` (for which [`applies`] holds) into `y`.
@@ -194,7 +313,7 @@ pub(super) fn conv(
     residual: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    compute(geo, x, w, bias, residual, y, by_blocks_fit(geo, threads()));
+    compute(geo, x, w, bias, residual, y, how(geo));
 }
 
 /// [`conv`], by blocks of output channels ([`by_blocks`]) or band by band.
@@ -205,15 +324,19 @@ fn compute(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     y: &mut [f32],
-    blocks: bool,
+    how: How,
 ) {
-    if blocks {
-        by_blocks(geo, x, w, bias, residual, y);
-        return;
-    }
+    let tiling = match how {
+        How::Blocks(tiling) => {
+            by_blocks(tiling, geo, x, w, bias, residual, y);
+            return;
+        }
+        How::Bands(tiling) => tiling,
+    };
     let (c, m) = (geo.channels, geo.out_channels);
-    let mut u = crate::buffers::take(16 * m * c);
-    transform_weights(w.values(), &mut u, m * c);
+    let cells = tiling.cells();
+    let mut u = crate::buffers::take(cells * m * c);
+    transform_weights(tiling, w.values(), &mut u, m * c);
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let images = x
         .chunks(c * in_plane)
@@ -224,14 +347,16 @@ fn compute(
                 geo,
                 image,
                 u: &u,
+                tiling,
                 bias,
                 residual: residual.map(|r| &r[n * m * out_plane..][..m * out_plane]),
             };
             (layer, out)
         });
     let (out_height, out_width) = (geo.h.output(), geo.w.output());
-    let (tile_rows, tile_cols) = (out_height.div_ceil(2), out_width.div_ceil(2));
-    let band_rows = (BAND_LEN / (16 * c.max(m) * tile_cols))
+    let size = tiling.size();
+    let (tile_rows, tile_cols) = (out_height.div_ceil(size), out_width.div_ceil(size));
+    let band_rows = (BAND_LEN / (cells * c.max(m) * tile_cols))
         .max(BAND_MIN_TILES.div_ceil(tile_cols))
         .clamp(1, tile_rows);
     let tasks = threads().min(tile_rows);
@@ -239,13 +364,13 @@ fn compute(
     for (layer, out) in images {
         // Each task's tile rows, and its rows of every output plane.
         let work = split_rows(out, out_plane, tile_rows, per_task, |rows| {
-            ((2 * rows.end).min(out_height) - 2 * rows.start) * out_width
+            ((size * rows.end).min(out_height) - size * rows.start) * out_width
         });
         for_each_task(work, |(rows, mut segments)| {
             with_scratch(|scratch| {
                 for first in rows.clone().step_by(band_rows) {
                     let band = first..(first + band_rows).min(rows.end);
-                    let at = 2 * (first - rows.start) * out_width;
+                    let at = size * (first - rows.start) * out_width;
                     layer.band(band, &mut segments, at, scratch);
                 }
             });
@@ -290,6 +415,7 @@ fn compute(
 /// not move beyond their spread (ResNet-18 streaming 22.99 against 22.85 ms,
 /// VGG-16 142.6 against 143.8, four and three rounds).
 fn by_blocks(
+    tiling: Tiling,
     geo: &Geometry,
     x: &[f32],
     w: Kernels<'_>,
@@ -299,23 +425,24 @@ fn by_blocks(
 ) {
     let (c, m) = (geo.channels, geo.out_channels);
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
-    let (tile_rows, tile_cols) = (geo.h.output().div_ceil(2), geo.w.output().div_ceil(2));
+    let (size, cells) = (tiling.size(), tiling.cells());
+    let (tile_rows, tile_cols) = (geo.h.output().div_ceil(size), geo.w.output().div_ceil(size));
     let tiles = tile_rows * tile_cols;
     let images = x.len() / (c * in_plane);
-    // V by image and channel, `[N, C, 16, tiles]`, so that each task writes
-    // a block of its own; the GEMMs read it strided.
-    let mut v = crate::buffers::take(images * 16 * c * tiles);
+    // V by image and channel, `[N, C, cells, tiles]`, so that each task
+    // writes a block of its own; the GEMMs read it strided.
+    let mut v = crate::buffers::take(images * cells * c * tiles);
     let per = (images * c).div_ceil(threads().max(1));
     for_each_chunk(
         &mut v,
-        per * 16 * tiles,
+        per * cells * tiles,
         || (),
         |(), i, block| {
             with_scratch(|scratch| {
-                for (j, v) in block.chunks_mut(16 * tiles).enumerate() {
+                for (j, v) in block.chunks_mut(cells * tiles).enumerate() {
                     let source = TileSource::of(geo, &x[(i * per + j) * in_plane..][..in_plane]);
                     for row in 0..tile_rows {
-                        kernels::winograd_input(
+                        tiling.input(
                             &source,
                             row,
                             tile_cols,
@@ -331,7 +458,7 @@ fn by_blocks(
     // Output channels per block: a multiple of 16 (the GEMM kernel's rows),
     // and at least one block per thread.
     let tasks = threads().max(1);
-    let rows = (U_BLOCK_LEN / (16 * c))
+    let rows = (U_BLOCK_LEN / (cells * c))
         .min(m.div_ceil(tasks))
         .max(1)
         .next_multiple_of(16);
@@ -353,24 +480,24 @@ fn by_blocks(
         }
     }
     for_each_task(work, |(run, mut w, mut pieces)| {
-        let mut u = crate::buffers::take(16 * rows * c);
+        let mut u = crate::buffers::take(cells * rows * c);
         with_scratch(|scratch| {
             for b in run.clone() {
                 let first = b * rows;
                 let len = rows.min(m - first);
-                let u = &mut u[..16 * len * c];
+                let u = &mut u[..cells * len * c];
                 let at = (b - run.start) * rows * c * 9;
-                transform_block(&mut w, at..at + len * c * 9, u);
-                grow(&mut scratch.product, 16 * len * tiles);
-                let p = &mut scratch.product[..16 * len * tiles];
+                transform_block(tiling, &mut w, at..at + len * c * 9, u);
+                grow(&mut scratch.product, cells * len * tiles);
+                let p = &mut scratch.product[..cells * len * tiles];
                 let at = (b - run.start) * rows * out_plane;
                 for (n, piece) in pieces.iter_mut().enumerate() {
-                    let v = &v[n * 16 * c * tiles..][..16 * c * tiles];
-                    for xi in 0..16 {
+                    let v = &v[n * cells * c * tiles..][..cells * c * tiles];
+                    for xi in 0..cells {
                         kernels::gemm_single(
                             1.0,
                             MatRef::new(&u[xi * len * c..], len, c),
-                            MatRef::strided(&v[xi * tiles..], c, tiles, 16 * tiles),
+                            MatRef::strided(&v[xi * tiles..], c, tiles, cells * tiles),
                             0.0,
                             MatMut::new(&mut p[xi * len * tiles..], len, tiles),
                         );
@@ -386,13 +513,7 @@ fn by_blocks(
                                 .map(|r| &r[(n * m + channel) * out_plane..][..out_plane]),
                             activation: geo.activation,
                         };
-                        kernels::winograd_output(
-                            &p[j * tiles..],
-                            len * tiles,
-                            tiles,
-                            out,
-                            &mut scratch.rows,
-                        );
+                        tiling.output(&p[j * tiles..], len * tiles, tiles, out, &mut scratch.rows);
                     }
                 }
             }
@@ -411,12 +532,12 @@ const SPEND_PIECE: usize = 512;
 /// U for the kernels of `w` at `range` (9 values each), into `u`'s 16
 /// slices of one cell per kernel; spent kernels are overwritten with zeros
 /// [`SPEND_PIECE`] at a time, right after they are read.
-fn transform_block(w: &mut Kernels<'_>, range: Range<usize>, u: &mut [f32]) {
+fn transform_block(tiling: Tiling, w: &mut Kernels<'_>, range: Range<usize>, u: &mut [f32]) {
     let pairs = range.len() / 9;
     match w {
         Kernels::Read(w) => {
             let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs).collect();
-            kernels::winograd_weights(&w[range], &mut slices);
+            tiling.weights(&w[range], &mut slices);
         }
         Kernels::Spend(w) => {
             for first in (0..pairs).step_by(SPEND_PIECE) {
@@ -424,16 +545,17 @@ fn transform_block(w: &mut Kernels<'_>, range: Range<usize>, u: &mut [f32]) {
                 let mut slices: Vec<&mut [f32]> =
                     u.chunks_mut(pairs).map(|s| &mut s[first..last]).collect();
                 let piece = &mut w[range.start + 9 * first..range.start + 9 * last];
-                kernels::winograd_weights(piece, &mut slices);
+                tiling.weights(piece, &mut slices);
                 piece.fill(0.0);
             }
         }
     }
 }
 
-/// U for the `pairs` kernels of `w`, into `u` (16 matrices `[M, C]`): on
+/// U for the `pairs` kernels of `w`, into `u` (one matrix `[M, C]` per cell
+/// of a transformed tile): on
 /// every thread for large layers, each taking a range of kernels.
-fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
+fn transform_weights(tiling: Tiling, w: &[f32], u: &mut [f32], pairs: usize) {
     let parts = if pairs >= WEIGHTS_PARALLEL_MIN {
         threads()
     } else {
@@ -442,7 +564,7 @@ fn transform_weights(w: &[f32], u: &mut [f32], pairs: usize) {
     let per = pairs.div_ceil(parts).max(1);
     let work = split_rows(u, pairs, pairs, per, |range| range.len());
     for_each_task(work, |(range, mut slices)| {
-        kernels::winograd_weights(&w[range.start * 9..range.end * 9], &mut slices);
+        tiling.weights(&w[range.start * 9..range.end * 9], &mut slices);
     });
 }
 
@@ -451,8 +573,10 @@ struct Layer<'a> {
     geo: &'a Geometry,
     /// `[C, H, W]`.
     image: &'a [f32],
-    /// The transformed weights: 16 matrices `[M, C]`.
+    /// The transformed weights: one matrix `[M, C]` per cell of a
+    /// transformed tile.
     u: &'a [f32],
+    tiling: Tiling,
     bias: Option<&'a [f32]>,
     /// Laid out like the image's output, `[M, OH, OW]`.
     residual: Option<&'a [f32]>,
@@ -469,36 +593,30 @@ impl Layer<'_> {
         at: usize,
         scratch: &mut Scratch,
     ) {
-        let geo = self.geo;
+        let (geo, tiling) = (self.geo, self.tiling);
         let (c, m) = (geo.channels, geo.out_channels);
+        let (size, cells) = (tiling.size(), tiling.cells());
         let out_width = geo.w.output();
-        let tile_cols = out_width.div_ceil(2);
+        let tile_cols = out_width.div_ceil(size);
         let tiles = band.len() * tile_cols;
-        let out_rows = (2 * band.end).min(geo.h.output()) - 2 * band.start;
+        let out_rows = (size * band.end).min(geo.h.output()) - size * band.start;
         let Scratch {
             columns: v,
             product: p,
             rows: scratch,
             ..
         } = scratch;
-        grow(v, 16 * c * tiles);
-        grow(p, 16 * m * tiles);
-        let (v, p) = (&mut v[..16 * c * tiles], &mut p[..16 * m * tiles]);
+        grow(v, cells * c * tiles);
+        grow(p, cells * m * tiles);
+        let (v, p) = (&mut v[..cells * c * tiles], &mut p[..cells * m * tiles]);
         for (channel, plane) in self.image.chunks(geo.in_plane()).enumerate() {
             let source = TileSource::of(geo, plane);
             for (i, row) in band.clone().enumerate() {
                 let start = channel * tiles + i * tile_cols;
-                kernels::winograd_input(
-                    &source,
-                    row,
-                    tile_cols,
-                    &mut v[start..],
-                    c * tiles,
-                    scratch,
-                );
+                tiling.input(&source, row, tile_cols, &mut v[start..], c * tiles, scratch);
             }
         }
-        for xi in 0..16 {
+        for xi in 0..cells {
             kernels::gemm_single(
                 1.0,
                 MatRef::new(&self.u[xi * m * c..], m, c),
@@ -507,7 +625,7 @@ impl Layer<'_> {
                 MatMut::new(&mut p[xi * m * tiles..], m, tiles),
             );
         }
-        let first = 2 * band.start * out_width;
+        let first = size * band.start * out_width;
         for (channel, segment) in segments.iter_mut().enumerate() {
             let len = out_rows * out_width;
             let out = OutputRows {
@@ -519,7 +637,7 @@ impl Layer<'_> {
                     .map(|r| &r[channel * geo.out_plane() + first..][..len]),
                 activation: geo.activation,
             };
-            kernels::winograd_output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
+            tiling.output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
         }
     }
 }
@@ -538,16 +656,16 @@ pub(crate) struct TileSource<'a> {
 }
 
 impl<'a> TileSource<'a> {
-    /// The four input rows of tile row `tile_row`, with their padding, into
-    /// the four rows `padded` holds: row `i`'s column `j` is the input cell
-    /// `(2 tile_row + i - pad_top, j - pad_left)`, or 0 outside the plane.
+    /// Input rows from `first` on, with their padding, into the `rows` rows
+    /// `padded` holds: row `i`'s column `j` is the input cell
+    /// `(first + i - pad_top, j - pad_left)`, or 0 outside the plane.
     #[inline(always)]
-    pub(crate) fn pad_rows(&self, tile_row: usize, padded: &mut [f32]) {
+    pub(crate) fn pad_rows(&self, first: usize, rows: usize, padded: &mut [f32]) {
         let width = self.width;
         let height = self.plane.len() / width.max(1);
-        let pitch = padded.len() / 4;
+        let pitch = padded.len() / rows;
         for (i, d) in padded.chunks_exact_mut(pitch).enumerate() {
-            let row = (2 * tile_row + i)
+            let row = (first + i)
                 .checked_sub(self.pad_top)
                 .filter(|&r| r < height);
             let skip = self.pad_left.min(pitch);
@@ -575,8 +693,8 @@ impl<'a> TileSource<'a> {
 /// them.
 #[derive(Debug)]
 pub(crate) struct OutputRows<'a> {
-    /// Two rows of `width` cells per tile row (one for the last tile row of
-    /// an odd height).
+    /// As many rows of `width` cells per tile row as a tile has (2 or 4;
+    /// fewer for the last tile row, where the height is not a multiple).
     pub rows: &'a mut [f32],
     pub width: usize,
     pub bias: f32,
@@ -655,7 +773,7 @@ pub(crate) fn winograd_input_body<const FMA: bool>(
     grow(scratch, 4 * span + 8 * half);
     let (padded, rest) = scratch.split_at_mut(4 * span);
     let (even, odd) = rest.split_at_mut(4 * half);
-    source.pad_rows(tile_row, padded);
+    source.pad_rows(2 * tile_row, 4, padded);
     // B^T d, split into even and odd columns.
     let d: [&[f32]; 4] = std::array::from_fn(|i| &padded[i * span..][..2 * half]);
     {
@@ -743,6 +861,206 @@ pub(crate) fn winograd_output_body<const FMA: bool>(
         }
         if let [cell] = last {
             *cell = s0[n] + s1[n] + s2[n];
+        }
+    }
+    match out.residual {
+        Some(r) => bias_add_activate_body::<FMA>(out.rows, out.bias, r, out.activation),
+        None => bias_activate_body::<FMA>(out.rows, out.bias, out.activation),
+    }
+}
+
+/// The arithmetic the F(4x4, 3x3) transforms are written in, on one value
+/// (`f32`, the portable code) or on a vector of sixteen (the AVX-512
+/// kernels): each is given these three operations as closures, so that
+/// both compute the same sums in the same order, to the bit.
+pub(crate) trait Arith<T> {
+    fn add(&self, a: T, b: T) -> T;
+    fn sub(&self, a: T, b: T) -> T;
+    /// `k * a`.
+    fn scale(&self, k: f32, a: T) -> T;
+}
+
+impl<T, A, S, K> Arith<T> for (A, S, K)
+where
+    A: Fn(T, T) -> T,
+    S: Fn(T, T) -> T,
+    K: Fn(f32, T) -> T,
+{
+    #[inline(always)]
+    fn add(&self, a: T, b: T) -> T {
+        (self.0)(a, b)
+    }
+    #[inline(always)]
+    fn sub(&self, a: T, b: T) -> T {
+        (self.1)(a, b)
+    }
+    #[inline(always)]
+    fn scale(&self, k: f32, a: T) -> T {
+        (self.2)(k, a)
+    }
+}
+
+/// The portable code's [`Arith`].
+#[inline(always)]
+fn scalar() -> impl Arith<f32> {
+    (
+        |a: f32, b: f32| a + b,
+        |a: f32, b: f32| a - b,
+        |k: f32, a: f32| k * a,
+    )
+}
+
+/// One side of F(4x4, 3x3)'s weight transform: G's six rows applied to
+/// three taps `(a, b, c)`,
+///
+/// ```text
+///   G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+/// ```
+#[inline(always)]
+pub(crate) fn f4_weights<T: Copy>(ops: &impl Arith<T>, [a, b, c]: [T; 3]) -> [T; 6] {
+    let ac = ops.add(a, c);
+    let outer = ops.add(ops.scale(1.0 / 24.0, a), ops.scale(1.0 / 6.0, c));
+    let middle = ops.scale(1.0 / 12.0, b);
+    [
+        ops.scale(0.25, a),
+        ops.scale(-1.0 / 6.0, ops.add(ac, b)),
+        ops.scale(-1.0 / 6.0, ops.sub(ac, b)),
+        ops.add(outer, middle),
+        ops.sub(outer, middle),
+        c,
+    ]
+}
+
+/// One side of F(4x4, 3x3)'s input transform: B^T's six rows applied to
+/// six cells,
+///
+/// ```text
+///   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0;
+///          0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+/// ```
+#[inline(always)]
+pub(crate) fn f4_input<T: Copy>(ops: &impl Arith<T>, z: [T; 6]) -> [T; 6] {
+    let even = ops.sub(z[4], ops.scale(4.0, z[2]));
+    let odd = ops.sub(z[3], ops.scale(4.0, z[1]));
+    let near = ops.sub(z[4], z[2]);
+    let far = ops.scale(2.0, ops.sub(z[3], z[1]));
+    [
+        ops.add(ops.sub(ops.scale(4.0, z[0]), ops.scale(5.0, z[2])), z[4]),
+        ops.add(even, odd),
+        ops.sub(even, odd),
+        ops.add(near, far),
+        ops.sub(near, far),
+        ops.add(ops.sub(ops.scale(4.0, z[1]), ops.scale(5.0, z[3])), z[5]),
+    ]
+}
+
+/// One side of F(4x4, 3x3)'s output transform: A^T's four rows applied to
+/// six products,
+///
+/// ```text
+///   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+/// ```
+#[inline(always)]
+pub(crate) fn f4_output<T: Copy>(ops: &impl Arith<T>, m: [T; 6]) -> [T; 4] {
+    let (sum12, diff12) = (ops.add(m[1], m[2]), ops.sub(m[1], m[2]));
+    let (sum34, diff34) = (ops.add(m[3], m[4]), ops.sub(m[3], m[4]));
+    [
+        ops.add(ops.add(m[0], sum12), sum34),
+        ops.add(diff12, ops.scale(2.0, diff34)),
+        ops.add(sum12, ops.scale(4.0, sum34)),
+        ops.add(ops.add(diff12, ops.scale(8.0, diff34)), m[5]),
+    ]
+}
+
+/// F(4x4, 3x3)'s weight transform (see [`winograd_weights_body`], whose
+/// layout it shares): `u` holds 36 slices, `u[xi][p] = (G g_p G^T)[xi]`.
+#[inline(always)]
+pub(crate) fn winograd4_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [f32]]) {
+    let ops = scalar();
+    for (p, g) in w.chunks_exact(9).enumerate() {
+        // G g: six rows of three, column by column.
+        let columns: [[f32; 6]; 3] =
+            std::array::from_fn(|j| f4_weights(&ops, [g[j], g[3 + j], g[6 + j]]));
+        for r in 0..6 {
+            let row = f4_weights(&ops, [columns[0][r], columns[1][r], columns[2][r]]);
+            for (j, value) in row.into_iter().enumerate() {
+                u[6 * r + j][p] = value;
+            }
+        }
+    }
+}
+
+/// F(4x4, 3x3)'s input transform of tile row `tile_row` of one channel:
+/// `v[xi * stride + t] = (B^T d_t B)[xi]` for tiles `t < tiles`, where
+/// tile `t` reads the 6x6 input cells from row `4 tile_row - pad_top`,
+/// column `4t - pad_left`. `scratch` is working memory.
+///
+/// B^T over the six padded rows first, cell by cell, then B over each
+/// combined row's tiles. The reference the AVX-512 kernel is checked
+/// against, to the bit; on other CPUs F(2x2, 3x3) is used.
+#[inline(always)]
+pub(crate) fn winograd4_input_body<const FMA: bool>(
+    source: &TileSource<'_>,
+    tile_row: usize,
+    tiles: usize,
+    v: &mut [f32],
+    stride: usize,
+    scratch: &mut Vec<f32>,
+) {
+    let ops = scalar();
+    let span = 4 * tiles + 2;
+    grow(scratch, 12 * span);
+    let (padded, combined) = scratch[..12 * span].split_at_mut(6 * span);
+    source.pad_rows(4 * tile_row, 6, padded);
+    for column in 0..span {
+        let z = std::array::from_fn(|i| padded[i * span + column]);
+        for (i, value) in f4_input(&ops, z).into_iter().enumerate() {
+            combined[i * span + column] = value;
+        }
+    }
+    for (i, row) in combined.chunks_exact(span).enumerate() {
+        for t in 0..tiles {
+            let z = std::array::from_fn(|k| row[4 * t + k]);
+            for (j, value) in f4_input(&ops, z).into_iter().enumerate() {
+                v[(6 * i + j) * stride + t] = value;
+            }
+        }
+    }
+}
+
+/// F(4x4, 3x3)'s output transform of a band of tile rows of one output
+/// channel (see [`winograd_output_body`], whose arguments it shares; `out`
+/// holds four rows per tile row): A^T over every column of the band's
+/// products first, then A over each row, then the bias and activation.
+/// The reference the AVX-512 kernel is checked against, to the bit.
+#[inline(always)]
+pub(crate) fn winograd4_output_body<const FMA: bool>(
+    p: &[f32],
+    stride: usize,
+    tiles: usize,
+    out: OutputRows<'_>,
+    scratch: &mut Vec<f32>,
+) {
+    let ops = scalar();
+    let width = out.width;
+    let row_tiles = width.div_ceil(4);
+    grow(scratch, 24 * tiles);
+    // s[(a * 6 + j) * tiles + t]: row a, column j of A^T M for tile t.
+    let s = &mut scratch[..24 * tiles];
+    for t in 0..tiles {
+        for j in 0..6 {
+            let m = std::array::from_fn(|i| p[(6 * i + j) * stride + t]);
+            for (a, value) in f4_output(&ops, m).into_iter().enumerate() {
+                s[(a * 6 + j) * tiles + t] = value;
+            }
+        }
+    }
+    for (r, row) in out.rows.chunks_mut(width).enumerate() {
+        let (a, at) = (r % 4, (r / 4) * row_tiles);
+        for (t, cells) in row.chunks_mut(4).enumerate() {
+            let m = std::array::from_fn(|j| s[(a * 6 + j) * tiles + at + t]);
+            let values = f4_output(&ops, m);
+            cells.copy_from_slice(&values[..cells.len()]);
         }
     }
     match out.residual {
@@ -865,20 +1183,23 @@ mod tests {
             };
             // f32 sums drift from the f64 definition as they lengthen.
             let tolerance = 1e-5 * (c as f32 / 128.0).max(1.0).sqrt();
-            // Band by band and by blocks (on this machine's threads, or
-            // one), without and with a residual.
-            for blocks in [false, true] {
+            // Band by band in either tiling and by blocks (on this
+            // machine's threads, or one), without and with a residual.
+            let ways = [Tiling::F2, Tiling::F4]
+                .into_iter()
+                .flat_map(|t| [How::Bands(t), How::Blocks(t)]);
+            for how in ways {
                 for with_residual in [false, true] {
                     let mut y = vec![f32::NAN; len];
                     let r = with_residual.then_some(residual.as_slice());
-                    compute(&geo, &x, Kernels::Read(&w), Some(&bias), r, &mut y, blocks);
-                    if blocks {
+                    compute(&geo, &x, Kernels::Read(&w), Some(&bias), r, &mut y, how);
+                    if let How::Blocks(_) = how {
                         // Handed over, W is overwritten block by block, and
                         // the output is the same to the bit.
                         let mut spent = w.clone();
                         let mut again = vec![f32::NAN; len];
                         let spend = Kernels::Spend(&mut spent);
-                        compute(&geo, &x, spend, Some(&bias), r, &mut again, blocks);
+                        compute(&geo, &x, spend, Some(&bias), r, &mut again, how);
                         assert!(spent.iter().all(|&v| v.to_bits() == 0));
                         assert!(
                             y.iter()
@@ -886,9 +1207,17 @@ mod tests {
                                 .all(|(a, b)| a.to_bits() == b.to_bits())
                         );
                     }
+                    // F(4x4, 3x3)'s transforms scale by up to 8 and 1/24:
+                    // its errors here measured 4-13 times F(2x2, 3x3)'s
+                    // (1.2e-4 of the sum at 128 channels). A wrong
+                    // coefficient is off by the cells' size, not by that.
+                    let tolerance = match how {
+                        How::Bands(Tiling::F4) | How::Blocks(Tiling::F4) => 16.0 * tolerance,
+                        _ => tolerance,
+                    };
                     for (i, (g, e)) in y.iter().zip(&want).enumerate() {
                         let e = activate(e + if with_residual { residual[i] } else { 0.0 });
-                        let case = (n, c, h, wd, blocks, with_residual);
+                        let case = (n, c, h, wd, how, with_residual);
                         assert!(
                             (g - e).abs() <= tolerance * e.abs().max(1.0),
                             "{case:?} [{i}] {g} vs {e}"

@@ -1019,12 +1019,17 @@ pub(crate) fn winograd_output(
     winograd_output_portable(p, stride, tiles, out, scratch);
 }
 
-/// True when F(4x4, 3x3)'s transforms ([`winograd4_input`],
-/// [`winograd4_output`], [`winograd4_weights`]) run as kernels written for
-/// this CPU (AVX-512). Elsewhere they are the portable reference code, which
-/// LLVM compiles into scalar loops, and Winograd keeps to F(2x2, 3x3).
-pub(crate) fn winograd4_is_native() -> bool {
-    cfg!(target_arch = "x86_64") && isa() == Isa::Avx512
+/// True when F(4x4, 3x3) pays against F(2x2, 3x3) on this CPU: where its
+/// transforms ([`winograd4_input`], [`winograd4_output`],
+/// [`winograd4_weights`]) run as AVX-512 kernels, or as the portable code
+/// compiled for AVX2. With AVX-512's kernels swapped for the portable
+/// code's AVX2 build (a temporary switch; the GEMMs kept AVX-512), F(4x4,
+/// 3x3) against F(2x2, 3x3), three 3x3 Convs in a row at one and two
+/// threads (Intel Xeon, `bench/ab.py`, 3 rounds): 64 channels at 56x56
+/// 0.884x and 0.929x as long, 128 at 28x28 0.983x and 0.867x, 256 at 56x56
+/// 0.843x and 0.792x. Without AVX2, not measured: F(2x2, 3x3) only.
+pub(crate) fn winograd4_pays() -> bool {
+    cfg!(target_arch = "x86_64") && isa() != Isa::Baseline
 }
 
 multiversion! {

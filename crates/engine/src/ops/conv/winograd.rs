@@ -32,7 +32,7 @@
 //! its sums drift 4-13 times as far from the exact ones as F(2x2, 3x3)'s
 //! (the tests below); ResNet-18 and VGG-16 still agree with onnxruntime to
 //! 1.9e-6 and 5.2e-7. It is used on large enough images ([`how`]) where its
-//! transforms are written for the CPU (AVX-512).
+//! transforms run vectorised ([`kernels::winograd4_pays`]).
 //!
 //! The weights are transformed on every call: whole, into a buffer of 16/9
 //! the weights' size (36/9 for F(4x4, 3x3)), for images cut into bands of
@@ -207,7 +207,7 @@ impl Tiling {
 }
 
 /// Fewest tiles of F(4x4, 3x3) per image for which it is used, where its
-/// transforms are written for the CPU ([`kernels::winograd4_is_native`]).
+/// transforms run vectorised ([`kernels::winograd4_pays`]).
 /// Against F(2x2, 3x3), three 3x3 Convs in a row at one and two threads
 /// (Intel Xeon, `bench/ab.py`, 3 rounds): 64 channels at 56x56 (196 tiles)
 /// 0.707x and 0.724x as long, 128 at 28x28 (49) 0.756x and 0.777x, 512 at
@@ -236,7 +236,7 @@ enum How {
 fn how(geo: &Geometry) -> How {
     let tasks = threads();
     let tiles4 = tiles(geo, Tiling::F4);
-    if kernels::winograd4_is_native() && tiles4 >= F4_MIN_TILES {
+    if kernels::winograd4_pays() && tiles4 >= F4_MIN_TILES {
         if tasks > 1 && tiles4 < BAND_MIN_TILES * tasks {
             How::Blocks(Tiling::F4)
         } else {
@@ -974,17 +974,48 @@ pub(crate) fn f4_output<T: Copy>(ops: &impl Arith<T>, m: [T; 6]) -> [T; 4] {
 
 /// F(4x4, 3x3)'s weight transform (see [`winograd_weights_body`], whose
 /// layout it shares): `u` holds 36 slices, `u[xi][p] = (G g_p G^T)[xi]`.
+/// [`LANES`] kernels at a time, each step a loop over them, which
+/// vectorises; the AVX-512 kernel computes the same bits.
 #[inline(always)]
 pub(crate) fn winograd4_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [f32]]) {
     let ops = scalar();
-    for (p, g) in w.chunks_exact(9).enumerate() {
+    let pairs = w.len() / 9;
+    for first in (0..pairs).step_by(LANES) {
+        let n = LANES.min(pairs - first);
+        // g[k][l]: tap k of kernel first + l.
+        let mut g = [[0.0f32; LANES]; 9];
+        for (l, kernel) in w[first * 9..(first + n) * 9].chunks_exact(9).enumerate() {
+            for (k, &tap) in kernel.iter().enumerate() {
+                g[k][l] = tap;
+            }
+        }
         // G g: six rows of three, column by column.
-        let columns: [[f32; 6]; 3] =
-            std::array::from_fn(|j| f4_weights(&ops, [g[j], g[3 + j], g[6 + j]]));
+        let mut columns = [[[0.0f32; LANES]; 6]; 3];
+        for (j, column) in columns.iter_mut().enumerate() {
+            for l in 0..LANES {
+                let values = f4_weights(&ops, [g[j][l], g[3 + j][l], g[6 + j][l]]);
+                for (row, value) in column.iter_mut().zip(values) {
+                    row[l] = value;
+                }
+            }
+        }
+        // (G g) G^T, row by row.
         for r in 0..6 {
-            let row = f4_weights(&ops, [columns[0][r], columns[1][r], columns[2][r]]);
-            for (j, value) in row.into_iter().enumerate() {
-                u[6 * r + j][p] = value;
+            let mut out = [[0.0f32; LANES]; 6];
+            for l in 0..LANES {
+                let row = [columns[0][r][l], columns[1][r][l], columns[2][r][l]];
+                for (cell, value) in out.iter_mut().zip(f4_weights(&ops, row)) {
+                    cell[l] = value;
+                }
+            }
+            for (j, values) in out.iter().enumerate() {
+                let dst = &mut u[6 * r + j][first..];
+                // A copy of constant length is a few moves, not a call.
+                if n == LANES {
+                    dst[..LANES].copy_from_slice(values);
+                } else {
+                    dst[..n].copy_from_slice(&values[..n]);
+                }
             }
         }
     }
@@ -995,9 +1026,11 @@ pub(crate) fn winograd4_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [
 /// tile `t` reads the 6x6 input cells from row `4 tile_row - pad_top`,
 /// column `4t - pad_left`. `scratch` is working memory.
 ///
-/// B^T over the six padded rows first, cell by cell, then B over each
-/// combined row's tiles. The reference the AVX-512 kernel is checked
-/// against, to the bit; on other CPUs F(2x2, 3x3) is used.
+/// Each step is a loop over the row, which vectorises: B^T over the six
+/// padded rows, cell by cell; each combined row split into its cells by
+/// column modulo four (tile `t`'s six columns are then `q0[t]`, `q1[t]`,
+/// `q2[t]`, `q3[t]`, `q0[t + 1]` and `q1[t + 1]`); B over those. The
+/// AVX-512 kernel computes the same bits.
 #[inline(always)]
 pub(crate) fn winograd4_input_body<const FMA: bool>(
     source: &TileSource<'_>,
@@ -1008,22 +1041,40 @@ pub(crate) fn winograd4_input_body<const FMA: bool>(
     scratch: &mut Vec<f32>,
 ) {
     let ops = scalar();
-    let span = 4 * tiles + 2;
-    grow(scratch, 12 * span);
-    let (padded, combined) = scratch[..12 * span].split_at_mut(6 * span);
+    // Padded columns 0..span: the tiles' 4 tiles + 2, and two more, so that
+    // the row splits into four runs of `quarter`.
+    let quarter = tiles + 1;
+    let span = 4 * quarter;
+    grow(scratch, 12 * span + span);
+    let (padded, rest) = scratch[..13 * span].split_at_mut(6 * span);
+    let (combined, quarters) = rest.split_at_mut(6 * span);
     source.pad_rows(4 * tile_row, 6, padded);
-    for column in 0..span {
-        let z = std::array::from_fn(|i| padded[i * span + column]);
-        for (i, value) in f4_input(&ops, z).into_iter().enumerate() {
-            combined[i * span + column] = value;
+    {
+        let d: [&[f32]; 6] = std::array::from_fn(|i| &padded[i * span..][..span]);
+        let [c0, c1, c2, c3, c4, c5] = split6(combined, span);
+        for column in 0..span {
+            let z = std::array::from_fn(|i| d[i][column]);
+            let [r0, r1, r2, r3, r4, r5] = f4_input(&ops, z);
+            (c0[column], c1[column], c2[column]) = (r0, r1, r2);
+            (c3[column], c4[column], c5[column]) = (r3, r4, r5);
         }
     }
     for (i, row) in combined.chunks_exact(span).enumerate() {
+        let [q0, q1, q2, q3] = split4(quarters, quarter);
+        for (l, cells) in row.chunks_exact(4).enumerate() {
+            (q0[l], q1[l], q2[l], q3[l]) = (cells[0], cells[1], cells[2], cells[3]);
+        }
+        let out: [&mut [f32]; 6] = {
+            let mut rows = v.chunks_mut(stride).skip(6 * i);
+            std::array::from_fn(|_| rows.next().map_or(&mut [][..], |r| &mut r[..tiles]))
+        };
+        let [o0, o1, o2, o3, o4, o5] = out;
+        let (q0, q1, q2, q3) = (&q0[..quarter], &q1[..quarter], &q2[..tiles], &q3[..tiles]);
         for t in 0..tiles {
-            let z = std::array::from_fn(|k| row[4 * t + k]);
-            for (j, value) in f4_input(&ops, z).into_iter().enumerate() {
-                v[(6 * i + j) * stride + t] = value;
-            }
+            let z = [q0[t], q1[t], q2[t], q3[t], q0[t + 1], q1[t + 1]];
+            let [r0, r1, r2, r3, r4, r5] = f4_input(&ops, z);
+            (o0[t], o1[t], o2[t]) = (r0, r1, r2);
+            (o3[t], o4[t], o5[t]) = (r3, r4, r5);
         }
     }
 }
@@ -1032,7 +1083,8 @@ pub(crate) fn winograd4_input_body<const FMA: bool>(
 /// channel (see [`winograd_output_body`], whose arguments it shares; `out`
 /// holds four rows per tile row): A^T over every column of the band's
 /// products first, then A over each row, then the bias and activation.
-/// The reference the AVX-512 kernel is checked against, to the bit.
+/// Each step is a loop over the band's or the row's tiles, which
+/// vectorises; the AVX-512 kernel computes the same bits.
 #[inline(always)]
 pub(crate) fn winograd4_output_body<const FMA: bool>(
     p: &[f32],
@@ -1047,20 +1099,28 @@ pub(crate) fn winograd4_output_body<const FMA: bool>(
     grow(scratch, 24 * tiles);
     // s[(a * 6 + j) * tiles + t]: row a, column j of A^T M for tile t.
     let s = &mut scratch[..24 * tiles];
-    for t in 0..tiles {
-        for j in 0..6 {
-            let m = std::array::from_fn(|i| p[(6 * i + j) * stride + t]);
-            for (a, value) in f4_output(&ops, m).into_iter().enumerate() {
-                s[(a * 6 + j) * tiles + t] = value;
-            }
+    for j in 0..6 {
+        let m: [&[f32]; 6] = std::array::from_fn(|i| &p[(6 * i + j) * stride..][..tiles]);
+        let mut rows = s.chunks_exact_mut(tiles).skip(j).step_by(6);
+        let mut next = || rows.next().unwrap_or_default();
+        let [s0, s1, s2, s3] = [next(), next(), next(), next()];
+        for t in 0..tiles {
+            let [r0, r1, r2, r3] = f4_output(&ops, std::array::from_fn(|i| m[i][t]));
+            (s0[t], s1[t], s2[t], s3[t]) = (r0, r1, r2, r3);
         }
     }
     for (r, row) in out.rows.chunks_mut(width).enumerate() {
         let (a, at) = (r % 4, (r / 4) * row_tiles);
-        for (t, cells) in row.chunks_mut(4).enumerate() {
-            let m = std::array::from_fn(|j| s[(a * 6 + j) * tiles + at + t]);
-            let values = f4_output(&ops, m);
-            cells.copy_from_slice(&values[..cells.len()]);
+        let columns: [&[f32]; 6] =
+            std::array::from_fn(|j| &s[(a * 6 + j) * tiles + at..][..row_tiles]);
+        let (quads, last) = row.as_chunks_mut::<4>();
+        for (t, quad) in quads.iter_mut().enumerate() {
+            *quad = f4_output(&ops, std::array::from_fn(|j| columns[j][t]));
+        }
+        if !last.is_empty() {
+            let n = quads.len();
+            let values = f4_output(&ops, std::array::from_fn(|j| columns[j][n]));
+            last.copy_from_slice(&values[..last.len()]);
         }
     }
     match out.residual {
@@ -1075,6 +1135,23 @@ fn combine(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
         *d = f(a, b);
     }
+}
+
+/// The six consecutive `len`-long parts of `data`.
+#[inline(always)]
+fn split6(data: &mut [f32], len: usize) -> [&mut [f32]; 6] {
+    let (a, rest) = data.split_at_mut(3 * len);
+    let [a, b, c] = split3(a, len);
+    let [d, e, f] = split3(rest, len);
+    [a, b, c, d, e, f]
+}
+
+/// The three consecutive `len`-long parts of `data`.
+#[inline(always)]
+fn split3(data: &mut [f32], len: usize) -> [&mut [f32]; 3] {
+    let (a, rest) = data.split_at_mut(len);
+    let (b, c) = rest.split_at_mut(len);
+    [a, b, &mut c[..len]]
 }
 
 /// The four consecutive `len`-long parts of `data`.

@@ -33,8 +33,7 @@
 //! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512 and AVX2) and
 //! at stride 1 on planes at most 32 wide ([`depthwise3x3_stride1`], AVX-512)
 //! and Winograd's three transforms in either tiling ([`winograd_weights`],
-//! [`winograd_input`], [`winograd_output`] and their `winograd4_` kin,
-//! AVX-512), because their transposes, deinterleaves
+//! [`winograd_input`], [`winograd_output`], AVX-512), because their transposes, deinterleaves
 //! and shifts across lanes are shuffles that LLVM does not find on its own
 //! (or, for rows of 7-28 tiles, finds only in four-lane and scalar code);
 //! the direct convolution's row ([`direct_row`], AVX2 and AVX-512), because
@@ -64,7 +63,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    DirectInput, OutputRows, Span, TileSource, bias_activate_body, bias_add_activate_body,
+    DirectInput, OutputRows, Span, TileSource, Tiling, bias_activate_body, bias_add_activate_body,
     depthwise3x3_body, direct_row_body, max_by_rows_body, winograd_input_body,
     winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
     winograd4_weights_body,
@@ -913,33 +912,55 @@ multiversion! {
     ) => max_by_rows_body;
 }
 
+/// Calls the AVX-512 kernel (`x16::...`, with its arguments) where the CPU
+/// has AVX-512, else the portable code.
+macro_rules! x16_or_portable {
+    (x16::$kernel:ident($($arg:expr),* $(,)?), $portable:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx512 {
+            #[allow(unsafe_code)]
+            // SAFETY: `isa` returns `Avx512` only when the CPU has every
+            // feature the `x16` kernels are compiled with (detected at run
+            // time), and the kernel is otherwise safe.
+            return unsafe { x16::$kernel($($arg),*) };
+        }
+        $portable
+    }};
+}
+
 multiversion! {
-    /// [`winograd_weights`] in portable code (see `winograd_weights_body`).
+    /// [`winograd_weights`] for F(2x2, 3x3) in portable code (see `winograd_weights_body`).
     fn winograd_weights_portable(w: &[f32], u: &mut [&mut [f32]]) => winograd_weights_body;
 }
 
-/// Winograd's weight transform (see `winograd_weights_body`, the portable
-/// code). With AVX-512, [`x16::winograd_weights`] gathers each tap of sixteen
-/// kernels into a vector with one 16x16 transpose, where the portable code
-/// moves the 144 values one by one (two thirds of its time, `perf`); it then
-/// computes the same sums in the same order, so U is the same bits.
-pub(crate) fn winograd_weights(w: &[f32], u: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd_weights` is compiled with (detected at run time), and
-        // the function is otherwise safe.
-        unsafe {
-            x16::winograd_weights(w, u)
-        };
-        return;
+multiversion! {
+    /// [`winograd_weights`] for F(4x4, 3x3) in portable code (see `winograd4_weights_body`).
+    fn winograd4_weights_portable(w: &[f32], u: &mut [&mut [f32]]) => winograd4_weights_body;
+}
+
+/// Winograd's weight transform in `tiling` (see `winograd_weights_body` and
+/// `winograd4_weights_body`, the portable code). With AVX-512,
+/// [`x16::winograd_weights`] (and [`x16::winograd4_weights`]) gathers each
+/// tap of sixteen kernels into a vector with one 16x16 transpose, where the
+/// portable code moves the 144 values one by one (two thirds of its time,
+/// `perf`); it then computes the same sums in the same order, so U is the
+/// same bits.
+pub(crate) fn winograd_weights(tiling: Tiling, w: &[f32], u: &mut [&mut [f32]]) {
+    match tiling {
+        Tiling::F2 => {
+            x16_or_portable!(x16::winograd_weights(w, u), winograd_weights_portable(w, u))
+        }
+        Tiling::F4 => {
+            x16_or_portable!(
+                x16::winograd4_weights(w, u),
+                winograd4_weights_portable(w, u)
+            )
+        }
     }
-    winograd_weights_portable(w, u);
 }
 
 multiversion! {
-    /// [`winograd_input`] in portable code (see `winograd_input_body`).
+    /// [`winograd_input`] for F(2x2, 3x3) in portable code (see `winograd_input_body`).
     fn winograd_input_portable(
         source: &TileSource<'_>,
         tile_row: usize,
@@ -950,114 +971,8 @@ multiversion! {
     ) => winograd_input_body;
 }
 
-/// Winograd's input transform of one tile row (see `winograd_input_body`,
-/// the portable code, whose sums this computes in the same order, so V is
-/// the same bits). With AVX-512, [`x16::winograd_input`] takes sixteen tiles
-/// at a time, each row's cells split into even and odd ones in registers;
-/// LLVM compiled the portable loops, rows of 7-28 tiles, into scalar and
-/// four-lane code. With both transforms so written, three 3x3 Convs in a
-/// row, at one and two threads (Intel Xeon, `bench/ab.py`, 3 rounds): 64
-/// channels at 56x56 4.89 → 3.93 ms and 2.86 → 2.29, 128 at 28x28 0.87 and
-/// 0.87 as long, 256 at 14x14 0.92; ResNet-18 0.93 and 0.95 as long (5
-/// rounds), VGG-16 0.95 and 0.93 (2).
-pub(crate) fn winograd_input(
-    source: &TileSource<'_>,
-    tile_row: usize,
-    tiles: usize,
-    v: &mut [f32],
-    stride: usize,
-    scratch: &mut Vec<f32>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd_input` is compiled with (detected at run time), and
-        // the function is otherwise safe.
-        unsafe {
-            x16::winograd_input(source, tile_row, tiles, v, stride, scratch)
-        };
-        return;
-    }
-    winograd_input_portable(source, tile_row, tiles, v, stride, scratch);
-}
-
 multiversion! {
-    /// [`winograd_output`] in portable code (see `winograd_output_body`).
-    fn winograd_output_portable(
-        p: &[f32],
-        stride: usize,
-        tiles: usize,
-        out: OutputRows<'_>,
-        scratch: &mut Vec<f32>,
-    ) => winograd_output_body;
-}
-
-/// Winograd's output transform of one band of tile rows (see
-/// `winograd_output_body`, the portable code, whose sums this computes in
-/// the same order). With AVX-512, [`x16::winograd_output`] takes sixteen
-/// tiles of a tile row at a time and interleaves each output row's cells in
-/// registers.
-pub(crate) fn winograd_output(
-    p: &[f32],
-    stride: usize,
-    tiles: usize,
-    out: OutputRows<'_>,
-    scratch: &mut Vec<f32>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd_output` is compiled with (detected at run time), and
-        // the function is otherwise safe.
-        unsafe {
-            x16::winograd_output(p, stride, tiles, out)
-        };
-        return;
-    }
-    winograd_output_portable(p, stride, tiles, out, scratch);
-}
-
-/// True when F(4x4, 3x3) pays against F(2x2, 3x3) on this CPU: where its
-/// transforms ([`winograd4_input`], [`winograd4_output`],
-/// [`winograd4_weights`]) run as AVX-512 kernels, or as the portable code
-/// compiled for AVX2. With AVX-512's kernels swapped for the portable
-/// code's AVX2 build (a temporary switch; the GEMMs kept AVX-512), F(4x4,
-/// 3x3) against F(2x2, 3x3), three 3x3 Convs in a row at one and two
-/// threads (Intel Xeon, `bench/ab.py`, 3 rounds): 64 channels at 56x56
-/// 0.884x and 0.929x as long, 128 at 28x28 0.983x and 0.867x, 256 at 56x56
-/// 0.843x and 0.792x. Without AVX2, not measured: F(2x2, 3x3) only.
-pub(crate) fn winograd4_pays() -> bool {
-    cfg!(target_arch = "x86_64") && isa() != Isa::Baseline
-}
-
-multiversion! {
-    /// [`winograd4_weights`] in portable code (see `winograd4_weights_body`).
-    fn winograd4_weights_portable(w: &[f32], u: &mut [&mut [f32]]) => winograd4_weights_body;
-}
-
-/// F(4x4, 3x3)'s weight transform (see `winograd4_weights_body`, the
-/// portable code, whose sums this computes in the same order). With
-/// AVX-512, [`x16::winograd4_weights`] takes sixteen kernels at a time, as
-/// [`winograd_weights`] does.
-pub(crate) fn winograd4_weights(w: &[f32], u: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd4_weights` is compiled with (detected at run time),
-        // and the function is otherwise safe.
-        unsafe {
-            x16::winograd4_weights(w, u)
-        };
-        return;
-    }
-    winograd4_weights_portable(w, u);
-}
-
-multiversion! {
-    /// [`winograd4_input`] in portable code (see `winograd4_input_body`).
+    /// [`winograd_input`] for F(4x4, 3x3) in portable code (see `winograd4_input_body`).
     fn winograd4_input_portable(
         source: &TileSource<'_>,
         tile_row: usize,
@@ -1068,11 +983,20 @@ multiversion! {
     ) => winograd4_input_body;
 }
 
-/// F(4x4, 3x3)'s input transform of one tile row (see
-/// `winograd4_input_body`, the portable code, whose sums this computes in
-/// the same order). With AVX-512, [`x16::winograd4_input`] takes sixteen
-/// tiles at a time, each combined row's cells split four ways in registers.
-pub(crate) fn winograd4_input(
+/// Winograd's input transform of one tile row in `tiling` (see
+/// `winograd_input_body` and `winograd4_input_body`, the portable code,
+/// whose sums this computes in the same order, so V is the same bits). With
+/// AVX-512, [`x16::winograd_input`] takes sixteen tiles at a time, each
+/// row's cells split into even and odd ones in registers
+/// ([`x16::winograd4_input`]: four ways); LLVM compiled the portable loops,
+/// rows of 7-28 tiles, into scalar and four-lane code. With F(2x2, 3x3)'s
+/// transforms so written, three 3x3 Convs in a row, at one and two threads
+/// (Intel Xeon, `bench/ab.py`, 3 rounds): 64 channels at 56x56 4.89 → 3.93
+/// ms and 2.86 → 2.29, 128 at 28x28 0.87 and 0.87 as long, 256 at 14x14
+/// 0.92; ResNet-18 0.93 and 0.95 as long (5 rounds), VGG-16 0.95 and 0.93
+/// (2).
+pub(crate) fn winograd_input(
+    tiling: Tiling,
     source: &TileSource<'_>,
     tile_row: usize,
     tiles: usize,
@@ -1080,22 +1004,31 @@ pub(crate) fn winograd4_input(
     stride: usize,
     scratch: &mut Vec<f32>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd4_input` is compiled with (detected at run time), and
-        // the function is otherwise safe.
-        unsafe {
-            x16::winograd4_input(source, tile_row, tiles, v, stride, scratch)
-        };
-        return;
+    match tiling {
+        Tiling::F2 => x16_or_portable!(
+            x16::winograd_input(source, tile_row, tiles, v, stride, scratch),
+            winograd_input_portable(source, tile_row, tiles, v, stride, scratch)
+        ),
+        Tiling::F4 => x16_or_portable!(
+            x16::winograd4_input(source, tile_row, tiles, v, stride, scratch),
+            winograd4_input_portable(source, tile_row, tiles, v, stride, scratch)
+        ),
     }
-    winograd4_input_portable(source, tile_row, tiles, v, stride, scratch);
 }
 
 multiversion! {
-    /// [`winograd4_output`] in portable code (see `winograd4_output_body`).
+    /// [`winograd_output`] for F(2x2, 3x3) in portable code (see `winograd_output_body`).
+    fn winograd_output_portable(
+        p: &[f32],
+        stride: usize,
+        tiles: usize,
+        out: OutputRows<'_>,
+        scratch: &mut Vec<f32>,
+    ) => winograd_output_body;
+}
+
+multiversion! {
+    /// [`winograd_output`] for F(4x4, 3x3) in portable code (see `winograd4_output_body`).
     fn winograd4_output_portable(
         p: &[f32],
         stride: usize,
@@ -1105,30 +1038,42 @@ multiversion! {
     ) => winograd4_output_body;
 }
 
-/// F(4x4, 3x3)'s output transform of one band of tile rows (see
-/// `winograd4_output_body`, the portable code, whose sums this computes in
-/// the same order). With AVX-512, [`x16::winograd4_output`] takes sixteen
-/// tiles of a tile row at a time and interleaves each output row's four
-/// cells per tile in registers.
-pub(crate) fn winograd4_output(
+/// Winograd's output transform of one band of tile rows in `tiling` (see
+/// `winograd_output_body` and `winograd4_output_body`, the portable code,
+/// whose sums this computes in the same order). With AVX-512,
+/// [`x16::winograd_output`] (and [`x16::winograd4_output`]) takes sixteen
+/// tiles of a tile row at a time and interleaves each output row's cells in
+/// registers.
+pub(crate) fn winograd_output(
+    tiling: Tiling,
     p: &[f32],
     stride: usize,
     tiles: usize,
     out: OutputRows<'_>,
     scratch: &mut Vec<f32>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        #[allow(unsafe_code)]
-        // SAFETY: `isa` returns `Avx512` only when the CPU has every feature
-        // `x16::winograd4_output` is compiled with (detected at run time),
-        // and the function is otherwise safe.
-        unsafe {
-            x16::winograd4_output(p, stride, tiles, out)
-        };
-        return;
+    match tiling {
+        Tiling::F2 => x16_or_portable!(
+            x16::winograd_output(p, stride, tiles, out),
+            winograd_output_portable(p, stride, tiles, out, scratch)
+        ),
+        Tiling::F4 => x16_or_portable!(
+            x16::winograd4_output(p, stride, tiles, out),
+            winograd4_output_portable(p, stride, tiles, out, scratch)
+        ),
     }
-    winograd4_output_portable(p, stride, tiles, out, scratch);
+}
+
+/// True when F(4x4, 3x3) pays against F(2x2, 3x3) on this CPU: where its
+/// transforms run as AVX-512 kernels, or as the portable code compiled for
+/// AVX2. With AVX-512's kernels swapped for the portable code's AVX2 build
+/// (a temporary switch; the GEMMs kept AVX-512), F(4x4, 3x3) against F(2x2,
+/// 3x3), three 3x3 Convs in a row at one and two threads (Intel Xeon,
+/// `bench/ab.py`, 3 rounds): 64 channels at 56x56 0.884x and 0.929x as long,
+/// 128 at 28x28 0.983x and 0.867x, 256 at 56x56 0.843x and 0.792x. Without
+/// AVX2, not measured: F(2x2, 3x3) only.
+pub(crate) fn winograd4_pays() -> bool {
+    cfg!(target_arch = "x86_64") && isa() != Isa::Baseline
 }
 
 /// Partial sums of [`dot`], [`dots4`] and [`sum`]: enough to vectorise
@@ -1467,8 +1412,8 @@ mod x16 {
     use super::{OnePlane, Pointwise, Sixteen};
     use crate::graph::Activation;
     use crate::ops::{
-        Arith, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, bias_activate_body,
-        bias_add_activate_body, clip, f4_input, f4_output, f4_weights, relu,
+        Arith, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, clip, f4_input, f4_output,
+        f4_weights, relu,
     };
 
     /// [`with_vector_activation`] on AVX-512 vectors.
@@ -1661,10 +1606,7 @@ mod x16 {
                 }
             }
         }
-        match out.residual {
-            Some(r) => bias_add_activate_body::<true>(out.rows, out.bias, r, out.activation),
-            None => bias_activate_body::<true>(out.rows, out.bias, out.activation),
-        }
+        out.finish::<true>();
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -1977,6 +1919,28 @@ mod x16 {
     /// 0.978x and 0.975x. Eight steps ahead read 1.01-1.02x against four.
     const WEIGHTS_AHEAD: usize = 4;
 
+    /// Kernels `first..first + n` (`n` at most 16) of `w` (nine taps each)
+    /// as `taps[k]`: tap `k` of each kernel in its lane (zero past `n`);
+    /// and a request for the kernels [`WEIGHTS_AHEAD`] steps on.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn taps_of_sixteen(w: &[f32], first: usize, n: usize) -> [__m512; 16] {
+        // The kernels WEIGHTS_AHEAD steps on, nine cache lines: a hint,
+        // which reads no value and never faults, past the end too.
+        let ahead = w.as_ptr().wrapping_add((first + 16 * WEIGHTS_AHEAD) * 9);
+        for line in 0..9 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
+        }
+        let mut rows = [_mm512_setzero_ps(); 16];
+        for (row, kernel) in rows
+            .iter_mut()
+            .zip(w[first * 9..(first + n) * 9].chunks_exact(9))
+        {
+            *row = load(kernel);
+        }
+        transpose(rows)
+    }
+
     /// [`super::winograd_weights`]: sixteen kernels at a time, each loaded
     /// whole (nine lanes), transposed so that each tap is one vector over the
     /// kernels, then `G g G^T` as `winograd_weights_body` computes it.
@@ -1995,21 +1959,7 @@ mod x16 {
         };
         for first in (0..pairs).step_by(16) {
             let n = (pairs - first).min(16);
-            // The kernels WEIGHTS_AHEAD steps on, nine cache lines: a hint,
-            // which reads no value and never faults, past the end too.
-            let ahead = w.as_ptr().wrapping_add((first + 16 * WEIGHTS_AHEAD) * 9);
-            for line in 0..9 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
-            }
-            let mut rows = [_mm512_setzero_ps(); 16];
-            for (row, kernel) in rows
-                .iter_mut()
-                .zip(w[first * 9..(first + n) * 9].chunks_exact(9))
-            {
-                *row = load(kernel);
-            }
-            // taps[k]: tap k of the sixteen kernels.
-            let taps = transpose(rows);
+            let taps = taps_of_sixteen(w, first, n);
             // G g: four rows of three.
             let gg: [[__m512; 4]; 3] =
                 std::array::from_fn(|j| g(taps[j], taps[3 + j], taps[6 + j]));
@@ -2033,7 +1983,7 @@ mod x16 {
         )
     }
 
-    /// [`super::winograd4_weights`]: sixteen kernels at a time, transposed
+    /// [`super::winograd_weights`] for F(4x4, 3x3): sixteen kernels at a time, transposed
     /// as in [`winograd_weights`], then `G g G^T` as
     /// `winograd4_weights_body` computes it.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -2042,18 +1992,7 @@ mod x16 {
         let pairs = w.len() / 9;
         for first in (0..pairs).step_by(16) {
             let n = (pairs - first).min(16);
-            let ahead = w.as_ptr().wrapping_add((first + 16 * WEIGHTS_AHEAD) * 9);
-            for line in 0..9 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * line).cast());
-            }
-            let mut rows = [_mm512_setzero_ps(); 16];
-            for (row, kernel) in rows
-                .iter_mut()
-                .zip(w[first * 9..(first + n) * 9].chunks_exact(9))
-            {
-                *row = load(kernel);
-            }
-            let taps = transpose(rows);
+            let taps = taps_of_sixteen(w, first, n);
             let columns: [[__m512; 6]; 3] =
                 std::array::from_fn(|j| f4_weights(&ops, [taps[j], taps[3 + j], taps[6 + j]]));
             for r in 0..6 {
@@ -2065,7 +2004,7 @@ mod x16 {
         }
     }
 
-    /// [`super::winograd4_input`]: the six input rows copied with their
+    /// [`super::winograd_input`] for F(4x4, 3x3): the six input rows copied with their
     /// padding (and zeros up to what the last block of sixteen tiles
     /// reads), then per block B^T over the rows' raw cells (five vectors
     /// each), a split of each combined row's cells by their column modulo
@@ -2133,7 +2072,7 @@ mod x16 {
         }
     }
 
-    /// [`super::winograd4_output`]: per tile row of the band and block of
+    /// [`super::winograd_output`] for F(4x4, 3x3): per tile row of the band and block of
     /// sixteen tiles, A^T over the block's 36 products, then for each of
     /// its four output rows A over those and the four cells of every tile
     /// interleaved (two permutes deep) into a row of 64; the bias, residual
@@ -2180,10 +2119,7 @@ mod x16 {
                 }
             }
         }
-        match out.residual {
-            Some(r) => bias_add_activate_body::<true>(out.rows, out.bias, r, out.activation),
-            None => bias_activate_body::<true>(out.rows, out.bias, out.activation),
-        }
+        out.finish::<true>();
     }
 
     /// Output channels [`pointwise`] sums at once: six vectors of sums per
@@ -3664,32 +3600,52 @@ mod tests {
         #[test]
         fn dispatched_winograd_weights_match_the_portable_ones_bit_for_bit(
             pairs in 0usize..70,
+            f4: bool,
             nan in proptest::option::of(0usize..700),
             seed in 0usize..1000,
         ) {
+            type Weights = fn(&[f32], &mut [&mut [f32]]);
+            let (tiling, portable, dispatched): (_, Weights, Weights) = match f4 {
+                false => (Tiling::F2, winograd_weights_portable, |w, u| {
+                    winograd_weights(Tiling::F2, w, u)
+                }),
+                true => (Tiling::F4, winograd4_weights_portable, |w, u| {
+                    winograd_weights(Tiling::F4, w, u)
+                }),
+            };
             // Fractions, so that the order of the sums shows in the bits.
             let mut w = fractions(9 * pairs, seed);
             if let (Some(at), false) = (nan, w.is_empty()) {
                 let len = w.len();
                 w[at % len] = f32::NAN;
             }
-            let transform = |f: fn(&[f32], &mut [&mut [f32]])| -> Vec<u32> {
-                let mut u = vec![7.0f32; 16 * pairs];
+            let transform = |f: Weights| -> Vec<u32> {
+                let mut u = vec![7.0f32; tiling.cells() * pairs];
                 let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs.max(1)).collect();
                 f(&w, &mut slices);
                 nan_blind_bits(&u)
             };
-            proptest::prop_assert_eq!(transform(winograd_weights), transform(winograd_weights_portable));
+            proptest::prop_assert_eq!(transform(dispatched), transform(portable));
         }
 
         #[test]
         fn dispatched_winograd_input_matches_the_portable_one_bit_for_bit(
-            (width, height) in (1usize..80, 1usize..8),
+            (width, height) in (1usize..90, 1usize..12),
             (pad_top, pad_left) in (0usize..3, 0usize..3),
             (tile_row, tiles, gap) in (0usize..5, 1usize..45, 0usize..20),
+            f4: bool,
             nan in proptest::option::of(0usize..700),
             seed in 0usize..1000,
         ) {
+            type Input = fn(&TileSource<'_>, usize, usize, &mut [f32], usize, &mut Vec<f32>);
+            let (tiling, portable, dispatched): (_, Input, Input) = match f4 {
+                false => (Tiling::F2, winograd_input_portable, |s, r, t, v, k, x| {
+                    winograd_input(Tiling::F2, s, r, t, v, k, x)
+                }),
+                true => (Tiling::F4, winograd4_input_portable, |s, r, t, v, k, x| {
+                    winograd_input(Tiling::F4, s, r, t, v, k, x)
+                }),
+            };
             let mut plane = fractions(width * height, seed);
             if let Some(at) = nan {
                 let len = plane.len();
@@ -3697,36 +3653,48 @@ mod tests {
             }
             let source = TileSource { plane: &plane, width, pad_top, pad_left };
             let stride = tiles + gap;
-            let transform = |f: fn(&TileSource<'_>, usize, usize, &mut [f32], usize, &mut Vec<f32>)| {
-                let mut v = vec![7.0f32; 16 * stride];
+            let transform = |f: Input| {
+                let mut v = vec![7.0f32; tiling.cells() * stride];
                 // Scratch left dirty by an earlier call changes nothing.
                 let mut scratch = vec![f32::NAN; 50];
                 f(&source, tile_row, tiles, &mut v, stride, &mut scratch);
                 nan_blind_bits(&v)
             };
-            proptest::prop_assert_eq!(transform(winograd_input), transform(winograd_input_portable));
+            proptest::prop_assert_eq!(transform(dispatched), transform(portable));
         }
 
         #[test]
         fn dispatched_winograd_output_matches_the_portable_one_bit_for_bit(
-            (width, tile_rows, odd) in (1usize..80, 1usize..4, proptest::bool::ANY),
+            (width, tile_rows, short) in (1usize..80, 1usize..4, 0usize..4),
             gap in 0usize..20,
+            f4: bool,
             (activation, with_residual) in (0usize..3, proptest::bool::ANY),
             nan in proptest::option::of(0usize..5000),
             seed in 0usize..1000,
         ) {
-            let tiles = tile_rows * width.div_ceil(2);
+            type Output = fn(&[f32], usize, usize, OutputRows<'_>, &mut Vec<f32>);
+            let (tiling, portable, dispatched): (_, Output, Output) = match f4 {
+                false => (Tiling::F2, winograd_output_portable, |p, k, t, o, x| {
+                    winograd_output(Tiling::F2, p, k, t, o, x)
+                }),
+                true => (Tiling::F4, winograd4_output_portable, |p, k, t, o, x| {
+                    winograd_output(Tiling::F4, p, k, t, o, x)
+                }),
+            };
+            let size = tiling.size();
+            let tiles = tile_rows * width.div_ceil(size);
             let stride = tiles + gap;
-            let mut p = fractions(16 * stride, seed);
+            let mut p = fractions(tiling.cells() * stride, seed);
             if let Some(at) = nan {
                 let len = p.len();
                 p[at % len] = f32::NAN;
             }
-            // An odd height leaves the last tile row one output row.
-            let rows = 2 * tile_rows - usize::from(odd);
+            // A height that is not a multiple leaves the last tile row fewer
+            // output rows.
+            let rows = size * tile_rows - short % size;
             let residual = fractions(rows * width, seed + 1);
             let (_, _, activation) = depthwise_case(1, None, seed, activation);
-            let transform = |f: fn(&[f32], usize, usize, OutputRows<'_>, &mut Vec<f32>)| {
+            let transform = |f: Output| {
                 let mut y = vec![f32::NAN; rows * width];
                 let out = OutputRows {
                     rows: &mut y,
@@ -3738,68 +3706,7 @@ mod tests {
                 f(&p, stride, tiles, out, &mut Vec::new());
                 nan_blind_bits(&y)
             };
-            proptest::prop_assert_eq!(transform(winograd_output), transform(winograd_output_portable));
-        }
-
-        #[test]
-        fn dispatched_winograd4_transforms_match_the_portable_ones_bit_for_bit(
-            pairs in 0usize..40,
-            (width, height) in (1usize..90, 1usize..12),
-            (pad_top, pad_left) in (0usize..3, 0usize..3),
-            (tile_row, tiles, gap) in (0usize..3, 1usize..40, 0usize..20),
-            (tile_rows, activation, with_residual) in (1usize..4, 0usize..3, proptest::bool::ANY),
-            nan in proptest::option::of(0usize..5000),
-            seed in 0usize..1000,
-        ) {
-            // Fractions, so that the order of the sums shows in the bits;
-            // a NaN, so that no lane is left out.
-            let with_nan = |mut values: Vec<f32>| {
-                if let (Some(at), false) = (nan, values.is_empty()) {
-                    let len = values.len();
-                    values[at % len] = f32::NAN;
-                }
-                values
-            };
-            let w = with_nan(fractions(9 * pairs, seed));
-            let weights = |f: fn(&[f32], &mut [&mut [f32]])| -> Vec<u32> {
-                let mut u = vec![7.0f32; 36 * pairs];
-                let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs.max(1)).collect();
-                f(&w, &mut slices);
-                nan_blind_bits(&u)
-            };
-            proptest::prop_assert_eq!(weights(winograd4_weights), weights(winograd4_weights_portable));
-
-            let plane = with_nan(fractions(width * height, seed + 1));
-            let source = TileSource { plane: &plane, width, pad_top, pad_left };
-            let stride = tiles + gap;
-            let input = |f: fn(&TileSource<'_>, usize, usize, &mut [f32], usize, &mut Vec<f32>)| {
-                let mut v = vec![7.0f32; 36 * stride];
-                let mut scratch = vec![f32::NAN; 50];
-                f(&source, tile_row, tiles, &mut v, stride, &mut scratch);
-                nan_blind_bits(&v)
-            };
-            proptest::prop_assert_eq!(input(winograd4_input), input(winograd4_input_portable));
-
-            // A band of whole tile rows but the last, which keeps 1-4 rows.
-            let tiles = tile_rows * width.div_ceil(4);
-            let stride = tiles + gap;
-            let p = with_nan(fractions(36 * stride, seed + 2));
-            let rows = 4 * (tile_rows - 1) + 1 + seed % 4;
-            let residual = fractions(rows * width, seed + 3);
-            let (_, _, activation) = depthwise_case(1, None, seed, activation);
-            let output = |f: fn(&[f32], usize, usize, OutputRows<'_>, &mut Vec<f32>)| {
-                let mut y = vec![f32::NAN; rows * width];
-                let out = OutputRows {
-                    rows: &mut y,
-                    width,
-                    bias: 0.25,
-                    residual: with_residual.then_some(&residual[..]),
-                    activation,
-                };
-                f(&p, stride, tiles, out, &mut Vec::new());
-                nan_blind_bits(&y)
-            };
-            proptest::prop_assert_eq!(output(winograd4_output), output(winograd4_output_portable));
+            proptest::prop_assert_eq!(transform(dispatched), transform(portable));
         }
 
         #[test]

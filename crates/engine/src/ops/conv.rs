@@ -60,7 +60,7 @@ use crate::threads::{for_each_chunk, for_each_task};
 
 pub(crate) use direct::{BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, direct_row_body};
 pub(crate) use winograd::{
-    Arith, OutputRows, TileSource, f4_input, f4_output, f4_weights, winograd_input_body,
+    Arith, OutputRows, TileSource, Tiling, f4_input, f4_output, f4_weights, winograd_input_body,
     winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
     winograd4_weights_body,
 };

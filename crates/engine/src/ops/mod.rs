@@ -20,9 +20,10 @@ use std::ops::RangeInclusive;
 
 pub(crate) use conv::spends as conv_spends;
 pub(crate) use conv::{
-    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, depthwise3x3_body,
-    direct_row_body, f4_input, f4_output, f4_weights, winograd_input_body, winograd_output_body,
-    winograd_weights_body, winograd4_input_body, winograd4_output_body, winograd4_weights_body,
+    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, Tiling,
+    depthwise3x3_body, direct_row_body, f4_input, f4_output, f4_weights, winograd_input_body,
+    winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
+    winograd4_weights_body,
 };
 pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body, clip, relu};
 pub(crate) use pool::max_by_rows_body;

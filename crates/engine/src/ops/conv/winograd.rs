@@ -168,42 +168,6 @@ impl Tiling {
             Tiling::F4 => 36,
         }
     }
-
-    fn weights(self, w: &[f32], u: &mut [&mut [f32]]) {
-        match self {
-            Tiling::F2 => kernels::winograd_weights(w, u),
-            Tiling::F4 => kernels::winograd4_weights(w, u),
-        }
-    }
-
-    fn input(
-        self,
-        source: &TileSource<'_>,
-        tile_row: usize,
-        tiles: usize,
-        v: &mut [f32],
-        stride: usize,
-        scratch: &mut Vec<f32>,
-    ) {
-        match self {
-            Tiling::F2 => kernels::winograd_input(source, tile_row, tiles, v, stride, scratch),
-            Tiling::F4 => kernels::winograd4_input(source, tile_row, tiles, v, stride, scratch),
-        }
-    }
-
-    fn output(
-        self,
-        p: &[f32],
-        stride: usize,
-        tiles: usize,
-        out: OutputRows<'_>,
-        scratch: &mut Vec<f32>,
-    ) {
-        match self {
-            Tiling::F2 => kernels::winograd_output(p, stride, tiles, out, scratch),
-            Tiling::F4 => kernels::winograd4_output(p, stride, tiles, out, scratch),
-        }
-    }
 }
 
 /// Fewest tiles of F(4x4, 3x3) per image for which it is used, where its
@@ -442,7 +406,8 @@ fn by_blocks(
                 for (j, v) in block.chunks_mut(cells * tiles).enumerate() {
                     let source = TileSource::of(geo, &x[(i * per + j) * in_plane..][..in_plane]);
                     for row in 0..tile_rows {
-                        tiling.input(
+                        kernels::winograd_input(
+                            tiling,
                             &source,
                             row,
                             tile_cols,
@@ -513,7 +478,14 @@ fn by_blocks(
                                 .map(|r| &r[(n * m + channel) * out_plane..][..out_plane]),
                             activation: geo.activation,
                         };
-                        tiling.output(&p[j * tiles..], len * tiles, tiles, out, &mut scratch.rows);
+                        kernels::winograd_output(
+                            tiling,
+                            &p[j * tiles..],
+                            len * tiles,
+                            tiles,
+                            out,
+                            &mut scratch.rows,
+                        );
                     }
                 }
             }
@@ -537,7 +509,7 @@ fn transform_block(tiling: Tiling, w: &mut Kernels<'_>, range: Range<usize>, u: 
     match w {
         Kernels::Read(w) => {
             let mut slices: Vec<&mut [f32]> = u.chunks_mut(pairs).collect();
-            tiling.weights(&w[range], &mut slices);
+            kernels::winograd_weights(tiling, &w[range], &mut slices);
         }
         Kernels::Spend(w) => {
             for first in (0..pairs).step_by(SPEND_PIECE) {
@@ -545,7 +517,7 @@ fn transform_block(tiling: Tiling, w: &mut Kernels<'_>, range: Range<usize>, u: 
                 let mut slices: Vec<&mut [f32]> =
                     u.chunks_mut(pairs).map(|s| &mut s[first..last]).collect();
                 let piece = &mut w[range.start + 9 * first..range.start + 9 * last];
-                tiling.weights(piece, &mut slices);
+                kernels::winograd_weights(tiling, piece, &mut slices);
                 piece.fill(0.0);
             }
         }
@@ -564,7 +536,7 @@ fn transform_weights(tiling: Tiling, w: &[f32], u: &mut [f32], pairs: usize) {
     let per = pairs.div_ceil(parts).max(1);
     let work = split_rows(u, pairs, pairs, per, |range| range.len());
     for_each_task(work, |(range, mut slices)| {
-        tiling.weights(&w[range.start * 9..range.end * 9], &mut slices);
+        kernels::winograd_weights(tiling, &w[range.start * 9..range.end * 9], &mut slices);
     });
 }
 
@@ -613,7 +585,15 @@ impl Layer<'_> {
             let source = TileSource::of(geo, plane);
             for (i, row) in band.clone().enumerate() {
                 let start = channel * tiles + i * tile_cols;
-                tiling.input(&source, row, tile_cols, &mut v[start..], c * tiles, scratch);
+                kernels::winograd_input(
+                    tiling,
+                    &source,
+                    row,
+                    tile_cols,
+                    &mut v[start..],
+                    c * tiles,
+                    scratch,
+                );
             }
         }
         for xi in 0..cells {
@@ -637,7 +617,14 @@ impl Layer<'_> {
                     .map(|r| &r[channel * geo.out_plane() + first..][..len]),
                 activation: geo.activation,
             };
-            tiling.output(&p[channel * tiles..], m * tiles, tiles, out, scratch);
+            kernels::winograd_output(
+                tiling,
+                &p[channel * tiles..],
+                m * tiles,
+                tiles,
+                out,
+                scratch,
+            );
         }
     }
 }
@@ -703,6 +690,42 @@ pub(crate) struct OutputRows<'a> {
     pub activation: Activation,
 }
 
+/// Kernels `first..first + n` (`n` at most [`LANES`]) of `w` (nine taps
+/// each) as `g[k][l]`: tap `k` of kernel `first + l` (zero past `n`).
+#[inline(always)]
+fn taps_of_lanes(w: &[f32], first: usize, n: usize) -> [[f32; LANES]; 9] {
+    let mut g = [[0.0f32; LANES]; 9];
+    for (l, kernel) in w[first * 9..(first + n) * 9].chunks_exact(9).enumerate() {
+        for (k, &tap) in kernel.iter().enumerate() {
+            g[k][l] = tap;
+        }
+    }
+    g
+}
+
+/// `values[..n]` into `dst[..n]`: a copy of constant length (a few moves,
+/// not a call) when `n` is [`LANES`].
+#[inline(always)]
+fn store_lanes(dst: &mut [f32], values: &[f32; LANES], n: usize) {
+    if n == LANES {
+        dst[..LANES].copy_from_slice(values);
+    } else {
+        dst[..n].copy_from_slice(&values[..n]);
+    }
+}
+
+impl OutputRows<'_> {
+    /// Adds the bias (and the residual) to the transformed rows, then
+    /// applies the activation: the output transforms' last step.
+    #[inline(always)]
+    pub(crate) fn finish<const FMA: bool>(self) {
+        match self.residual {
+            Some(r) => bias_add_activate_body::<FMA>(self.rows, self.bias, r, self.activation),
+            None => bias_activate_body::<FMA>(self.rows, self.bias, self.activation),
+        }
+    }
+}
+
 /// Transforms 3x3 kernels into the 16 matrices of U: `w` holds `pairs`
 /// kernels of 9 weights (row-major, in `[M, C]` order), and `u` 16 slices
 /// of `pairs` cells: `u[xi][p] = (G g_p G^T)[xi]`.
@@ -711,13 +734,7 @@ pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [f
     let pairs = w.len() / 9;
     for first in (0..pairs).step_by(LANES) {
         let n = LANES.min(pairs - first);
-        // g[k][l]: tap k of kernel first + l.
-        let mut g = [[0.0f32; LANES]; 9];
-        for (l, kernel) in w[first * 9..(first + n) * 9].chunks_exact(9).enumerate() {
-            for (k, &tap) in kernel.iter().enumerate() {
-                g[k][l] = tap;
-            }
-        }
+        let g = taps_of_lanes(w, first, n);
         // G g: four rows of three.
         let mut gg = [[[0.0f32; LANES]; 3]; 4];
         for j in 0..3 {
@@ -740,12 +757,7 @@ pub(crate) fn winograd_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [f
                 out[3][l] = c;
             }
             for (j, values) in out.iter().enumerate() {
-                let dst = &mut u[4 * r + j][first..];
-                if n == LANES {
-                    dst[..LANES].copy_from_slice(values);
-                } else {
-                    dst[..n].copy_from_slice(&values[..n]);
-                }
+                store_lanes(&mut u[4 * r + j][first..], values, n);
             }
         }
     }
@@ -863,10 +875,7 @@ pub(crate) fn winograd_output_body<const FMA: bool>(
             *cell = s0[n] + s1[n] + s2[n];
         }
     }
-    match out.residual {
-        Some(r) => bias_add_activate_body::<FMA>(out.rows, out.bias, r, out.activation),
-        None => bias_activate_body::<FMA>(out.rows, out.bias, out.activation),
-    }
+    out.finish::<FMA>();
 }
 
 /// The arithmetic the F(4x4, 3x3) transforms are written in, on one value
@@ -982,13 +991,7 @@ pub(crate) fn winograd4_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [
     let pairs = w.len() / 9;
     for first in (0..pairs).step_by(LANES) {
         let n = LANES.min(pairs - first);
-        // g[k][l]: tap k of kernel first + l.
-        let mut g = [[0.0f32; LANES]; 9];
-        for (l, kernel) in w[first * 9..(first + n) * 9].chunks_exact(9).enumerate() {
-            for (k, &tap) in kernel.iter().enumerate() {
-                g[k][l] = tap;
-            }
-        }
+        let g = taps_of_lanes(w, first, n);
         // G g: six rows of three, column by column.
         let mut columns = [[[0.0f32; LANES]; 6]; 3];
         for (j, column) in columns.iter_mut().enumerate() {
@@ -1009,13 +1012,7 @@ pub(crate) fn winograd4_weights_body<const FMA: bool>(w: &[f32], u: &mut [&mut [
                 }
             }
             for (j, values) in out.iter().enumerate() {
-                let dst = &mut u[6 * r + j][first..];
-                // A copy of constant length is a few moves, not a call.
-                if n == LANES {
-                    dst[..LANES].copy_from_slice(values);
-                } else {
-                    dst[..n].copy_from_slice(&values[..n]);
-                }
+                store_lanes(&mut u[6 * r + j][first..], values, n);
             }
         }
     }
@@ -1123,10 +1120,7 @@ pub(crate) fn winograd4_output_body<const FMA: bool>(
             last.copy_from_slice(&values[..last.len()]);
         }
     }
-    match out.residual {
-        Some(r) => bias_add_activate_body::<FMA>(out.rows, out.bias, r, out.activation),
-        None => bias_activate_body::<FMA>(out.rows, out.bias, out.activation),
-    }
+    out.finish::<FMA>();
 }
 
 /// `dst[t] = f(a[t], b[t])`.

@@ -349,10 +349,11 @@ fn compute(
 }
 
 /// Computes the Conv of `geo` block of output channels by block, for small
-/// images of many channels ([`by_blocks_fit`]): the input transform of every
-/// image first (V, split by channel planes over the threads), then, each
-/// thread taking a run of blocks, a block's U (its channels' kernels
-/// transformed into one buffer per thread, [`U_BLOCK_LEN`]), its 16 GEMMs
+/// images of many channels, or where a thread's band would be narrow
+/// ([`how`]): the input transform of every image first (V, split by channel
+/// planes over the threads), then, each thread taking a run of blocks, a
+/// block's U (its channels' kernels transformed into one buffer per
+/// thread, [`U_BLOCK_LEN`]), its GEMMs (one per cell of a transformed tile)
 /// for every image and its output transform.
 ///
 /// U is never whole in memory: where it was (transformed whole, then read
@@ -501,8 +502,9 @@ fn by_blocks(
 /// when they are spent: 18 KiB of them, still in cache.
 const SPEND_PIECE: usize = 512;
 
-/// U for the kernels of `w` at `range` (9 values each), into `u`'s 16
-/// slices of one cell per kernel; spent kernels are overwritten with zeros
+/// U for the kernels of `w` at `range` (9 values each), into `u`'s slices
+/// (one per cell of a transformed tile) of one value per kernel; spent
+/// kernels are overwritten with zeros
 /// [`SPEND_PIECE`] at a time, right after they are read.
 fn transform_block(tiling: Tiling, w: &mut Kernels<'_>, range: Range<usize>, u: &mut [f32]) {
     let pairs = range.len() / 9;
@@ -557,7 +559,8 @@ struct Layer<'a> {
 impl Layer<'_> {
     /// Computes the output rows of tile rows `band` into `segments` (one
     /// per output channel) from offset `at`: the input transform into the
-    /// scratch's columns, 16 GEMMs into its product, the output transform.
+    /// scratch's columns, a GEMM per cell of a transformed tile into its
+    /// product, the output transform.
     fn band(
         &self,
         band: Range<usize>,

@@ -36,13 +36,13 @@
 //!
 //! The weights are transformed on every call: whole, into a buffer of 16/9
 //! the weights' size (36/9 for F(4x4, 3x3)), for images cut into bands of
-//! tiles; a block of output
-//! channels at a time, into a buffer per thread, for small images of many
-//! channels ([`by_blocks`]; on one thread, only the smallest). Either buffer
-//! is zeroed before it is recycled. The transforms are written
-//! as loops that vectorise (over a row's tiles, or over [`LANES`] kernels);
-//! `kernels::winograd_*` compile them per instruction set, and on AVX-512
-//! take kernels of their own that compute the same bits.
+//! tiles; a block of output channels at a time, into a buffer per thread,
+//! for small images of many channels ([`by_blocks`]; on one thread, only
+//! the smallest). Either buffer is zeroed before it is recycled. The
+//! transforms are written as loops that vectorise (over a row's tiles, or
+//! over [`LANES`] kernels); `kernels::winograd_*` compile them per
+//! instruction set, and on AVX-512 take kernels of their own that compute
+//! the same bits.
 
 use std::ops::Range;
 
@@ -527,8 +527,8 @@ fn transform_block(tiling: Tiling, w: &mut Kernels<'_>, range: Range<usize>, u: 
 }
 
 /// U for the `pairs` kernels of `w`, into `u` (one matrix `[M, C]` per cell
-/// of a transformed tile): on
-/// every thread for large layers, each taking a range of kernels.
+/// of a transformed tile): on every thread for large layers, each taking a
+/// range of kernels.
 fn transform_weights(tiling: Tiling, w: &[f32], u: &mut [f32], pairs: usize) {
     let parts = if pairs >= WEIGHTS_PARALLEL_MIN {
         threads()

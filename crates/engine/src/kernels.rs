@@ -27,7 +27,7 @@
 //! the call of a `#[target_feature]` function, sound because the features
 //! were detected.
 //!
-//! Eleven kernels are written with `std::arch` intrinsics instead. The
+//! Twelve kernels are written with `std::arch` intrinsics instead. The
 //! sixteen-plane depthwise convolution ([`depthwise3x3_x16`]), for AVX-512
 //! (16x16 transposes) and for AVX2 (8x8), the one-plane depthwise
 //! convolutions at stride 2 ([`depthwise3x3_stride2`], AVX-512 and AVX2) and
@@ -40,12 +40,15 @@
 //! LLVM kept its twelve vectors of sums in memory; and the 1x1 Conv of few
 //! inputs or outputs ([`pointwise`], AVX-512), written with
 //! intrinsics from the start for its 24 vectors of sums and masked row
-//! tails (no portable version of it was tried). Their `unsafe` is that
+//! tails (no portable version of it was tried); and the product of a
+//! matrix and one vector ([`matrix_vector`], AVX-512), for its sixteen
+//! vectors of sums added up by one transpose. Their `unsafe` is that
 //! call, masked loads and stores whose masks
 //! cover exactly the slices they are given (AVX-512), whole-vector loads
 //! and stores of eight-element arrays (AVX2), and the direct row's loads of
 //! its taps' cells from a block of the input whose length is checked once
-//! per block of output cells, not once per tap.
+//! per block of output cells, not once per tap, as the matrix-vector
+//! product's are from rows sliced once per sixteen rows.
 //!
 //! [`zero_uncached`], which the enclave wipes large weight buffers with, is
 //! here for its non-temporal stores: each goes through an aligned reference
@@ -297,6 +300,22 @@ const APART_BELOW: usize = 64;
 /// alone 1.001x at one thread and 0.897x at two (4 rounds), ResNet-18 0.984x
 /// and 0.981x (6 rounds), MobileNetV2 0.991x and 1.009x (4). Not measured
 /// on AVX2, where up to 15 columns are left and up to 8 take this path.
+///
+/// On AVX-512 the one column left goes to [`matrix_vector`] instead. There the
+/// row-dot kernel took 3.9 % of the samples of three Winograd Convs of 256
+/// channels at 14x14 (49 tiles: each of its 16 GEMMs per block of output
+/// channels has one column left), and 14.4 % of a 512-channel 3x3 Conv at 7x7
+/// (`perf`, one thread); leaving the column out altogether made them 0.91x and
+/// 0.84x as long, ResNet-18 0.94x. With `matrix_vector` (`bench/ab.py`, 5
+/// rounds, against the row-dot kernel, Intel Xeon): the Winograd Convs 0.971x
+/// at one thread and 0.974x at two, the Conv at 7x7 0.980x and 1.013x,
+/// ResNet-18 0.996x and 0.980x, MobileNetV2 0.983x and 0.957x, each within a
+/// spread of about ±5 %. What is left is reading A a second time: from L2 for
+/// the Winograd GEMMs, from memory for the 9.4 MB of the Conv at 7x7. Cutting
+/// A into blocks of 1 MiB of rows, each multiplied by both the columns and
+/// the vector while in L2, made ResNet-18 1.016x as long at one thread and
+/// 0.981x at two (6 rounds), and was dropped; so was handing the transposed
+/// product to `gemm`, whose kernels then run along A's rows (1.44x).
 fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c: MatMut<'_>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let whole = n - n % BLOCK_COLUMNS;
@@ -316,6 +335,26 @@ fn last_columns_apart(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, beta: f32, mut c
         for (l, v) in row.iter_mut().enumerate() {
             *v = b.data[l * b.row_stride + (whole + j) * b.col_stride];
         }
+    }
+    // One column left (on AVX-512, see `apart`): A, whose rows are contiguous,
+    // times a vector.
+    let mut one_column = |first: usize, dots: &[f32]| {
+        for (i, &dot) in (first..).zip(dots) {
+            let y = &mut c.data[i * c.row_stride + whole];
+            *y = if beta == 0.0 {
+                alpha * dot
+            } else {
+                alpha * dot + beta * *y
+            };
+        }
+    };
+    if rest == 1
+        && a.col_stride == 1
+        && k > 0
+        && m > 0
+        && matrix_vector(a, &b_rest, &mut one_column)
+    {
+        return;
     }
     let mut c_rest = vec![0.0; rest * m];
     if beta != 0.0 {
@@ -866,6 +905,32 @@ pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 /// (0.34-0.48 without). Prefetching two or more blocks ahead was slower.
 pub(crate) fn pointwise(p: &Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
     on_avx512!(pointwise(p, rows) if true)
+}
+
+/// Hands to `out` the product of `a` (row-major: `col_stride` 1) and the vector `x`
+/// (as long as a row), sixteen rows at a time (`out(i, sums)` gets the sums of
+/// rows `i..i + sums.len()`), and returns true, where the CPU has AVX-512; returns
+/// false, touching nothing, elsewhere.
+///
+/// [`x16::matrix_vector`] reads sixteen rows at once, one vector of sums each,
+/// and adds each vector's lanes up once, at the end, with one transpose for the
+/// sixteen. It serves [`last_columns_apart`], whose products are a GEMM's last
+/// column: the row-dot kernel ([`dots_into`]) adds up each row's lanes on its
+/// own, and wants its rows and its output in vectors of their own.
+fn matrix_vector(a: MatRef<'_>, x: &[f32], out: &mut impl FnMut(usize, &[f32])) -> bool {
+    let k = x.len();
+    assert!(
+        a.col_stride == 1
+            && a.cols == k
+            && reach(a.rows, k, a.row_stride, 1).is_some_and(|r| r <= a.data.len()),
+        "a {}x{} matrix with strides {} and {} in {} values, by {k}",
+        a.rows,
+        a.cols,
+        a.row_stride,
+        a.col_stride,
+        a.data.len()
+    );
+    on_avx512!(matrix_vector(a, x, out) if true)
 }
 
 multiversion! {
@@ -2273,6 +2338,78 @@ mod x16 {
         }
     }
 
+    /// [`super::matrix_vector`]: for each sixteen rows
+    /// (the last block padded with its last row, whose sums are not handed
+    /// out), one vector of sums per row, sixteen lanes of `x` at a time, then
+    /// the sixteen vectors transposed and added up, lane `i` for row `i`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub(super) fn matrix_vector(
+        a: super::MatRef<'_>,
+        x: &[f32],
+        out: &mut impl FnMut(usize, &[f32]),
+    ) {
+        let k = x.len();
+        let whole = k - k % 16;
+        let row = |i: usize| &a.data[i * a.row_stride..][..k];
+        for first in (0..a.rows).step_by(16) {
+            let last = (a.rows - first).min(16) - 1;
+            let starts: [*const f32; 16] =
+                std::array::from_fn(|i| row(first + i.min(last)).as_ptr());
+            let mut sums = [_mm512_setzero_ps(); 16];
+            let mut at = 0;
+            while at < whole {
+                let xv = load(&x[at..at + 16]);
+                sums = std::array::from_fn(|i| {
+                    #[allow(unsafe_code)]
+                    // SAFETY: `starts[i]` begins a row of `k` values (sliced
+                    // above), and `at + 16 <= whole <= k`, so the load reads
+                    // sixteen values of it.
+                    let v = unsafe { _mm512_loadu_ps(starts[i].add(at)) };
+                    _mm512_fmadd_ps(v, xv, sums[i])
+                });
+                at += 16;
+            }
+            if whole < k {
+                let xv = load(&x[whole..]);
+                sums = std::array::from_fn(|i| {
+                    _mm512_fmadd_ps(load(&row(first + i.min(last))[whole..]), xv, sums[i])
+                });
+            }
+            let [
+                l0,
+                l1,
+                l2,
+                l3,
+                l4,
+                l5,
+                l6,
+                l7,
+                l8,
+                l9,
+                l10,
+                l11,
+                l12,
+                l13,
+                l14,
+                l15,
+            ] = transpose(sums);
+            let add = _mm512_add_ps;
+            let total = add(
+                add(
+                    add(add(l0, l8), add(l4, l12)),
+                    add(add(l2, l10), add(l6, l14)),
+                ),
+                add(
+                    add(add(l1, l9), add(l5, l13)),
+                    add(add(l3, l11), add(l7, l15)),
+                ),
+            );
+            let mut lanes = [0.0f32; 16];
+            store(&mut lanes, total);
+            out(first, &lanes[..=last]);
+        }
+    }
+
     /// The first `src.len()` (at most 16) lanes from `src`, the others 0.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     #[inline]
@@ -3321,6 +3458,48 @@ mod tests {
                 assert!((c[i * 3 + j] - want).abs() < 1e-3);
             }
             assert_eq!(c[i * 3 + 2], before[i * 3 + 2]);
+        }
+    }
+
+    /// Every row's sum reaches `out`, once, at its place: blocks of sixteen
+    /// rows and a partial one, rows longer than the vector (a block of columns
+    /// of a wider matrix), vectors shorter than, as long as and longer than a
+    /// multiple of sixteen. The values are small integers, so every sum is
+    /// exact whatever the order.
+    #[test]
+    fn matrix_vector_gives_every_row_its_sum() {
+        for (m, k, pitch) in [
+            (1, 1, 1),
+            (7, 19, 19),
+            (16, 16, 20),
+            (37, 40, 45),
+            (50, 300, 300),
+        ] {
+            let a = values(m * pitch, 3);
+            let x = values(k, 4);
+            let view = MatRef::strided(&a, m, k, pitch);
+            let mut got = vec![f32::NAN; m];
+            let mut calls = 0;
+            let ran = matrix_vector(view, &x, &mut |first, sums| {
+                calls += 1;
+                assert!(
+                    sums.len() <= 16 && first % 16 == 0,
+                    "rows {first} + {}",
+                    sums.len()
+                );
+                for (g, &v) in got[first..][..sums.len()].iter_mut().zip(sums) {
+                    assert!(g.is_nan(), "a row's sum handed out twice");
+                    *g = v;
+                }
+            });
+            if !ran {
+                assert_eq!(calls, 0, "handed out sums where it did not run");
+                continue;
+            }
+            let want: Vec<f32> = (0..m)
+                .map(|i| (0..k).map(|l| a[i * pitch + l] * x[l]).sum())
+                .collect();
+            assert_eq!(got, want, "{m}x{k}, rows {pitch} apart");
         }
     }
 

@@ -2375,37 +2375,17 @@ mod x16 {
                     _mm512_fmadd_ps(load(&row(first + i.min(last))[whole..]), xv, sums[i])
                 });
             }
-            let [
-                l0,
-                l1,
-                l2,
-                l3,
-                l4,
-                l5,
-                l6,
-                l7,
-                l8,
-                l9,
-                l10,
-                l11,
-                l12,
-                l13,
-                l14,
-                l15,
-            ] = transpose(sums);
-            let add = _mm512_add_ps;
-            let total = add(
-                add(
-                    add(add(l0, l8), add(l4, l12)),
-                    add(add(l2, l10), add(l6, l14)),
-                ),
-                add(
-                    add(add(l1, l9), add(l5, l13)),
-                    add(add(l3, l11), add(l7, l15)),
-                ),
-            );
+            // Halves added pairwise, as `fold_lanes` adds a row's lanes.
+            let mut halves = transpose(sums);
+            let mut width = 16;
+            while width > 1 {
+                width /= 2;
+                for l in 0..width {
+                    halves[l] = _mm512_add_ps(halves[l], halves[l + width]);
+                }
+            }
             let mut lanes = [0.0f32; 16];
-            store(&mut lanes, total);
+            store(&mut lanes, halves[0]);
             out(first, &lanes[..=last]);
         }
     }

@@ -1646,8 +1646,6 @@ mod x16 {
         let width = out.width;
         let row_tiles = width.div_ceil(2);
         let products: [&[f32]; 16] = std::array::from_fn(|xi| &p[xi * stride..][..tiles]);
-        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for (tile_row, rows) in out.rows.chunks_mut(2 * width).enumerate() {
             let at = tile_row * row_tiles;
             for first in (0..row_tiles).step_by(16) {
@@ -1666,8 +1664,9 @@ mod x16 {
                     let cells = &mut row[2 * first..];
                     let count = cells.len().min(32);
                     let (a, b) = cells[..count].split_at_mut(count.min(16));
-                    store(a, _mm512_permutex2var_ps(left, low, right));
-                    store(b, _mm512_permutex2var_ps(left, high, right));
+                    let [first_half, second_half] = zip(left, right);
+                    store(a, first_half);
+                    store(b, second_half);
                 }
             }
         }
@@ -2148,8 +2147,6 @@ mod x16 {
         let width = out.width;
         let row_tiles = width.div_ceil(4);
         let products: [&[f32]; 36] = std::array::from_fn(|xi| &p[xi * stride..][..tiles]);
-        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for (tile_row, rows) in out.rows.chunks_mut(4 * width).enumerate() {
             let at = tile_row * row_tiles;
             for first in (0..row_tiles).step_by(16) {
@@ -2162,20 +2159,11 @@ mod x16 {
                 for (a, row) in rows.chunks_mut(width).enumerate() {
                     // (A^T M) A: cell 4t + b of the row in o[b].
                     let o = f4_output(&ops, std::array::from_fn(|j| s[j][a]));
-                    let (x02, y02) = (
-                        _mm512_permutex2var_ps(o[0], low, o[2]),
-                        _mm512_permutex2var_ps(o[0], high, o[2]),
-                    );
-                    let (x13, y13) = (
-                        _mm512_permutex2var_ps(o[1], low, o[3]),
-                        _mm512_permutex2var_ps(o[1], high, o[3]),
-                    );
-                    let cells = [
-                        _mm512_permutex2var_ps(x02, low, x13),
-                        _mm512_permutex2var_ps(x02, high, x13),
-                        _mm512_permutex2var_ps(y02, low, y13),
-                        _mm512_permutex2var_ps(y02, high, y13),
-                    ];
+                    let [x02, y02] = zip(o[0], o[2]);
+                    let [x13, y13] = zip(o[1], o[3]);
+                    let [c0, c1] = zip(x02, x13);
+                    let [c2, c3] = zip(y02, y13);
+                    let cells = [c0, c1, c2, c3];
                     let span = &mut row[4 * first..];
                     let count = span.len().min(64);
                     for (chunk, x) in span[..count].chunks_mut(16).zip(cells) {
@@ -2388,6 +2376,19 @@ mod x16 {
             store(&mut lanes, halves[0]);
             out(first, &lanes[..=last]);
         }
+    }
+
+    /// The lanes of `a` and `b` taken in turn (`a[0]`, `b[0]`, `a[1]`, ...): the
+    /// first eight of each in the first vector, the last eight in the second.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    fn zip(a: __m512, b: __m512) -> [__m512; 2] {
+        let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        [
+            _mm512_permutex2var_ps(a, low, b),
+            _mm512_permutex2var_ps(a, high, b),
+        ]
     }
 
     /// The first `src.len()` (at most 16) lanes from `src`, the others 0.

@@ -26,8 +26,8 @@
 //! - *pointwise* (1x1 kernel, stride 1, no padding): an image `[C, H*W]` is
 //!   already the GEMM's right operand, so the product reads it in place.
 //!   With AVX-512, products of at most [`TILE_MAX_DEPTH`] input channels,
-//!   and deeper ones with few output channels where it pays
-//!   ([`Unit::by_pointwise_kernel`]), go to a kernel of ours instead
+//!   and deeper ones with few output channels or on a 7x7 plane where it
+//!   pays ([`Unit::by_pointwise_kernel`]), go to a kernel of ours instead
 //!   ([`kernels::pointwise`]), which also applies the bias, the residual and
 //!   the activation.
 //! - otherwise, *im2col*: each batch item and group is unrolled into a
@@ -713,7 +713,9 @@ impl Unit<'_> {
     /// and deeper ones (up to [`KERNEL_MAX_DEPTH`]) of at most
     /// [`KERNEL_DEEP_MAX_OUTPUTS`] output channels where `gemm` would write into
     /// a buffer of the task's own (a split by columns) or the plane is at most
-    /// [`KERNEL_DEEP_MAX_PLANE`] cells: MobileNetV2's projections.
+    /// [`KERNEL_DEEP_MAX_PLANE`] cells (MobileNetV2's projections), or of any
+    /// number where the kernel sets the tile's last cell apart (a 7x7 plane;
+    /// see [`kernels::pointwise_sets_apart`]).
     fn by_pointwise_kernel(
         &self,
         channels: &Range<usize>,
@@ -721,9 +723,10 @@ impl Unit<'_> {
         out: &mut TileOut<'_>,
     ) -> bool {
         let plane = self.geo.out_plane();
-        let deep_pays = self.depth <= KERNEL_MAX_DEPTH
-            && self.geo.out_channels <= KERNEL_DEEP_MAX_OUTPUTS
+        let few_outputs = self.geo.out_channels <= KERNEL_DEEP_MAX_OUTPUTS
             && (plane <= KERNEL_DEEP_MAX_PLANE || matches!(out, TileOut::Segments(_)));
+        let deep_pays = self.depth <= KERNEL_MAX_DEPTH
+            && (few_outputs || kernels::pointwise_sets_apart(columns.len()));
         if (self.depth > TILE_MAX_DEPTH && !deep_pays)
             || columns.len() < kernels::POINTWISE_MIN_COLUMNS
         {
@@ -757,7 +760,7 @@ impl Unit<'_> {
                 .collect(),
             TileOut::Segments(segments) => segments.iter_mut().map(|s| &mut s[..]).collect(),
         };
-        kernels::pointwise(&tile, &mut rows)
+        pointwise_kernel(&tile, &mut rows)
     }
 
     /// Computes the unit with `tasks` tasks that each take a block of its
@@ -830,7 +833,7 @@ impl Unit<'_> {
                         columns: 0..out_plane,
                     };
                     let mut rows: Vec<&mut [f32]> = dest.chunks_mut(out_plane).collect();
-                    if kernels::pointwise(&tile, &mut rows) {
+                    if pointwise_kernel(&tile, &mut rows) {
                         return;
                     }
                 }
@@ -939,6 +942,13 @@ fn with_scratch(f: impl FnOnce(&mut Scratch)) {
         Ok(mut scratch) => f(&mut scratch),
         Err(_) => f(&mut Scratch::default()),
     });
+}
+
+/// [`kernels::pointwise`] with this thread's scratch for its panels.
+fn pointwise_kernel(tile: &kernels::Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
+    let mut done = false;
+    with_scratch(|scratch| done = kernels::pointwise(tile, rows, &mut scratch.columns));
+    done
 }
 
 /// Makes `buffer` at least `len` long; it never shrinks, so that the

@@ -661,13 +661,15 @@ impl Unit<'_> {
                 for first in range.clone().step_by(sub.max(1)) {
                     let steps = first..(first + sub).min(range.end);
                     let cols = steps.len() * step_len;
-                    let rhs = if pointwise {
-                        MatRef::strided(&self.image[first..], self.depth, cols, out_plane)
+                    let (rhs, unrolled) = if pointwise {
+                        let rhs =
+                            MatRef::strided(&self.image[first..], self.depth, cols, out_plane);
+                        (rhs, None)
                     } else {
                         grow(&mut scratch.columns, self.depth * cols);
                         let col = &mut scratch.columns[..self.depth * cols];
                         im2col(geo, self.columns, self.image, steps.clone(), col);
-                        MatRef::new(col, self.depth, cols)
+                        (MatRef::new(col, self.depth, cols), Some(&*col))
                     };
                     let at = (steps.start - range.start) * step_len;
                     let bias = |r: usize| self.bias.map_or(0.0, |b| b[channels.start + r]);
@@ -682,6 +684,13 @@ impl Unit<'_> {
                     };
                     match &mut out {
                         TileOut::Rows(rows) => {
+                            let panel = &mut scratch.panel;
+                            if cols == out_plane
+                                && let Some(col) = unrolled
+                                && self.unrolled_by_kernel(&channels, col, rows, panel)
+                            {
+                                continue;
+                            }
                             let view = MatMut::strided(&mut rows[at..], count, cols, out_plane);
                             kernels::gemm_single(1.0, weights, rhs, 0.0, view);
                             for (r, row) in rows.chunks_mut(out_plane).enumerate() {
@@ -763,6 +772,56 @@ impl Unit<'_> {
         pointwise_kernel(&tile, &mut rows)
     }
 
+    /// Computes output channels `channels` of a unit's whole image into `rows`
+    /// (theirs) from its im2col matrix `col` with [`kernels::pointwise`], and
+    /// returns true, where that kernel sets the image's last cell apart (a
+    /// 7x7 image; [`kernels::pointwise_sets_apart`]); returns false, touching
+    /// nothing, elsewhere.
+    ///
+    /// Against `gemm` (48 columns, then the last one apart, then a pass for
+    /// the bias, residual and activation), `bench/ab.py`, 6 rounds, Intel
+    /// Xeon: three 512-channel 3x3 Convs at 7x7 (4608 deep) as a model 0.911x
+    /// as long at one thread; ResNet-18's layer4 nodes 0.939x at one thread
+    /// and 0.910x at two (where its deep Convs go [`Unit::by_depth`], whose
+    /// tasks' partial sums take the kernel too, [`partial_sums_by_kernel`]);
+    /// whole ResNet-18 0.969x and 0.955x. Session 32 had measured this kernel
+    /// there with a fourth vector for the 49th cell: 1.05-1.11x.
+    fn unrolled_by_kernel(
+        &self,
+        channels: &Range<usize>,
+        col: &[f32],
+        rows: &mut [f32],
+        panel: &mut Vec<f32>,
+    ) -> bool {
+        let plane = self.geo.out_plane();
+        if !kernels::pointwise_sets_apart(plane) {
+            return false;
+        }
+        let zeros;
+        let bias = match self.bias {
+            Some(b) => &b[channels.clone()],
+            None => {
+                zeros = vec![0.0; channels.len()];
+                &zeros
+            }
+        };
+        let tile = kernels::Pointwise {
+            image: col,
+            plane,
+            weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
+            depth: self.depth,
+            stride: self.depth,
+            bias,
+            residual: self
+                .residual
+                .map(|r| &r[channels.start * plane..channels.end * plane]),
+            activation: self.geo.activation,
+            columns: 0..plane,
+        };
+        let mut rows: Vec<&mut [f32]> = rows.chunks_mut(plane).collect();
+        kernels::pointwise(&tile, &mut rows, panel)
+    }
+
     /// Computes the unit with `tasks` tasks that each take a block of its
     /// input channels, for every output: each unrolls only its channels (im2col;
     /// a pointwise unit reads them as they are) and multiplies them by their
@@ -819,21 +878,16 @@ impl Unit<'_> {
             let matrix = MatRef::strided(weights, outputs, depth, self.depth);
             if geo.is_pointwise() {
                 if outputs <= KERNEL_DEEP_MAX_OUTPUTS {
-                    // The bias comes in with the partial sums' pass.
-                    let zeros = vec![0.0; outputs];
-                    let tile = kernels::Pointwise {
-                        image,
-                        plane: out_plane,
-                        weights,
-                        depth,
-                        stride: self.depth,
-                        bias: &zeros,
-                        residual: None,
-                        activation: Activation::None,
-                        columns: 0..out_plane,
-                    };
-                    let mut rows: Vec<&mut [f32]> = dest.chunks_mut(out_plane).collect();
-                    if pointwise_kernel(&tile, &mut rows) {
+                    let mut done = false;
+                    with_scratch(|scratch| {
+                        done = partial_sums_by_kernel(
+                            (image, out_plane),
+                            (weights, depth, self.depth),
+                            dest,
+                            &mut scratch.panel,
+                        );
+                    });
+                    if done {
                         return;
                     }
                 }
@@ -855,6 +909,17 @@ impl Unit<'_> {
                     grow(&mut scratch.columns, depth * cols);
                     let col = &mut scratch.columns[..depth * cols];
                     im2col(geo, self.columns, image, steps.clone(), col);
+                    if cols == out_plane
+                        && kernels::pointwise_sets_apart(cols)
+                        && partial_sums_by_kernel(
+                            (col, cols),
+                            (weights, depth, self.depth),
+                            dest,
+                            &mut scratch.panel,
+                        )
+                    {
+                        continue;
+                    }
                     let at = steps.start * out_width;
                     let view = MatMut::strided(&mut dest[at..], outputs, cols, out_plane);
                     kernels::gemm_single(1.0, matrix, MatRef::new(col, depth, cols), 0.0, view);
@@ -929,6 +994,8 @@ struct Scratch {
     rows: Vec<f32>,
     /// Padded planes, for depthwise convolutions.
     planes: Vec<f32>,
+    /// Rows of cells that [`kernels::pointwise`] copies.
+    panel: Vec<f32>,
 }
 
 thread_local! {
@@ -944,10 +1011,37 @@ fn with_scratch(f: impl FnOnce(&mut Scratch)) {
     });
 }
 
+/// Computes into `dest` (`[M, plane]`) the products of `weights` (its `M`
+/// rows of `depth` values, `stride` apart) and `image` (`[depth, plane]`)
+/// with [`kernels::pointwise`], no bias, residual or activation (a task's
+/// partial sums in [`Unit::by_depth`]), and returns true; returns false,
+/// touching nothing, where that kernel does not run.
+fn partial_sums_by_kernel(
+    (image, plane): (&[f32], usize),
+    (weights, depth, stride): (&[f32], usize, usize),
+    dest: &mut [f32],
+    panel: &mut Vec<f32>,
+) -> bool {
+    let zeros = vec![0.0; dest.len() / plane];
+    let tile = kernels::Pointwise {
+        image,
+        plane,
+        weights,
+        depth,
+        stride,
+        bias: &zeros,
+        residual: None,
+        activation: Activation::None,
+        columns: 0..plane,
+    };
+    let mut rows: Vec<&mut [f32]> = dest.chunks_mut(plane).collect();
+    kernels::pointwise(&tile, &mut rows, panel)
+}
+
 /// [`kernels::pointwise`] with this thread's scratch for its panels.
 fn pointwise_kernel(tile: &kernels::Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
     let mut done = false;
-    with_scratch(|scratch| done = kernels::pointwise(tile, rows, &mut scratch.columns));
+    with_scratch(|scratch| done = kernels::pointwise(tile, rows, &mut scratch.panel));
     done
 }
 
@@ -1807,6 +1901,10 @@ mod tests {
             case([1, 3, 7, 6], 4, 1, [3, 3], [1, 1], [0; 4], [1, 1]),
             case([2, 3, 9, 8], 5, 1, [3, 2], [2, 3], [1, 0, 2, 1], [1, 1]),
             case([2, 4, 8, 8], 6, 1, [3, 3], [1, 1], [2, 2, 2, 2], [2, 3]),
+            // im2col onto 49 and 33 cells, one task per image: with AVX-512
+            // the pointwise kernel, which sums the last cell apart
+            case([2, 16, 7, 7], 20, 1, [3, 3], [1, 1], [2, 2, 2, 2], [2, 2]),
+            case([2, 8, 3, 11], 6, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
             // grouped
             case([3, 6, 5, 7], 4, 2, [3, 3], [1, 2], [1, 1, 1, 1], [1, 1]),
             case([1, 6, 6, 6], 9, 3, [2, 2], [2, 2], [0, 1, 1, 0], [2, 1]),
@@ -1885,6 +1983,10 @@ mod tests {
         check(&c, 11);
         c.attrs.activation = Activation::Relu;
         check(&c, 12);
+        // The same onto 49 cells: each task's partial sums by the pointwise
+        // kernel (with AVX-512).
+        let c = case([1, 120, 7, 7], 20, 1, [3, 3], [1, 1], [2, 2, 2, 2], [2, 2]);
+        check(&c, 15);
         // Pointwise much deeper than its outputs (MobileNetV2's projections):
         // split by depth, through the pointwise kernel and through `gemm`.
         let c = case([1, 96, 14, 14], 24, 1, [1, 1], [1, 1], [0; 4], [1, 1]);

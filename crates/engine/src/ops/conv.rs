@@ -35,7 +35,9 @@
 //!   with the weights `[M/group, C/group * kH * kW]` yields its outputs. A
 //!   large image is unrolled a band of output rows at a time
 //!   ([`PANEL_LEN`]), into a buffer reused across bands and calls, so the
-//!   unrolled matrix stays in cache and is never allocated whole.
+//!   unrolled matrix stays in cache and is never allocated whole. With
+//!   AVX-512, the matrix of a 7x7 output (49 columns) goes to
+//!   [`kernels::pointwise`] instead of `gemm` ([`Unit::unrolled_by_kernel`]).
 //!
 //! The GEMM only writes its output (`beta = 0`); bias, the residual of a
 //! fused Add (see [`conv`]) and activation are then applied in one pass

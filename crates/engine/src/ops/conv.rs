@@ -743,6 +743,30 @@ impl Unit<'_> {
         {
             return false;
         }
+        let mut rows: Vec<&mut [f32]> = match out {
+            TileOut::Rows(rows) => rows
+                .chunks_mut(plane)
+                .map(|row| &mut row[columns.clone()])
+                .collect(),
+            TileOut::Segments(segments) => segments.iter_mut().map(|s| &mut s[..]).collect(),
+        };
+        self.kernel_tile(channels, self.image, columns.clone(), |tile| {
+            pointwise_kernel(tile, &mut rows)
+        })
+    }
+
+    /// Runs `f` on [`kernels::pointwise`]'s view of output channels
+    /// `channels` of the unit (their weights, bias, residual and activation)
+    /// over `image` (`[depth, plane]`: the unit's image, or its im2col
+    /// matrix) at `columns`.
+    fn kernel_tile<R>(
+        &self,
+        channels: &Range<usize>,
+        image: &[f32],
+        columns: Range<usize>,
+        f: impl FnOnce(&kernels::Pointwise<'_>) -> R,
+    ) -> R {
+        let plane = self.geo.out_plane();
         let zeros;
         let bias = match self.bias {
             Some(b) => &b[channels.clone()],
@@ -751,8 +775,8 @@ impl Unit<'_> {
                 &zeros
             }
         };
-        let tile = kernels::Pointwise {
-            image: self.image,
+        f(&kernels::Pointwise {
+            image,
             plane,
             weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
             depth: self.depth,
@@ -762,16 +786,8 @@ impl Unit<'_> {
                 .residual
                 .map(|r| &r[channels.start * plane..channels.end * plane]),
             activation: self.geo.activation,
-            columns: columns.clone(),
-        };
-        let mut rows: Vec<&mut [f32]> = match out {
-            TileOut::Rows(rows) => rows
-                .chunks_mut(plane)
-                .map(|row| &mut row[columns.clone()])
-                .collect(),
-            TileOut::Segments(segments) => segments.iter_mut().map(|s| &mut s[..]).collect(),
-        };
-        pointwise_kernel(&tile, &mut rows)
+            columns,
+        })
     }
 
     /// Computes output channels `channels` of a unit's whole image into `rows`
@@ -799,29 +815,10 @@ impl Unit<'_> {
         if !kernels::pointwise_sets_apart(plane) {
             return false;
         }
-        let zeros;
-        let bias = match self.bias {
-            Some(b) => &b[channels.clone()],
-            None => {
-                zeros = vec![0.0; channels.len()];
-                &zeros
-            }
-        };
-        let tile = kernels::Pointwise {
-            image: col,
-            plane,
-            weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
-            depth: self.depth,
-            stride: self.depth,
-            bias,
-            residual: self
-                .residual
-                .map(|r| &r[channels.start * plane..channels.end * plane]),
-            activation: self.geo.activation,
-            columns: 0..plane,
-        };
         let mut rows: Vec<&mut [f32]> = rows.chunks_mut(plane).collect();
-        kernels::pointwise(&tile, &mut rows, panel)
+        self.kernel_tile(channels, col, 0..plane, |tile| {
+            kernels::pointwise(tile, &mut rows, panel)
+        })
     }
 
     /// Computes the unit with `tasks` tasks that each take a block of its

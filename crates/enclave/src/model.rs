@@ -627,9 +627,9 @@ impl Drop for Weights {
 /// the pool's other workers take when they are free: evicting a layer runs between two
 /// nodes of a query, and one core alone wiped ResNet-18's 47 MB in 2.6 ms of its 24.
 /// A query at one engine thread runs on the caller's thread, which shares a buffer of
-/// [`SHARE_MIN_PIECES`] pieces of [`WIPE_PIECE`] bytes or more with one worker
-/// (conv3x3 512x14x14's 9.4 MB of weights after its only node: 0.335 → 0.235 ms);
-/// smaller ones it wipes right here.
+/// [`WIPE_SHARE_MIN`] bytes or more with one worker, in pieces of [`WIPE_PIECE`]
+/// bytes (conv3x3 512x14x14's 9.4 MB of weights after its only node: 0.335 → 0.235
+/// ms); smaller ones it wipes right here.
 pub(crate) fn wipe<T: bytemuck::Pod + Send>(buf: &mut [T]) {
     wipe_uncached_from(buf, uncached_wipe_min());
 }
@@ -648,7 +648,7 @@ fn wipe_uncached_from<T: bytemuck::Pod + Send>(buf: &mut [T], uncached_min: usiz
     let (team_piece, piece) = ((TEAM_WIPE_PIECE / size).max(1), (WIPE_PIECE / size).max(1));
     if buf.len() > team_piece && on_team() {
         buf.par_chunks_mut(team_piece).for_each(zero);
-    } else if buf.len() >= SHARE_MIN_PIECES * piece && alone_off_pool() {
+    } else if size_of_val(buf) >= WIPE_SHARE_MIN && alone_off_pool() {
         share_with_worker(buf.chunks_mut(piece), zero);
     } else {
         zero(buf);
@@ -729,6 +729,16 @@ const UNCACHED_WIPE_MIN: usize = 4 << 20;
 
 /// Bytes of a buffer [`wipe`] leaves to one task off the pool ([`share_with_worker`]).
 const WIPE_PIECE: usize = 256 << 10;
+
+/// Smallest buffer [`wipe`] shares with one of the pool's workers off the pool
+/// ([`share_with_worker`]): eight [`WIPE_PIECE`]s. One core wipes 1 MiB in about
+/// 30 µs, as long as waking a worker takes here, and the caller pays the wake-up's
+/// system call on top. From four pieces (the threshold for opening chunks,
+/// [`SHARE_MIN_PIECES`]), the 1 MiB 1x1 Conv of dwsep3x3 512x14x14 at one thread,
+/// wiped after the query's last node, woke a worker on every query: streaming/plain
+/// 1.243 → 1.194 with eight (`bench/ab.py --mode sealed-streaming`, a model of the
+/// case, 10 rounds, 0.957x, range 0.917-1.013); MobileNetV2 level (1.005x, 6 rounds).
+const WIPE_SHARE_MIN: usize = 8 * WIPE_PIECE;
 
 /// Bytes of a buffer [`wipe`] leaves to one task on the team ([`on_team`]): the pool's
 /// workers are awake there, so that buffers from twice this size on are split. Most of

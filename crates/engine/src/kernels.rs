@@ -833,21 +833,17 @@ pub(crate) fn depthwise3x3_stride2(p: &OnePlane<'_>, out: &mut [f32], out_width:
     false
 }
 
-/// A 1x1 Conv's tile for [`pointwise`]: output channels
-/// `0..weights.len() / depth` of the tile, cells `columns` of each plane.
+/// A 1x1 Conv's tile for [`pointwise`]: its `M` output channels (as many
+/// as `bias` has values), cells `columns` of each plane.
 pub(crate) struct Pointwise<'a> {
     /// `[K, plane]`: the image's `K = depth` input channels.
     pub image: &'a [f32],
     /// Cells per plane, input and output.
     pub plane: usize,
-    /// `[M, K]`, row-major with rows `stride` apart: the tile's output
-    /// channels' weights for its input channels.
-    pub weights: &'a [f32],
+    /// The tile's output channels' weights for its input channels.
+    pub weights: Taps<'a>,
     /// `K`: input channels, of the image and of each row of weights.
     pub depth: usize,
-    /// From one output channel's weights to the next's: `K`, or more where
-    /// the tile takes only some of a Conv's input channels.
-    pub stride: usize,
     /// `M` values, one per output channel.
     pub bias: &'a [f32],
     /// `[M, plane]`, laid out like the tile's output channels: added to each
@@ -855,6 +851,38 @@ pub(crate) struct Pointwise<'a> {
     pub residual: Option<&'a [f32]>,
     pub activation: Activation,
     pub columns: Range<usize>,
+}
+
+/// A [`Pointwise`] tile's weights: `K` values per output channel.
+pub(crate) enum Taps<'a> {
+    /// `[M, K]`, row-major with rows `stride` apart (`K`, or more where the
+    /// tile takes only some of a Conv's input channels), only read.
+    Strided { values: &'a [f32], stride: usize },
+    /// One row per output channel (its first `K` values), which [`pointwise`]
+    /// overwrites with zeros once it has summed that channel's last cells,
+    /// while they are in cache: weights a caller hands over, which must not
+    /// outlive the Conv (see `ops::conv::conv_spending`).
+    Spent(Vec<&'a mut [f32]>),
+}
+
+impl Taps<'_> {
+    /// Output channel `o`'s `k` weights.
+    fn row(&self, o: usize, k: usize) -> &[f32] {
+        match self {
+            Taps::Strided { values, stride } => &values[o * stride..][..k],
+            Taps::Spent(rows) => &rows[o][..k],
+        }
+    }
+
+    /// Overwrites the `k` weights of output channels `outputs` with zeros,
+    /// where they are spent.
+    fn spend(&mut self, outputs: Range<usize>, k: usize) {
+        if let Taps::Spent(rows) = self {
+            for row in &mut rows[outputs] {
+                row[..k].fill(0.0);
+            }
+        }
+    }
 }
 
 /// Fewest cells of a row that [`pointwise`] takes: narrower tiles waste most
@@ -907,7 +935,7 @@ pub(crate) const POINTWISE_MIN_COLUMNS: usize = 16;
 /// store to: 0.52-0.53 ms inside MobileNetV2 at one thread, 0.30-0.31 at two
 /// (0.34-0.48 without). Prefetching two or more blocks ahead was slower.
 pub(crate) fn pointwise(
-    p: &Pointwise<'_>,
+    p: &mut Pointwise<'_>,
     rows: &mut [&mut [f32]],
     scratch: &mut Vec<f32>,
 ) -> bool {
@@ -2250,7 +2278,11 @@ mod x16 {
     /// and in each, blocks of [`POINTWISE_CHANNELS`] output channels (fewer
     /// for the last), each summed over the whole depth in registers.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub(super) fn pointwise(p: &Pointwise<'_>, rows: &mut [&mut [f32]], scratch: &mut Vec<f32>) {
+    pub(super) fn pointwise(
+        p: &mut Pointwise<'_>,
+        rows: &mut [&mut [f32]],
+        scratch: &mut Vec<f32>,
+    ) {
         with_activation!(p.activation, act => {
             let span = 16 * POINTWISE_VECTORS;
             let (start, end) = (p.columns.start, p.columns.end);
@@ -2288,6 +2320,10 @@ mod x16 {
                         let apart = (block.end == panel_end && !column.is_empty())
                             .then_some(&column[..]);
                         pointwise_blocks(p, &cells, at, block, rows, act, apart);
+                    }
+                    if panel_end == end {
+                        let outputs = at..(at + POINTWISE_CHANNELS).min(rows.len());
+                        p.weights.spend(outputs, p.depth);
                     }
                 }
             }
@@ -2384,7 +2420,7 @@ mod x16 {
         // Each output channel's weights, and the first input value this
         // block reads: input channel `k`'s cells are `plane * k` further on.
         let n = p.depth;
-        let taps: [&[f32]; O] = std::array::from_fn(|o| &p.weights[(at + o) * p.stride..][..n]);
+        let taps: [&[f32]; O] = std::array::from_fn(|o| p.weights.row(at + o, n));
         let (pitch, first) = (source.pitch, cells.start - source.first);
         assert!(n == 0 || source.values.len() >= first + (n - 1) * pitch + len);
         let image = source.values.as_ptr().wrapping_add(first);
@@ -3807,6 +3843,8 @@ mod tests {
             with_residual in proptest::bool::ANY,
             // The tile's input channels may be some of a deeper Conv's.
             more_weights in proptest::option::of(1usize..50),
+            // The weights handed over, to be overwritten once read.
+            spent in proptest::bool::ANY,
         ) {
             let start = start % plane;
             let columns = start..(start + len).min(plane);
@@ -3819,8 +3857,14 @@ mod tests {
             let weights = fractions(channels * stride, seed + 2);
             let bias = fractions(channels, seed + 3);
             let residual = with_residual.then(|| fractions(channels * plane, seed + 4));
-            let p = Pointwise {
-                image: &image, plane, weights: &weights, depth, stride, bias: &bias,
+            let mut handed = weights.clone();
+            let taps = if spent {
+                Taps::Spent(handed.chunks_mut(stride).collect())
+            } else {
+                Taps::Strided { values: &weights, stride }
+            };
+            let mut p = Pointwise {
+                image: &image, plane, weights: taps, depth, bias: &bias,
                 residual: residual.as_deref(), activation, columns: columns.clone(),
             };
             // Each row a little longer than the columns: the kernel must not
@@ -3830,11 +3874,22 @@ mod tests {
                 got.iter_mut().map(|r| &mut r[..columns.len()]).collect();
             // Scratch left over from elsewhere must not matter.
             let mut scratch = vec![7.0; 5];
-            let done = pointwise(&p, &mut rows, &mut scratch);
+            let done = pointwise(&mut p, &mut rows, &mut scratch);
+            drop(p);
             proptest::prop_assert_eq!(done, isa() == Isa::Avx512);
             if !done {
                 proptest::prop_assert!(got.iter().flatten().all(|v| v.is_nan()), "touched nothing");
+                proptest::prop_assert_eq!(&handed, &weights, "touched nothing");
                 return Ok(());
+            }
+            for (o, (row, read)) in handed.chunks(stride).zip(weights.chunks(stride)).enumerate() {
+                let (used, rest) = row.split_at(depth);
+                if spent {
+                    proptest::prop_assert!(used.iter().all(|&w| w.to_bits() == 0), "channel {} spent", o);
+                } else {
+                    proptest::prop_assert_eq!(used, &read[..depth], "channel {} read", o);
+                }
+                proptest::prop_assert_eq!(rest, &read[depth..], "channel {}: past its K", o);
             }
             // A last block of 17, 33 or 49 cells (blocks of 64 from the
             // start) takes its last cell apart.

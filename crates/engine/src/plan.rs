@@ -52,7 +52,7 @@ pub trait WeightSource {
     /// the node about to run, which is the last to read it. The executor
     /// asks only where the node overwrites the weight with zeros as it reads
     /// it, while it is in cache (a Conv by Winograd's blocks of output
-    /// channels), and returns the zeroed buffer through
+    /// channels, or by depth onto a 7x7 plane), and returns the zeroed buffer through
     /// [`give_back`](Self::give_back) before [`release`](Self::release), on
     /// success and failure alike. A streaming source that would zeroize the
     /// weight after the node saves that pass over memory.

@@ -87,9 +87,10 @@ pub(crate) fn conv(
 
 /// [`conv`] on weights W that the caller hands over: they are zeros when it
 /// returns, whether it succeeds or fails. Where the Conv goes by Winograd's
-/// blocks of output channels ([`spends`]), each block of W is overwritten
-/// as soon as it is transformed, while it is in cache; otherwise W is
-/// overwritten after the Conv.
+/// blocks of output channels, each block of W is overwritten as soon as it
+/// is transformed, and where it goes by depth onto a 7x7 plane
+/// ([`spend_by_depth`]), as soon as it is summed: while it is in cache (see
+/// [`spends`]). Otherwise W is overwritten after the Conv.
 pub(crate) fn conv_spending(
     attrs: &ConvAttrs,
     x: &Tensor,
@@ -114,9 +115,104 @@ pub(crate) fn conv_spending(
 
 /// True when a Conv (`attrs`) on X, W and B of these shapes overwrites W
 /// block by block as it reads it, if handed W ([`conv_spending`]): a
-/// Winograd Conv computed by blocks of output channels.
+/// Winograd Conv computed by blocks of output channels, or a deep im2col
+/// Conv onto a 7x7 plane split by depth ([`spend_by_depth`]).
 pub(crate) fn spends(attrs: &ConvAttrs, x: &[usize], w: &[usize], bias: Option<&[usize]>) -> bool {
-    Geometry::new(attrs, x, w, bias).is_ok_and(|geo| by_winograd_blocks(&geo))
+    Geometry::new(attrs, x, w, bias)
+        .is_ok_and(|geo| by_winograd_blocks(&geo) || spends_by_depth(&geo))
+}
+
+/// True when the Conv of `geo` goes by im2col, [`Unit::by_depth`] and
+/// [`kernels::pointwise`] with the whole image in each task's one band (one
+/// image and group, a plane whose last cell the kernel sets apart: ResNet-18's
+/// layer4 at 7x7, on AVX-512 and more than one thread): [`spend_by_depth`]
+/// then computes it on W handed over, as [`grouped`] would on W read.
+fn spends_by_depth(geo: &Geometry) -> bool {
+    let tasks = crate::threads::threads();
+    let taps = geo.kernel_len();
+    let depth = geo.channels * taps;
+    let plane = geo.out_plane();
+    let part = geo.channels.div_ceil(tasks.max(1)) * taps;
+    geo.batch == 1
+        && geo.group == 1
+        && !geo.is_pointwise()
+        && !geo.is_depthwise()
+        && !direct::applies(geo)
+        && !winograd::applies(geo)
+        && tasks > 1
+        && geo.channels >= tasks
+        && depth >= DEPTH_SPLIT_MIN
+        && depth >= DEPTH_SPLIT_PER_CELL * plane
+        && kernels::pointwise_sets_apart(plane)
+        && PANEL_LEN / (part * geo.w.output()).max(1) >= geo.h.output()
+}
+
+/// [`Unit::by_depth`] with [`kernels::pointwise`] (where [`spends_by_depth`]
+/// holds) on weights `w` handed over: each task takes its input channels'
+/// part of every output channel's row of W ([`kernels::Taps::Spent`]), and
+/// the kernel overwrites each block of six rows' part with zeros as soon as it
+/// has summed them, while they are in cache. Read, W is wiped after the Conv
+/// by a pass over memory: ResNet-18's layer4 (three 9.4 MB layers and one of
+/// 4.7 MB) took 229-305 µs and 100-119 µs per layer for it between two nodes,
+/// at two threads. Spent, its streaming/plain there went 0.991x, 0.955x and
+/// 0.972x as high in three runs of `bench/ab.py --mode sealed-streaming` (8
+/// rounds each; 1.33-1.39 before): the zeroed lines still go back to memory,
+/// and no wipe at all of those layers would have given 0.943x.
+fn spend_by_depth(
+    geo: &Geometry,
+    x: &[f32],
+    w: &mut [f32],
+    terms: (Option<&[f32]>, Option<&[f32]>),
+    y: &mut [f32],
+) {
+    let taps = geo.kernel_len();
+    let (plane, in_plane) = (geo.out_plane(), geo.in_plane());
+    let per = geo.channels.div_ceil(crate::threads::threads()).max(1);
+    let parts: Vec<Range<usize>> = (0..geo.channels)
+        .step_by(per)
+        .map(|c| c..(c + per).min(geo.channels))
+        .collect();
+    // Each part's columns of every row of W.
+    let mut rows: Vec<Vec<&mut [f32]>> = parts.iter().map(|_| Vec::new()).collect();
+    for row in w.chunks_mut(geo.channels * taps) {
+        let mut rest = row;
+        for (part, mine) in parts.iter().zip(&mut rows) {
+            let (head, tail) = rest.split_at_mut(part.len() * taps);
+            mine.push(head);
+            rest = tail;
+        }
+    }
+    let mut partials: Vec<Vec<f32>> = parts[1..]
+        .iter()
+        .map(|_| crate::buffers::take(y.len()))
+        .collect();
+    let dests = std::iter::once(&mut *y).chain(partials.iter_mut().map(Vec::as_mut_slice));
+    let work: Vec<_> = parts.into_iter().zip(rows).zip(dests).collect();
+    let columns = geo.valid_columns();
+    let zeros = vec![0.0; geo.out_channels];
+    for_each_task(work, |((part, rows), dest)| {
+        let depth = part.len() * taps;
+        let image = &x[part.start * in_plane..part.end * in_plane];
+        with_scratch(|scratch| {
+            grow(&mut scratch.columns, depth * plane);
+            let col = &mut scratch.columns[..depth * plane];
+            im2col(geo, &columns, image, 0..geo.h.output(), col);
+            let mut tile = kernels::Pointwise {
+                image: col,
+                plane,
+                weights: kernels::Taps::Spent(rows),
+                depth,
+                bias: &zeros,
+                residual: None,
+                activation: Activation::None,
+                columns: 0..plane,
+            };
+            let mut out: Vec<&mut [f32]> = dest.chunks_mut(plane).collect();
+            let done = kernels::pointwise(&mut tile, &mut out, &mut scratch.panel);
+            debug_assert!(done, "spends_by_depth checked for AVX-512");
+        });
+    });
+    add_partials(geo, terms, y, partials);
 }
 
 /// True when the Conv of `geo` goes by Winograd's blocks of output channels:
@@ -184,6 +280,14 @@ fn conv_with(
         winograd::conv(&geo, x.data(), w, bias.map(Tensor::data), residual, &mut y);
         return Ok(Tensor::from_parts(shape, y));
     }
+    let w = match w {
+        Kernels::Spend(w) if len > 0 && spends_by_depth(&geo) => {
+            let terms = (bias.map(Tensor::data), residual);
+            spend_by_depth(&geo, x.data(), w, terms, &mut y);
+            return Ok(Tensor::from_parts(shape, y));
+        }
+        w => w,
+    };
     if len > 0 {
         let bias = bias.map(Tensor::data);
         let values = w.values();
@@ -764,7 +868,7 @@ impl Unit<'_> {
         channels: &Range<usize>,
         image: &[f32],
         columns: Range<usize>,
-        f: impl FnOnce(&kernels::Pointwise<'_>) -> R,
+        f: impl FnOnce(&mut kernels::Pointwise<'_>) -> R,
     ) -> R {
         let plane = self.geo.out_plane();
         let zeros;
@@ -775,12 +879,14 @@ impl Unit<'_> {
                 &zeros
             }
         };
-        f(&kernels::Pointwise {
+        f(&mut kernels::Pointwise {
             image,
             plane,
-            weights: &self.weights[channels.start * self.depth..channels.end * self.depth],
+            weights: kernels::Taps::Strided {
+                values: &self.weights[channels.start * self.depth..channels.end * self.depth],
+                stride: self.depth,
+            },
             depth: self.depth,
-            stride: self.depth,
             bias,
             residual: self
                 .residual
@@ -925,46 +1031,50 @@ impl Unit<'_> {
                 }
             });
         });
-        self.add_partials(out, partials);
+        add_partials(geo, (self.bias, self.residual), out, partials);
     }
+}
 
-    /// Adds `partials` (laid out like `out`) to `out`, in order, then the
-    /// bias, the residual and the activation, by blocks of output channels
-    /// over the threads; gives the partials back to the bin.
-    fn add_partials(&self, out: &mut [f32], partials: Vec<Vec<f32>>) {
-        let geo = self.geo;
-        let out_plane = geo.out_plane();
-        let outputs = out.len() / out_plane;
-        let rows = outputs
-            .div_ceil(BLOCKS_PER_THREAD * crate::threads::threads())
-            .max(1);
-        for_each_chunk(
-            out,
-            rows * out_plane,
-            || (),
-            |(), index, block| {
-                for (i, row) in block.chunks_mut(out_plane).enumerate() {
-                    let r = index * rows + i;
-                    for partial in &partials {
-                        let more = &partial[r * out_plane..][..out_plane];
-                        kernels::bias_add_activate(row, 0.0, more, Activation::None);
-                    }
-                    let bias = self.bias.map_or(0.0, |b| b[r]);
-                    match self.residual {
-                        Some(res) => kernels::bias_add_activate(
-                            row,
-                            bias,
-                            &res[r * out_plane..][..out_plane],
-                            geo.activation,
-                        ),
-                        None => kernels::bias_activate(row, bias, geo.activation),
-                    }
+/// Adds `partials` (laid out like `out`, the Conv's output) to `out`, in
+/// order, then `bias`, the `residual` and the activation, by blocks of output
+/// channels over the threads; gives the partials back to the bin.
+fn add_partials(
+    geo: &Geometry,
+    (bias, residual): (Option<&[f32]>, Option<&[f32]>),
+    out: &mut [f32],
+    partials: Vec<Vec<f32>>,
+) {
+    let out_plane = geo.out_plane();
+    let outputs = out.len() / out_plane;
+    let rows = outputs
+        .div_ceil(BLOCKS_PER_THREAD * crate::threads::threads())
+        .max(1);
+    for_each_chunk(
+        out,
+        rows * out_plane,
+        || (),
+        |(), index, block| {
+            for (i, row) in block.chunks_mut(out_plane).enumerate() {
+                let r = index * rows + i;
+                for partial in &partials {
+                    let more = &partial[r * out_plane..][..out_plane];
+                    kernels::bias_add_activate(row, 0.0, more, Activation::None);
                 }
-            },
-        );
-        for partial in partials {
-            crate::buffers::give(partial);
-        }
+                let bias = bias.map_or(0.0, |b| b[r]);
+                match residual {
+                    Some(res) => kernels::bias_add_activate(
+                        row,
+                        bias,
+                        &res[r * out_plane..][..out_plane],
+                        geo.activation,
+                    ),
+                    None => kernels::bias_activate(row, bias, geo.activation),
+                }
+            }
+        },
+    );
+    for partial in partials {
+        crate::buffers::give(partial);
     }
 }
 
@@ -1022,23 +1132,25 @@ fn partial_sums_by_kernel(
     panel: &mut Vec<f32>,
 ) -> bool {
     let zeros = vec![0.0; dest.len() / plane];
-    let tile = kernels::Pointwise {
+    let mut tile = kernels::Pointwise {
         image,
         plane,
-        weights,
+        weights: kernels::Taps::Strided {
+            values: weights,
+            stride,
+        },
         depth,
-        stride,
         bias: &zeros,
         residual: None,
         activation: Activation::None,
         columns: 0..plane,
     };
     let mut rows: Vec<&mut [f32]> = dest.chunks_mut(plane).collect();
-    kernels::pointwise(&tile, &mut rows, panel)
+    kernels::pointwise(&mut tile, &mut rows, panel)
 }
 
 /// [`kernels::pointwise`] with this thread's scratch for its panels.
-fn pointwise_kernel(tile: &kernels::Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
+fn pointwise_kernel(tile: &mut kernels::Pointwise<'_>, rows: &mut [&mut [f32]]) -> bool {
     let mut done = false;
     with_scratch(|scratch| done = kernels::pointwise(tile, rows, &mut scratch.panel));
     done
@@ -2014,6 +2126,34 @@ mod tests {
             [1, 1],
         );
         check(&c, 9);
+    }
+
+    #[test]
+    fn spent_weights_give_the_same_bits_and_read_as_zeros() {
+        // Deep im2col onto 49 cells, split by depth (120 channels into 60
+        // and 60 at two threads): the pointwise kernel overwrites each task's
+        // part of W as it sums it. With a bias, a residual and a ReLU; and
+        // one Conv that spends nothing and overwrites W after it.
+        let mut deep = case([1, 120, 7, 7], 20, 1, [3, 3], [1, 1], [2, 2, 2, 2], [2, 2]);
+        deep.attrs.activation = Activation::Relu;
+        let small = case([1, 8, 7, 7], 6, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]);
+        for (c, seed) in [(&deep, 21), (&small, 22)] {
+            let mut rng = Rng(seed);
+            let x = rng.tensor(&c.x);
+            let w = rng.tensor(&c.w);
+            let b = rng.tensor(&c.w[..1]);
+            let shape = naive(&c.attrs, &x, &w, Some(&b)).shape().to_vec();
+            let r = rng.tensor(&shape);
+            let by_depth = crate::threads::threads() > 1 && kernels::isa() == kernels::Isa::Avx512;
+            let spends = spends(&c.attrs, &c.x, &c.w, Some(&c.w[..1]));
+            assert_eq!(spends, by_depth && c.x[1] == 120, "{:?}", c.x);
+            let read = conv(&c.attrs, &x, &w, Some(&b), Some(&r)).unwrap();
+            let mut handed = w.clone();
+            let spent = conv_spending(&c.attrs, &x, &mut handed, Some(&b), Some(&r)).unwrap();
+            assert!(handed.data().iter().all(|v| v.to_bits() == 0), "{:?}", c.x);
+            let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&spent), bits(&read), "{:?}", c.x);
+        }
     }
 
     #[test]

@@ -1109,37 +1109,40 @@ mod tests {
     }
 
     /// A 3x3 Conv of 256 channels at 14x14 goes, on two or more threads, by Winograd's
-    /// blocks of output channels: the engine takes its weights from the stream and gives
-    /// them back overwritten. The output is the plain bits, and the buffer kept for the
-    /// next query holds zeros (on one thread, the stream wipes it itself).
+    /// blocks of output channels, and one of 128 channels at 7x7 by depth through the
+    /// pointwise kernel: the engine takes their weights from the stream and gives them
+    /// back overwritten. The output is the plain bits, and the buffer kept for the next
+    /// query holds zeros (on one thread, the stream wipes it itself).
     #[test]
     fn a_conv_that_overwrites_its_weights_gives_them_back_zeroed() {
-        let conv = conv3x3(Activation::Relu);
-        let graph = Graph {
-            inputs: vec![ValueInfo {
-                name: "x".into(),
-                shape: vec![None, Some(256), Some(14), Some(14)],
-            }],
-            params: vec![param("w", &[256, 256, 3, 3]), param("b", &[256])],
-            nodes: vec![node("conv", conv, &["x", "w", "b"], "y")],
-            outputs: vec!["y".into()],
-        };
-        let weights: HashMap<String, Tensor> = (graph.params.iter().enumerate())
-            .map(|(i, p)| (p.name.clone(), ramp(&p.shape, i)))
-            .collect();
-        let plain = Model::new(graph.clone(), weights.clone()).unwrap();
-        let (bytes, key) = seal(&graph, &weights, capsule_format::DEFAULT_CHUNK_SIZE);
-        let capsule = Capsule::parse(&bytes).unwrap();
-        let mut streaming = StreamingModel::open(&capsule, &key, None).unwrap();
-        for seed in [1, 2] {
-            let x = ramp(&[1, 256, 14, 14], seed);
-            let want = plain.run(std::slice::from_ref(&x)).unwrap();
-            let got = streaming.run(std::slice::from_ref(&x)).unwrap();
-            assert_eq!(bits(&got[0]), bits(&want[0]));
-            let kept = &streaming.weights.spare[0];
-            assert_eq!(kept.len(), 256 * 256 * 9, "the buffer of w is kept");
-            assert!(kept.iter().all(|&v| v.to_bits() == 0));
-            assert!(streaming.weights.tensor(0).is_none());
+        for (c, side, m) in [(256, 14, 256), (128, 7, 64)] {
+            let conv = conv3x3(Activation::Relu);
+            let graph = Graph {
+                inputs: vec![ValueInfo {
+                    name: "x".into(),
+                    shape: vec![None, Some(c), Some(side), Some(side)],
+                }],
+                params: vec![param("w", &[m, c, 3, 3]), param("b", &[m])],
+                nodes: vec![node("conv", conv, &["x", "w", "b"], "y")],
+                outputs: vec!["y".into()],
+            };
+            let weights: HashMap<String, Tensor> = (graph.params.iter().enumerate())
+                .map(|(i, p)| (p.name.clone(), ramp(&p.shape, i)))
+                .collect();
+            let plain = Model::new(graph.clone(), weights.clone()).unwrap();
+            let (bytes, key) = seal(&graph, &weights, capsule_format::DEFAULT_CHUNK_SIZE);
+            let capsule = Capsule::parse(&bytes).unwrap();
+            let mut streaming = StreamingModel::open(&capsule, &key, None).unwrap();
+            for seed in [1, 2] {
+                let x = ramp(&[1, c, side, side], seed);
+                let want = plain.run(std::slice::from_ref(&x)).unwrap();
+                let got = streaming.run(std::slice::from_ref(&x)).unwrap();
+                assert_eq!(bits(&got[0]), bits(&want[0]), "{c} channels");
+                let kept = &streaming.weights.spare[0];
+                assert_eq!(kept.len(), m * c * 9, "the buffer of w is kept");
+                assert!(kept.iter().all(|&v| v.to_bits() == 0), "{c} channels");
+                assert!(streaming.weights.tensor(0).is_none());
+            }
         }
     }
 

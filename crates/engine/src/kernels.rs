@@ -2327,6 +2327,10 @@ mod x16 {
                     }
                 }
             }
+            if start >= end {
+                // No cells to sum: spent weights are done with all the same.
+                p.weights.spend(0..rows.len(), p.depth);
+            }
         })
     }
 

@@ -168,26 +168,16 @@ fn spend_by_depth(
     let taps = geo.kernel_len();
     let (plane, in_plane) = (geo.out_plane(), geo.in_plane());
     let per = geo.channels.div_ceil(crate::threads::threads()).max(1);
-    let parts: Vec<Range<usize>> = (0..geo.channels)
-        .step_by(per)
-        .map(|c| c..(c + per).min(geo.channels))
-        .collect();
-    // Each part's columns of every row of W.
-    let mut rows: Vec<Vec<&mut [f32]>> = parts.iter().map(|_| Vec::new()).collect();
-    for row in w.chunks_mut(geo.channels * taps) {
-        let mut rest = row;
-        for (part, mine) in parts.iter().zip(&mut rows) {
-            let (head, tail) = rest.split_at_mut(part.len() * taps);
-            mine.push(head);
-            rest = tail;
-        }
-    }
+    // Each part of the input channels, with its columns of every row of W.
+    let parts = split_rows(w, geo.channels * taps, geo.channels, per, |part| {
+        part.len() * taps
+    });
     let mut partials: Vec<Vec<f32>> = parts[1..]
         .iter()
         .map(|_| crate::buffers::take(y.len()))
         .collect();
     let dests = std::iter::once(&mut *y).chain(partials.iter_mut().map(Vec::as_mut_slice));
-    let work: Vec<_> = parts.into_iter().zip(rows).zip(dests).collect();
+    let work: Vec<_> = parts.into_iter().zip(dests).collect();
     let columns = geo.valid_columns();
     let zeros = vec![0.0; geo.out_channels];
     for_each_task(work, |((part, rows), dest)| {

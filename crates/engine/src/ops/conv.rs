@@ -132,7 +132,7 @@ fn spends_by_depth(geo: &Geometry) -> bool {
     let taps = geo.kernel_len();
     let depth = geo.channels * taps;
     let plane = geo.out_plane();
-    let part = geo.channels.div_ceil(tasks.max(1)) * taps;
+    let part = geo.channels.div_ceil(tasks) * taps;
     geo.batch == 1
         && geo.group == 1
         && !geo.is_pointwise()
@@ -141,8 +141,7 @@ fn spends_by_depth(geo: &Geometry) -> bool {
         && !winograd::applies(geo)
         && tasks > 1
         && geo.channels >= tasks
-        && depth >= DEPTH_SPLIT_MIN
-        && depth >= DEPTH_SPLIT_PER_CELL * plane
+        && im2col_splits_by_depth(depth, plane)
         && kernels::pointwise_sets_apart(plane)
         && PANEL_LEN / (part * geo.w.output()).max(1) >= geo.h.output()
 }
@@ -536,7 +535,7 @@ fn grouped(
             depth >= POINTWISE_DEPTH_SPLIT_RATIO * group_outputs
                 && size_of::<f32>() * depth * out_plane <= tasks * POINTWISE_DEPTH_SPLIT_MAX_BYTES
         } else {
-            depth >= DEPTH_SPLIT_MIN && depth >= DEPTH_SPLIT_PER_CELL * out_plane
+            im2col_splits_by_depth(depth, out_plane)
         };
         if tasks > 1 && by_depth && group_channels >= tasks {
             unit.by_depth(out, tasks);
@@ -631,6 +630,12 @@ const DEPTH_SPLIT_MIN: usize = 1024;
 /// (1152 and 2304 deep, 196 cells) and at 7x7 (2304 and 4608, 49 cells), and
 /// VGG-16's at 14x14 (4608, 196), but not 128 channels at 28x28 (1152, 784).
 const DEPTH_SPLIT_PER_CELL: usize = 4;
+
+/// True when an im2col product `depth` deep onto `plane` output cells is deep
+/// enough to split over its depth on several threads ([`Unit::by_depth`]).
+fn im2col_splits_by_depth(depth: usize, plane: usize) -> bool {
+    depth >= DEPTH_SPLIT_MIN && depth >= DEPTH_SPLIT_PER_CELL * plane
+}
 
 /// One batch item and group of a GEMM-strategy Conv, to be computed by
 /// several tasks at once, each doing its share of im2col, GEMM, bias and

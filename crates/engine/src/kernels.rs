@@ -66,8 +66,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    DirectInput, OutputRows, Span, TileSource, Tiling, bias_activate_body, bias_add_activate_body,
-    depthwise3x3_body, direct_row_body, max_by_rows_body, winograd_input_body,
+    DirectInput, OutputRows, PhasedPlane, Span, TileSource, Tiling, bias_activate_body,
+    bias_add_activate_body, depthwise_phased_body, depthwise3x3_body, direct_row_body,
+    logistic_body, logistic_in_place_body, max_by_rows_body, winograd_input_body,
     winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
     winograd4_weights_body,
 };
@@ -997,6 +998,16 @@ fn matrix_vector(a: MatRef<'_>, x: &[f32], out: &mut impl FnMut(usize, &[f32])) 
 }
 
 multiversion! {
+    /// One plane of a depthwise convolution of any window (see `depthwise_phased_body`).
+    pub(crate) fn depthwise_phased(
+        p: &PhasedPlane<'_>,
+        wide: &mut [f32],
+        out: &mut [f32],
+        out_width: usize,
+    ) => depthwise_phased_body;
+}
+
+multiversion! {
     /// One plane of a 3x3 depthwise convolution (see `depthwise3x3_body`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn depthwise3x3(
@@ -1025,6 +1036,16 @@ multiversion! {
         residual: &[f32],
         activation: Activation,
     ) => bias_add_activate_body;
+}
+
+multiversion! {
+    /// `out[i] = logistic(x[i])` (see `ops::elementwise::logistic`).
+    pub(crate) fn logistic(x: &[f32], out: &mut [f32]) => logistic_body;
+}
+
+multiversion! {
+    /// `data[i] = logistic(data[i])` (see `ops::elementwise::logistic`).
+    pub(crate) fn logistic_in_place(data: &mut [f32]) => logistic_in_place_body;
 }
 
 multiversion! {

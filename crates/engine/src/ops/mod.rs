@@ -20,12 +20,14 @@ use std::ops::RangeInclusive;
 
 pub(crate) use conv::spends as conv_spends;
 pub(crate) use conv::{
-    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, TileSource, Tiling,
-    depthwise3x3_body, direct_row_body, f4_input, f4_output, f4_weights, winograd_input_body,
-    winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
-    winograd4_weights_body,
+    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, PhasedPlane, TileSource, Tiling,
+    depthwise_phased_body, depthwise3x3_body, direct_row_body, f4_input, f4_output, f4_weights,
+    winograd_input_body, winograd_output_body, winograd_weights_body, winograd4_input_body,
+    winograd4_output_body, winograd4_weights_body,
 };
-pub(crate) use elementwise::{bias_activate_body, bias_add_activate_body, clip, relu};
+pub(crate) use elementwise::{
+    bias_activate_body, bias_add_activate_body, clip, logistic_body, logistic_in_place_body, relu,
+};
 pub(crate) use pool::max_by_rows_body;
 pub(crate) use window::Span;
 
@@ -174,7 +176,7 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
             single(op, inputs)?,
             Activation::Clip { min, max },
         )),
-        Op::Sigmoid => Ok(map(single(op, inputs)?, sigmoid)),
+        Op::Sigmoid => Ok(sigmoid(single(op, inputs)?)),
         Op::Tanh => Ok(map(single(op, inputs)?, f32::tanh)),
         Op::MaxPool(attrs) => {
             let x = single(op, inputs)?;

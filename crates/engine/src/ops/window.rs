@@ -112,6 +112,11 @@ impl Axis {
         self.pad_begin
     }
 
+    /// `pad_begin + input + pad_end`.
+    pub(crate) fn padded(&self) -> usize {
+        self.padded
+    }
+
     /// Distance between kernel taps, in input cells.
     pub(crate) fn dilation(&self) -> usize {
         self.dilation

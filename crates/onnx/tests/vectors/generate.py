@@ -162,6 +162,58 @@ def conv_depthwise():
 
 
 @case
+def conv_depthwise_5x5():
+    # EfficientNet's window: every depthwise Conv but 3x3 with one cell of padding
+    # takes the engine's general depthwise path.
+    return conv_case(
+        "conv_depthwise_5x5", [1, 6, 14, 14], [6, 1, 5, 5], group=6, pads=[2, 2, 2, 2]
+    )
+
+
+@case
+def conv_depthwise_5x5_stride2_asymmetric():
+    return conv_case(
+        "conv_depthwise_5x5_stride2_asymmetric",
+        [2, 5, 15, 13],
+        [5, 1, 5, 5],
+        group=5,
+        strides=[2, 2],
+        pads=[2, 1, 1, 2],
+    )
+
+
+@case
+def conv_depthwise_dilated():
+    return conv_case(
+        "conv_depthwise_dilated",
+        [1, 3, 9, 10],
+        [3, 1, 3, 3],
+        group=3,
+        dilations=[2, 2],
+        pads=[2, 2, 2, 2],
+    )
+
+
+@case
+def conv_depthwise_7x3_strides_1_2():
+    return conv_case(
+        "conv_depthwise_7x3_strides_1_2",
+        [1, 4, 7, 9],
+        [4, 1, 7, 3],
+        group=4,
+        strides=[1, 2],
+        pads=[3, 1, 3, 1],
+    )
+
+
+@case
+def conv_depthwise_unpadded_stride3():
+    return conv_case(
+        "conv_depthwise_unpadded_stride3", [1, 4, 11, 10], [4, 1, 3, 3], group=4, strides=[3, 3]
+    )
+
+
+@case
 def conv_1x1():
     return conv_case("conv_1x1", [3, 5, 4, 4], [6, 5, 1, 1], opset=11)
 
@@ -315,6 +367,15 @@ def relu():
 @case
 def sigmoid():
     return unary_case("sigmoid", "Sigmoid")
+
+
+@case
+def sigmoid_wide_range():
+    # Past where exp(-x) overflows or the result is subnormal, both ways.
+    c = Case("sigmoid_wide_range")
+    x = np.concatenate([np.linspace(-120, 120, 2401), [-1e30, 1e30, -88.5, 88.5, 0.0]])
+    c.output(c.node("Sigmoid", [c.input("x", [1, x.size], data=x.astype(np.float32).reshape(1, -1))], ["y"]))
+    return c
 
 
 @case

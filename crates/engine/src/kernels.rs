@@ -68,9 +68,9 @@ use crate::graph::Activation;
 use crate::ops::{
     DirectInput, OutputRows, PhasedPlane, Span, TileSource, Tiling, bias_activate_body,
     bias_add_activate_body, depthwise_phased_body, depthwise3x3_body, direct_row_body,
-    logistic_body, logistic_in_place_body, max_by_rows_body, winograd_input_body,
-    winograd_output_body, winograd_weights_body, winograd4_input_body, winograd4_output_body,
-    winograd4_weights_body,
+    logistic_body, logistic_in_place_body, max_by_rows_body, silu_body, silu_in_place_body,
+    winograd_input_body, winograd_output_body, winograd_weights_body, winograd4_input_body,
+    winograd4_output_body, winograd4_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -1041,6 +1041,16 @@ multiversion! {
 multiversion! {
     /// `out[i] = logistic(x[i])` (see `ops::elementwise::logistic`).
     pub(crate) fn logistic(x: &[f32], out: &mut [f32]) => logistic_body;
+}
+
+multiversion! {
+    /// `out[i] = x[i] * logistic(x[i])` (see `ops::elementwise::silu_body`).
+    pub(crate) fn silu(x: &[f32], out: &mut [f32]) => silu_body;
+}
+
+multiversion! {
+    /// `data[i] *= logistic(data[i])` (see `ops::elementwise::silu_in_place_body`).
+    pub(crate) fn silu_in_place(data: &mut [f32]) => silu_in_place_body;
 }
 
 multiversion! {

@@ -123,6 +123,9 @@ enum Fused {
     /// An activation already applied by the Conv before it: hands its
     /// operand through unchanged.
     Forward,
+    /// A Sigmoid whose output only a Mul by its own operand reads (SiLU,
+    /// `x * sigmoid(x)`): computes that product, and the Mul forwards it.
+    Silu,
 }
 
 /// Where a node input comes from.
@@ -166,6 +169,7 @@ impl Plan {
         let outputs = compile_outputs(&graph, &names)?;
         let slots = graph.inputs.len() + graph.nodes.len();
         fuse_residuals(&graph, &mut steps, &outputs);
+        fuse_silu(&graph, &mut steps, &outputs);
         let read = schedule(&mut steps, &outputs, slots);
         fuse(&graph, &mut steps);
         let inputs_read = read[..graph.inputs.len()].to_vec();
@@ -398,6 +402,13 @@ impl Plan {
                         reason,
                     }
                 });
+            }
+            Fused::Silu => {
+                let mut args = args;
+                let x = args
+                    .pop()
+                    .unwrap_or_else(|| unreachable!("fuse_silu keeps the Sigmoid's one operand"));
+                return Ok(ops::silu(x));
             }
             Fused::Forward => {
                 let mut args = args;
@@ -645,6 +656,50 @@ fn fuse_residuals(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) 
             steps[p].fused = Fused::WithResidual(attrs.clone());
             steps[j].operands = vec![Operand::Value(sum)];
             steps[j].fused = Fused::Forward;
+            break;
+        }
+    }
+}
+
+/// Folds each Mul of a value `x` by `Sigmoid(x)` (SiLU, EfficientNet's
+/// activation) into the Sigmoid, when the Mul is the Sigmoid output's only
+/// reader and that output is no graph output: the Sigmoid's step computes
+/// `x * sigmoid(x)` in one pass, in place when it reads `x` last, and the
+/// Mul's step hands it through. Apart, the Sigmoid wrote a second tensor as
+/// large as `x` and the Mul read both back. The product is the same bits
+/// either way. Runs before [`schedule`], which then sees the Mul no longer
+/// reading `x`.
+fn fuse_silu(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
+    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
+    for step in steps.iter() {
+        for operand in &step.operands {
+            if let Operand::Value(s) = *operand {
+                readers[s] += 1;
+            }
+        }
+    }
+    let producer = |slot: usize| slot.checked_sub(graph.inputs.len());
+    for m in 0..steps.len() {
+        if !matches!(graph.nodes[m].op, Op::Mul) || steps[m].fused != Fused::No {
+            continue;
+        }
+        let [Operand::Value(a), Operand::Value(b)] = steps[m].operands[..] else {
+            continue;
+        };
+        for (sigmoid, x) in [(a, b), (b, a)] {
+            let Some(j) = producer(sigmoid) else { continue };
+            let output = outputs.iter().any(|&(s, _)| s == sigmoid);
+            if !matches!(graph.nodes[j].op, Op::Sigmoid)
+                || steps[j].fused != Fused::No
+                || steps[j].operands[..] != [Operand::Value(x)]
+                || readers[sigmoid] != 1
+                || output
+            {
+                continue;
+            }
+            steps[j].fused = Fused::Silu;
+            steps[m].operands = vec![Operand::Value(sigmoid)];
+            steps[m].fused = Fused::Forward;
             break;
         }
     }
@@ -1003,6 +1058,46 @@ mod tests {
         let out = plan.run(&[x], &mut weights[..]).unwrap();
         assert_eq!(out[0].data(), &[0.0, 2.0, 4.0]);
         assert_eq!(out[1].data(), &[-2.0, 3.5, 5.5]);
+    }
+
+    #[test]
+    fn fuses_silu_into_the_sigmoid_only_when_the_mul_alone_reads_it() {
+        let conv = scaling_conv();
+        let g = with_scaling_weight(
+            vec![
+                // x * sigmoid(x) on a Conv's output, read last: in place.
+                node("c", conv.clone(), &["x", "w"]),
+                node("s", Op::Sigmoid, &["c"]),
+                node("m", Op::Mul, &["s", "c"]),
+                // The Sigmoid is a graph output too: not fused.
+                node("t", Op::Sigmoid, &["m"]),
+                node("n", Op::Mul, &["m", "t"]),
+                // Sigmoid of another value: not SiLU.
+                node("u", Op::Sigmoid, &["x"]),
+                node("v", Op::Mul, &["n", "u"]),
+            ],
+            &["v", "t"],
+        );
+        let plan = Plan::new(g).unwrap();
+        let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
+        assert_eq!(fused[1], &Fused::Silu);
+        assert_eq!(fused[2], &Fused::Forward);
+        assert_eq!(plan.steps[1].operands, [Operand::Last(1)]); // c, in place
+        assert!(fused[3..].iter().all(|f| **f == Fused::No), "{fused:?}");
+        let x = Tensor::new(vec![1, 1, 1, 3], vec![-1.0, 0.5, 3.0]).unwrap();
+        let mut weights = [Tensor::new(vec![1, 1, 1, 1], vec![2.0]).unwrap()];
+        let out = plan
+            .run(std::slice::from_ref(&x), &mut weights[..])
+            .unwrap();
+        let logistic = |v: f32| {
+            crate::ops::sigmoid(Cow::Owned(Tensor::new(vec![1], vec![v]).unwrap())).data()[0]
+        };
+        for (i, &x) in x.data().iter().enumerate() {
+            let m = (2.0 * x) * logistic(2.0 * x);
+            let (t, u) = (logistic(m), logistic(x));
+            assert_eq!(out[1].data()[i].to_bits(), t.to_bits());
+            assert_eq!(out[0].data()[i].to_bits(), ((m * t) * u).to_bits());
+        }
     }
 
     #[test]

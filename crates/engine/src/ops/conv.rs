@@ -1273,7 +1273,7 @@ const BLOCKS_PER_THREAD: usize = 4;
 fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
     let (in_plane, out_plane) = (geo.in_plane(), geo.out_plane());
     let (width, out_width) = (geo.w.input(), geo.w.output());
-    let (kw, stride) = (geo.w.kernel(), geo.w.stride());
+    let stride = geo.w.stride();
     let fast = geo.h.is_3x3_pad1() && geo.w.is_3x3_pad1() && geo.h.stride() == stride;
     let planes = y.len() / out_plane;
     let work = y.len().saturating_mul(geo.kernel_len());
@@ -1283,6 +1283,7 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
         1
     };
     let sixteen = fast && sixteen_planes_pay(out_width, stride);
+    let phased = (!fast).then(|| PhasedLayout::new(geo));
     let per_task = if sixteen {
         planes.div_ceil(tasks).next_multiple_of(16)
     } else {
@@ -1339,20 +1340,21 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
                         );
                         continue;
                     }
-                    let (rows, phase_len) = phase_plane(geo, plane, &mut s.planes);
+                    let Some(layout) = &phased else {
+                        unreachable!("laid out for every window but the 3x3 ones")
+                    };
+                    layout.fill(geo, plane, &mut s.planes);
                     let window = PhasedPlane {
                         blocks: &s.planes,
-                        rows,
-                        phase_len,
-                        strides: [geo.h.stride(), stride],
-                        kernel: [geo.h.kernel(), kw],
-                        dilations: [geo.h.dilation(), geo.w.dilation()],
+                        phase_len: layout.phase_len,
+                        offsets: &layout.offsets,
                         taps,
                         bias: b,
                         activation: geo.activation,
                     };
-                    s.rows.resize(geo.h.output() * phase_len, 0.0);
-                    let wide = &mut s.rows[..geo.h.output() * phase_len];
+                    let wide_len = layout.wide_len(geo);
+                    s.rows.resize(wide_len, 0.0);
+                    let wide = &mut s.rows[..wide_len];
                     kernels::depthwise_phased(&window, wide, out, out_width);
                 }
             });
@@ -1360,77 +1362,127 @@ fn depthwise(geo: &Geometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut
     );
 }
 
-/// Copies `plane` into `blocks` as [`PhasedPlane`] lays it out, with zeros
-/// for the padding, and returns `(rows, phase_len)`: each block's rows and
-/// their length.
-fn phase_plane(geo: &Geometry, plane: &[f32], blocks: &mut Vec<f32>) -> (usize, usize) {
-    let [stride_h, stride_w] = [geo.h.stride(), geo.w.stride()];
-    let phase_len = geo.w.padded().div_ceil(stride_w);
-    // One more row than the padding holds: see `PhasedPlane`.
-    let rows = geo.h.padded().div_ceil(stride_h) + 1;
-    let block_len = rows * phase_len;
-    blocks.clear();
-    blocks.resize(stride_h * stride_w * block_len, 0.0);
-    let (top, left) = (geo.h.pad_begin(), geo.w.pad_begin());
-    for (y, row) in plane.chunks_exact(geo.w.input()).enumerate() {
-        let (b, a) = ((top + y) % stride_h, (top + y) / stride_h);
-        for q in 0..stride_w {
-            // Padded columns `q, q + stride_w, ...`; the first from the input
-            // is the first at or after `left`.
-            let first = left.saturating_sub(q).div_ceil(stride_w);
-            let Some(from) = (first * stride_w + q).checked_sub(left) else {
-                continue;
+/// How [`PhasedPlane`] lays out the planes of one Conv.
+struct PhasedLayout {
+    /// Rows of each block.
+    rows: usize,
+    phase_len: usize,
+    /// Where each tap's run starts, in the kernel's row-major order.
+    offsets: Vec<usize>,
+}
+
+impl PhasedLayout {
+    fn new(geo: &Geometry) -> PhasedLayout {
+        let [stride_h, stride_w] = [geo.h.stride(), geo.w.stride()];
+        let phase_len = geo.w.padded().div_ceil(stride_w);
+        // One more row than the padding holds: see `PhasedPlane`.
+        let rows = geo.h.padded().div_ceil(stride_h) + 1;
+        let (dh, dw) = (geo.h.dilation(), geo.w.dilation());
+        let mut offsets = Vec::with_capacity(geo.kernel_len());
+        for ki in 0..geo.h.kernel() {
+            let (b, a) = ((ki * dh) % stride_h, (ki * dh) / stride_h);
+            for kj in 0..geo.w.kernel() {
+                let (q, c) = ((kj * dw) % stride_w, (kj * dw) / stride_w);
+                offsets.push(((b * stride_w + q) * rows + a) * phase_len + c);
+            }
+        }
+        PhasedLayout {
+            rows,
+            phase_len,
+            offsets,
+        }
+    }
+
+    /// The wide plane's length: its `OH` rows, then up to a whole number of
+    /// runs of [`PHASED_CELLS`].
+    fn wide_len(&self, geo: &Geometry) -> usize {
+        (geo.h.output() * self.phase_len).next_multiple_of(PHASED_CELLS)
+    }
+
+    /// Copies `plane` into `blocks` laid out as [`PhasedPlane`] says, with
+    /// zeros for the padding and [`PHASED_CELLS`] more after the last block.
+    fn fill(&self, geo: &Geometry, plane: &[f32], blocks: &mut Vec<f32>) {
+        let [stride_h, stride_w] = [geo.h.stride(), geo.w.stride()];
+        let block_len = self.rows * self.phase_len;
+        blocks.clear();
+        blocks.resize(stride_h * stride_w * block_len + PHASED_CELLS, 0.0);
+        let (top, left) = (geo.h.pad_begin(), geo.w.pad_begin());
+        // The input's first column in phase 0, `skip` columns in.
+        let skip = (stride_w - left % stride_w) % stride_w;
+        let first = (left + skip) / stride_w;
+        for (y, row) in plane.chunks_exact(geo.w.input()).enumerate() {
+            let (b, a) = ((top + y) % stride_h, (top + y) / stride_h);
+            let phases = &mut blocks[b * stride_w * block_len..][..stride_w * block_len];
+            let at = |x: usize| {
+                let column = left + x;
+                (column % stride_w) * block_len + a * self.phase_len + column / stride_w
             };
-            let at = (b * stride_w + q) * block_len + a * phase_len;
-            let dest = &mut blocks[at + first..at + phase_len];
+            for (x, &v) in row.iter().enumerate().take(skip) {
+                phases[at(x)] = v;
+            }
             if stride_w == 1 {
-                let n = dest.len().min(row.len() - from);
-                dest[..n].copy_from_slice(&row[from..][..n]);
+                phases[a * self.phase_len + left..][..row.len()].copy_from_slice(row);
+            } else if stride_w == 2 {
+                let (groups, rest) = row.get(skip..).unwrap_or_default().as_chunks::<2>();
+                // Both phases at once: this deinterleaves in vectors.
+                let (even, odd) = phases.split_at_mut(block_len);
+                let even = &mut even[a * self.phase_len + first..][..groups.len()];
+                let odd = &mut odd[a * self.phase_len + first..][..groups.len()];
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(groups) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                if let [v] = rest {
+                    phases[at(row.len() - 1)] = *v;
+                }
             } else {
-                for (d, &v) in dest.iter_mut().zip(row.iter().skip(from).step_by(stride_w)) {
-                    *d = v;
+                for (x, &v) in row.iter().enumerate().skip(skip) {
+                    phases[at(x)] = v;
                 }
             }
         }
     }
-    (rows, phase_len)
 }
 
 /// One plane of a depthwise convolution of any window, padded and cut into
-/// `strides[0] * strides[1]` blocks by the phases of its rows and columns,
-/// for [`depthwise_phased_body`]. Block `(b, q)` holds the padded cells at
-/// rows `b, b + stride_h, ...` and columns `q, q + stride_w, ...`: `rows`
-/// rows of `phase_len` values, the last of them zeros. Every tap then reads
-/// one contiguous run of a block for all the output cells at once: output
-/// row `oh` and column `ow` at `oh * phase_len + ow` of a wide plane whose
-/// rows are `phase_len` long. The cells past `out_width` of a wide row are
-/// not outputs; they read the next block row, or that last row of zeros.
+/// `stride_h * stride_w` blocks by the phases of its rows and columns, for
+/// [`depthwise_phased_body`] ([`PhasedLayout`] lays it out). Block `(b, q)`
+/// holds the padded cells at rows `b, b + stride_h, ...` and columns `q, q +
+/// stride_w, ...`: rows of `phase_len` values, and one more row of zeros.
+/// Every tap then reads one contiguous run of a block (from its `offsets`)
+/// for all the output cells at once: output row `oh` and column `ow` at
+/// `oh * phase_len + ow` of a wide plane whose rows are `phase_len` long. The
+/// cells past `out_width` of a wide row are not outputs; they read the next
+/// block row, or that last row of zeros; the wide plane ends on a whole run
+/// of [`PHASED_CELLS`], whose cells past the last row read at most that many
+/// zeros after the last block.
 pub(crate) struct PhasedPlane<'a> {
     pub blocks: &'a [f32],
-    pub rows: usize,
     pub phase_len: usize,
-    /// Along H, then W; likewise below.
-    pub strides: [usize; 2],
-    pub kernel: [usize; 2],
-    pub dilations: [usize; 2],
+    /// Where each tap's run starts in `blocks`, in the kernel's row-major order.
+    pub offsets: &'a [usize],
     /// Row-major over the kernel.
     pub taps: &'a [f32],
     pub bias: f32,
     pub activation: Activation,
 }
 
+/// Cells of the wide plane [`depthwise_phased_body`] sums at once.
+const PHASED_CELLS: usize = 16;
+
 /// The depthwise windows that no dedicated kernel takes (all but 3x3 with
 /// one cell of padding), into `out` (`[OH, out_width]`) through `wide`
-/// (`OH * phase_len` values, any contents): each cell starts from the bias
+/// (`OH * phase_len` values and up to a whole run more, any contents): each cell starts from the bias
 /// and adds each tap's product in the kernel's row-major order, one
 /// multiply-add each, then the activation. Compiled per instruction set by
-/// `kernels::depthwise_phased`. Every tap is one loop over the whole wide
-/// plane, so vectors stay full however narrow the plane. Against the loop
-/// over each output row and tap's valid columns that it replaced (no padded
-/// copy, stride 2 by `step_by`, rows of 7 or 14 cells in scalar code),
-/// EfficientNet-B0's 5x5 Convs inside the network at one thread (`mlcapsule
-/// bench --profile`, Intel Xeon): 144 planes 56x56 at stride 2 2.59 → 0.55
-/// ms, 672 planes of 14x14 1.34 → 0.42, 1152 of 7x7 0.88-0.94 → 0.33.
+/// `kernels::depthwise_phased`. It sums [`PHASED_CELLS`] cells of the wide
+/// plane at a time over every tap, in registers, so vectors stay full
+/// however narrow the plane. Against the loop over each output row and
+/// tap's valid columns that it replaced (no padded copy, stride 2 by
+/// `step_by`, rows of 7 or 14 cells in scalar code), EfficientNet-B0's 5x5
+/// Convs inside the network at one thread (`mlcapsule bench --profile`,
+/// Intel Xeon): 144 planes 56x56 at stride 2 2.59 → 0.55 ms, 672 planes of
+/// 14x14 1.34 → 0.42, 1152 of 7x7 0.88-0.94 → 0.33.
 #[inline(always)]
 pub(crate) fn depthwise_phased_body<const FMA: bool>(
     p: &PhasedPlane<'_>,
@@ -1438,22 +1490,19 @@ pub(crate) fn depthwise_phased_body<const FMA: bool>(
     out: &mut [f32],
     out_width: usize,
 ) {
-    let [stride_h, stride_w] = p.strides;
-    let [kh, kw] = p.kernel;
-    let [dh, dw] = p.dilations;
-    let block_len = p.rows * p.phase_len;
-    wide.fill(p.bias);
-    for ki in 0..kh {
-        let (b, a) = ((ki * dh) % stride_h, (ki * dh) / stride_h);
-        for kj in 0..kw {
-            let (q, c) = ((kj * dw) % stride_w, (kj * dw) / stride_w);
-            let at = (b * stride_w + q) * block_len + a * p.phase_len + c;
-            let weight = p.taps[ki * kw + kj];
-            let len = wide.len();
-            for (y, &x) in wide.iter_mut().zip(&p.blocks[at..at + len]) {
-                *y = fmadd::<FMA>(weight, x, *y);
+    let (runs, _) = wide.as_chunks_mut::<PHASED_CELLS>();
+    for (n, run) in runs.iter_mut().enumerate() {
+        let at = n * PHASED_CELLS;
+        let mut sums = [p.bias; PHASED_CELLS];
+        for (&offset, &weight) in p.offsets.iter().zip(p.taps) {
+            let x: &[f32; PHASED_CELLS] = p.blocks[offset + at..][..PHASED_CELLS]
+                .try_into()
+                .expect("a run of cells");
+            for (s, &x) in sums.iter_mut().zip(x) {
+                *s = fmadd::<FMA>(weight, x, *s);
             }
         }
+        *run = sums;
     }
     for (row, wide) in out
         .chunks_exact_mut(out_width)

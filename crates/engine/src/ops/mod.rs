@@ -27,6 +27,7 @@ pub(crate) use conv::{
 };
 pub(crate) use elementwise::{
     bias_activate_body, bias_add_activate_body, clip, logistic_body, logistic_in_place_body, relu,
+    sigmoid, silu, silu_body, silu_in_place_body,
 };
 pub(crate) use pool::max_by_rows_body;
 pub(crate) use window::Span;
@@ -126,7 +127,7 @@ fn conv_in_place<'a>(
 
 /// Runs `op` on `inputs`.
 pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
-    use elementwise::{activation, binary, map, sigmoid};
+    use elementwise::{activation, binary, map};
     match op {
         Op::Conv(attrs) => {
             let n = inputs.len();

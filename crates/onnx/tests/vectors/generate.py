@@ -379,6 +379,32 @@ def sigmoid_wide_range():
 
 
 @case
+def silu_after_conv():
+    # EfficientNet's activation: the engine fuses the Sigmoid and the Mul.
+    c = Case("silu_after_conv")
+    x = c.input("x", [1, 3, 6, 6])
+    y = c.node("Conv", [x, c.weight("w", [4, 3, 3, 3]), c.weight("b", [4])], ["y"], pads=[1, 1, 1, 1])
+    s = c.node("Sigmoid", [y], ["s"])
+    c.output(c.node("Mul", [y, s], ["z"]))
+    return c
+
+
+@case
+def silu_sigmoid_first_and_shared():
+    # Mul(sigmoid(x), x) on a graph input (fused, not in place), then a
+    # Sigmoid that is also a graph output (not fused).
+    c = Case("silu_sigmoid_first_and_shared")
+    x = c.input("x", [2, 5, 7], data=None)
+    c.inputs[0] = (c.inputs[0][0], (c.inputs[0][1] * 6).astype(np.float32))
+    s = c.node("Sigmoid", [x], ["s"])
+    m = c.node("Mul", [s, x], ["m"])
+    t = c.node("Sigmoid", [m], ["t"])
+    c.output(c.node("Mul", [m, t], ["z"]))
+    c.output(t)
+    return c
+
+
+@case
 def tanh():
     return unary_case("tanh", "Tanh", opset=17)
 

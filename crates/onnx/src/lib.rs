@@ -19,7 +19,8 @@
 //!   opset-13 semantics only where they agree;
 //! - folds BatchNormalization into the preceding Conv or Gemm, or otherwise
 //!   runs it as a per-channel Mul and Add;
-//! - removes Identity and Dropout nodes, dead nodes and unread weights;
+//! - removes Identity and Dropout nodes (an Identity of a constant is that
+//!   constant), Pads that add no cells, dead nodes and unread weights;
 //! - names every node uniquely (`{op_type}_{index}` when the model has no name).
 //!
 //! ```

@@ -152,6 +152,23 @@ fn unsupported_uses_of_supported_ops_say_why() {
     let err = import(&bytes).unwrap_err();
     assert!(err.to_string().contains("computed at run time"), "{err}");
 
+    // A Pad that adds cells.
+    let mut pad = node("Pad", "pad", &["x"], &["y"]);
+    pad.attribute = vec![ints_attr("pads", &[0, 0, 1, 1, 0, 0, 1, 1])];
+    let bytes = model(
+        7,
+        vec![value("x", &[Some(1), Some(2), Some(3), Some(3)])],
+        vec![],
+        vec![pad],
+        &["y"],
+    );
+    let err = import(&bytes).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedNode { ref node, .. } if node == "pad"));
+    assert!(
+        err.to_string().contains("[0, 0, 1, 1, 0, 0, 1, 1]"),
+        "{err}"
+    );
+
     // A 1-D convolution.
     let bytes = model(
         13,

@@ -405,6 +405,37 @@ def silu_sigmoid_first_and_shared():
 
 
 @case
+def bn_statistics_through_identity():
+    # PyTorch writes one initializer for equal tensors and Identity nodes for
+    # the others: BatchNormalization then reads its mean and variance through them.
+    c = Case("bn_statistics_through_identity")
+    x = c.input("x", [2, 3, 4, 4])
+    mean = c.node("Identity", [c.init("m0", np.zeros(3, np.float32))], ["m"])
+    var = c.node("Identity", [c.init("v0", np.ones(3, np.float32))], ["v"])
+    ins = [x, c.weight("scale", [3]), c.weight("bias", [3]), mean, var]
+    c.output(c.node("BatchNormalization", ins, ["y"], epsilon=1e-5))
+    return c
+
+
+@case
+def pad_nothing_before_avgpool():
+    # DenseNet's transitions as PyTorch exports them: a Pad of no cells.
+    c = Case("pad_nothing_before_avgpool")
+    x = c.input("x", [1, 2, 6, 6])
+    p = c.node("Pad", [x, c.init("pads", np.zeros(8, np.int64))], ["p"], mode="constant")
+    c.output(c.node("AveragePool", [p], ["y"], kernel_shape=[2, 2], strides=[2, 2]))
+    return c
+
+
+@case
+def pad_nothing_opset7():
+    c = Case("pad_nothing_opset7", opset=7)
+    x = c.input("x", [1, 2, 3, 3])
+    c.output(c.node("Relu", [c.node("Pad", [x], ["p"], pads=[0] * 8)], ["y"]))
+    return c
+
+
+@case
 def tanh():
     return unary_case("tanh", "Tanh", opset=17)
 

@@ -68,9 +68,9 @@ use crate::graph::Activation;
 use crate::ops::{
     DirectInput, OutputRows, PhasedPlane, Span, TileSource, Tiling, bias_activate_body,
     bias_add_activate_body, depthwise_phased_body, depthwise3x3_body, direct_row_body,
-    logistic_body, logistic_in_place_body, max_by_rows_body, silu_body, silu_in_place_body,
-    winograd_input_body, winograd_output_body, winograd_weights_body, winograd4_input_body,
-    winograd4_output_body, winograd4_weights_body,
+    logistic_body, logistic_in_place_body, max_by_rows_body, mean_by_rows_body, silu_body,
+    silu_in_place_body, winograd_input_body, winograd_output_body, winograd_weights_body,
+    winograd4_input_body, winograd4_output_body, winograd4_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -1056,6 +1056,18 @@ multiversion! {
 multiversion! {
     /// `data[i] = logistic(data[i])` (see `ops::elementwise::logistic`).
     pub(crate) fn logistic_in_place(data: &mut [f32]) => logistic_in_place_body;
+}
+
+multiversion! {
+    /// One plane of an AveragePool without dilation (see `mean_by_rows_body`).
+    pub(crate) fn mean_by_rows(
+        plane: &[f32],
+        include_pad: bool,
+        rows: &[Span],
+        cols: &[Span],
+        line: &mut [f32],
+        out: &mut [f32],
+    ) => mean_by_rows_body;
 }
 
 multiversion! {

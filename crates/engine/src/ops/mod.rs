@@ -29,7 +29,7 @@ pub(crate) use elementwise::{
     bias_activate_body, bias_add_activate_body, clip, logistic_body, logistic_in_place_body, relu,
     sigmoid, silu, silu_body, silu_in_place_body,
 };
-pub(crate) use pool::max_by_rows_body;
+pub(crate) use pool::{max_by_rows_body, mean_by_rows_body};
 pub(crate) use window::Span;
 
 use crate::graph::{Activation, ConvAttrs, Op};

@@ -93,6 +93,14 @@ pub enum Op {
     },
     /// `1 / (1 + exp(-x))`.
     Sigmoid,
+    /// `min(max(alpha * x + beta, 0), 1)`; `x * HardSigmoid(x)` with alpha
+    /// 1/6 and beta 1/2 is HardSwish (MobileNetV3's activation).
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
     /// Hyperbolic tangent.
     Tanh,
     /// Max pooling over H and W; padding never wins the max.
@@ -203,6 +211,7 @@ impl Op {
             Op::Relu => "Relu",
             Op::Clip { .. } => "Clip",
             Op::Sigmoid => "Sigmoid",
+            Op::HardSigmoid { .. } => "HardSigmoid",
             Op::Tanh => "Tanh",
             Op::MaxPool(_) => "MaxPool",
             Op::AveragePool { .. } => "AveragePool",

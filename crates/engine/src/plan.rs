@@ -123,9 +123,17 @@ enum Fused {
     /// An activation already applied by the Conv before it: hands its
     /// operand through unchanged.
     Forward,
-    /// A Sigmoid whose output only a Mul by its own operand reads (SiLU,
-    /// `x * sigmoid(x)`): computes that product, and the Mul forwards it.
-    Silu,
+    /// A Sigmoid or HardSigmoid whose output only a Mul by its own operand
+    /// reads (SiLU, `x * sigmoid(x)`, or HardSwish): computes that product,
+    /// and the Mul forwards it.
+    SelfGated(Gate),
+}
+
+/// The gate of a [`Fused::SelfGated`] step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Gate {
+    Sigmoid,
+    Hard { alpha: f32, beta: f32 },
 }
 
 /// Where a node input comes from.
@@ -169,7 +177,7 @@ impl Plan {
         let outputs = compile_outputs(&graph, &names)?;
         let slots = graph.inputs.len() + graph.nodes.len();
         fuse_residuals(&graph, &mut steps, &outputs);
-        fuse_silu(&graph, &mut steps, &outputs);
+        fuse_self_gated(&graph, &mut steps, &outputs);
         let read = schedule(&mut steps, &outputs, slots);
         fuse(&graph, &mut steps);
         let inputs_read = read[..graph.inputs.len()].to_vec();
@@ -403,12 +411,15 @@ impl Plan {
                     }
                 });
             }
-            Fused::Silu => {
+            Fused::SelfGated(gate) => {
                 let mut args = args;
-                let x = args
-                    .pop()
-                    .unwrap_or_else(|| unreachable!("fuse_silu keeps the Sigmoid's one operand"));
-                return Ok(ops::silu(x));
+                let x = args.pop().unwrap_or_else(|| {
+                    unreachable!("fuse_self_gated keeps the gate's one operand")
+                });
+                return Ok(match *gate {
+                    Gate::Sigmoid => ops::silu(x),
+                    Gate::Hard { alpha, beta } => ops::hard_swish(x, alpha, beta),
+                });
             }
             Fused::Forward => {
                 let mut args = args;
@@ -661,15 +672,15 @@ fn fuse_residuals(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) 
     }
 }
 
-/// Folds each Mul of a value `x` by `Sigmoid(x)` (SiLU, EfficientNet's
-/// activation) into the Sigmoid, when the Mul is the Sigmoid output's only
-/// reader and that output is no graph output: the Sigmoid's step computes
-/// `x * sigmoid(x)` in one pass, in place when it reads `x` last, and the
-/// Mul's step hands it through. Apart, the Sigmoid wrote a second tensor as
-/// large as `x` and the Mul read both back. The product is the same bits
-/// either way. Runs before [`schedule`], which then sees the Mul no longer
-/// reading `x`.
-fn fuse_silu(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
+/// Folds each Mul of a value `x` by `Sigmoid(x)` or `HardSigmoid(x)` (SiLU,
+/// EfficientNet's activation, and HardSwish, MobileNetV3's) into the gate,
+/// when the Mul is the gate output's only reader and that output is no graph
+/// output: the gate's step computes `x * gate(x)` in one pass, in place when
+/// it reads `x` last, and the Mul's step hands it through. Apart, the gate
+/// wrote a second tensor as large as `x` and the Mul read both back. The
+/// product is the same bits either way. Runs before [`schedule`], which then
+/// sees the Mul no longer reading `x`.
+fn fuse_self_gated(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
     let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
     for step in steps.iter() {
         for operand in &step.operands {
@@ -686,19 +697,23 @@ fn fuse_silu(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
         let [Operand::Value(a), Operand::Value(b)] = steps[m].operands[..] else {
             continue;
         };
-        for (sigmoid, x) in [(a, b), (b, a)] {
-            let Some(j) = producer(sigmoid) else { continue };
-            let output = outputs.iter().any(|&(s, _)| s == sigmoid);
-            if !matches!(graph.nodes[j].op, Op::Sigmoid)
-                || steps[j].fused != Fused::No
+        for (gated, x) in [(a, b), (b, a)] {
+            let Some(j) = producer(gated) else { continue };
+            let output = outputs.iter().any(|&(s, _)| s == gated);
+            let gate = match graph.nodes[j].op {
+                Op::Sigmoid => Gate::Sigmoid,
+                Op::HardSigmoid { alpha, beta } => Gate::Hard { alpha, beta },
+                _ => continue,
+            };
+            if steps[j].fused != Fused::No
                 || steps[j].operands[..] != [Operand::Value(x)]
-                || readers[sigmoid] != 1
+                || readers[gated] != 1
                 || output
             {
                 continue;
             }
-            steps[j].fused = Fused::Silu;
-            steps[m].operands = vec![Operand::Value(sigmoid)];
+            steps[j].fused = Fused::SelfGated(gate);
+            steps[m].operands = vec![Operand::Value(gated)];
             steps[m].fused = Fused::Forward;
             break;
         }
@@ -1061,8 +1076,12 @@ mod tests {
     }
 
     #[test]
-    fn fuses_silu_into_the_sigmoid_only_when_the_mul_alone_reads_it() {
+    fn fuses_self_gated_products_only_when_the_mul_alone_reads_the_gate() {
         let conv = scaling_conv();
+        let hard = Op::HardSigmoid {
+            alpha: 1.0 / 6.0,
+            beta: 0.5,
+        };
         let g = with_scaling_weight(
             vec![
                 // x * sigmoid(x) on a Conv's output, read last: in place.
@@ -1075,15 +1094,21 @@ mod tests {
                 // Sigmoid of another value: not SiLU.
                 node("u", Op::Sigmoid, &["x"]),
                 node("v", Op::Mul, &["n", "u"]),
+                // HardSwish, the gate second.
+                node("h", hard, &["v"]),
+                node("k", Op::Mul, &["v", "h"]),
             ],
-            &["v", "t"],
+            &["k", "t"],
         );
         let plan = Plan::new(g).unwrap();
         let fused: Vec<&Fused> = plan.steps.iter().map(|s| &s.fused).collect();
-        assert_eq!(fused[1], &Fused::Silu);
+        assert_eq!(fused[1], &Fused::SelfGated(Gate::Sigmoid));
         assert_eq!(fused[2], &Fused::Forward);
         assert_eq!(plan.steps[1].operands, [Operand::Last(1)]); // c, in place
-        assert!(fused[3..].iter().all(|f| **f == Fused::No), "{fused:?}");
+        assert!(fused[3..7].iter().all(|f| **f == Fused::No), "{fused:?}");
+        let (alpha, beta) = (1.0 / 6.0, 0.5);
+        assert_eq!(fused[7], &Fused::SelfGated(Gate::Hard { alpha, beta }));
+        assert_eq!(fused[8], &Fused::Forward);
         let x = Tensor::new(vec![1, 1, 1, 3], vec![-1.0, 0.5, 3.0]).unwrap();
         let mut weights = [Tensor::new(vec![1, 1, 1, 1], vec![2.0]).unwrap()];
         let out = plan
@@ -1096,7 +1121,9 @@ mod tests {
             let m = (2.0 * x) * logistic(2.0 * x);
             let (t, u) = (logistic(m), logistic(x));
             assert_eq!(out[1].data()[i].to_bits(), t.to_bits());
-            assert_eq!(out[0].data()[i].to_bits(), ((m * t) * u).to_bits());
+            let v = (m * t) * u;
+            let k = v * crate::ops::hard_sigmoid(v, alpha, beta);
+            assert_eq!(out[0].data()[i].to_bits(), k.to_bits());
         }
     }
 

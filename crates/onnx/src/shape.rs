@@ -18,9 +18,13 @@ pub(crate) type Shape = Vec<Option<usize>>;
 pub(crate) fn infer(op: &Op, inputs: &[Option<&Shape>]) -> Option<Shape> {
     let first = inputs.first().copied().flatten();
     match op {
-        Op::Relu | Op::Clip { .. } | Op::Sigmoid | Op::Tanh | Op::Identity | Op::Softmax { .. } => {
-            first.cloned()
-        }
+        Op::Relu
+        | Op::Clip { .. }
+        | Op::Sigmoid
+        | Op::HardSigmoid { .. }
+        | Op::Tanh
+        | Op::Identity
+        | Op::Softmax { .. } => first.cloned(),
         Op::Conv(attrs) => conv(attrs, first?, inputs.get(1).copied().flatten()),
         Op::MaxPool(pool) | Op::AveragePool { pool, .. } => pool_shape(pool, first?),
         Op::GlobalAveragePool => {

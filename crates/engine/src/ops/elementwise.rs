@@ -21,7 +21,11 @@ pub(crate) fn map(x: Cow<'_, Tensor>, f: impl Fn(f32) -> f32) -> Tensor {
             x
         }
         Cow::Borrowed(x) => {
-            Tensor::from_parts(x.shape().to_vec(), x.data().iter().map(|&v| f(v)).collect())
+            let mut y = crate::buffers::take(x.len());
+            for (y, &v) in y.iter_mut().zip(x.data()) {
+                *y = f(v);
+            }
+            Tensor::from_parts(x.shape().to_vec(), y)
         }
     }
 }
@@ -94,6 +98,13 @@ pub(crate) fn silu(x: Cow<'_, Tensor>) -> Tensor {
             Tensor::from_parts(x.shape().to_vec(), out)
         }
     }
+}
+
+/// HardSwish in general form, `x * hard_sigmoid(x, alpha, beta)` (a
+/// HardSigmoid and the Mul of its input by it, fused by the plan): in place
+/// when the executor hands `x` over.
+pub(crate) fn hard_swish(x: Cow<'_, Tensor>, alpha: f32, beta: f32) -> Tensor {
+    map(x, |v| v * hard_sigmoid(v, alpha, beta))
 }
 
 /// Fewest values per thread of a [`sigmoid`] split over threads: about 20 µs
@@ -204,6 +215,11 @@ pub(crate) fn logistic_in_place_body<const FMA: bool>(data: &mut [f32]) {
     for v in data {
         *v = logistic::<FMA>(*v);
     }
+}
+
+/// `min(max(alpha * x + beta, 0), 1)`; NaN stays NaN (see [`clip`]).
+pub(crate) fn hard_sigmoid(x: f32, alpha: f32, beta: f32) -> f32 {
+    clip(alpha * x + beta, 0.0, 1.0)
 }
 
 /// Applies a fused activation in place.

@@ -26,8 +26,8 @@ pub(crate) use conv::{
     winograd4_output_body, winograd4_weights_body,
 };
 pub(crate) use elementwise::{
-    bias_activate_body, bias_add_activate_body, clip, logistic_body, logistic_in_place_body, relu,
-    sigmoid, silu, silu_body, silu_in_place_body,
+    bias_activate_body, bias_add_activate_body, clip, hard_sigmoid, hard_swish, logistic_body,
+    logistic_in_place_body, relu, sigmoid, silu, silu_body, silu_in_place_body,
 };
 pub(crate) use pool::{max_by_rows_body, mean_by_rows_body};
 pub(crate) use window::Span;
@@ -51,6 +51,7 @@ pub(crate) fn arity(op: &Op) -> RangeInclusive<usize> {
         Op::Relu
         | Op::Clip { .. }
         | Op::Sigmoid
+        | Op::HardSigmoid { .. }
         | Op::Tanh
         | Op::MaxPool(_)
         | Op::AveragePool { .. }
@@ -178,6 +179,9 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
             Activation::Clip { min, max },
         )),
         Op::Sigmoid => Ok(sigmoid(single(op, inputs)?)),
+        &Op::HardSigmoid { alpha, beta } => {
+            Ok(map(single(op, inputs)?, |x| hard_sigmoid(x, alpha, beta)))
+        }
         Op::Tanh => Ok(map(single(op, inputs)?, f32::tanh)),
         Op::MaxPool(attrs) => {
             let x = single(op, inputs)?;

@@ -11,6 +11,8 @@ pub(crate) const OPS: &[(&str, Convert)] = &[
     ("Relu", |cx, d| unary(cx, d, Op::Relu)),
     ("Sigmoid", |cx, d| unary(cx, d, Op::Sigmoid)),
     ("Tanh", |cx, d| unary(cx, d, Op::Tanh)),
+    ("HardSigmoid", hard_sigmoid),
+    ("HardSwish", hard_swish),
     ("Clip", clip),
     ("Add", |cx, d| binary(cx, d, Op::Add)),
     ("Sub", |cx, d| binary(cx, d, Op::Sub)),
@@ -22,6 +24,33 @@ pub(crate) const OPS: &[(&str, Convert)] = &[
 fn unary(cx: &NodeCx<'_>, draft: &mut Draft, op: Op) -> Result<(), Error> {
     let x = cx.required(0, "X")?;
     cx.emit(draft, op, vec![x.to_string()])
+}
+
+/// HardSigmoid (opset 6, 22): `alpha` defaults to 0.2, `beta` to 0.5.
+fn hard_sigmoid(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
+    let x = cx.required(0, "X")?;
+    let alpha = cx.attrs.float("alpha", 0.2)?;
+    let beta = cx.attrs.float("beta", 0.5)?;
+    cx.emit(draft, Op::HardSigmoid { alpha, beta }, vec![x.to_string()])
+}
+
+/// HardSwish (opset 14): `x * HardSigmoid(x)` with alpha 1/6 and beta 1/2, as
+/// a HardSigmoid and a Mul (which the engine's plan fuses again).
+fn hard_swish(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
+    let x = cx.required(0, "X")?.to_string();
+    let out = cx.output()?;
+    let gate = draft.fresh_value(&format!("{out}.gate"));
+    let name = draft.fresh_node(&format!("{}.gate", cx.name));
+    draft.push(Node {
+        name,
+        op: Op::HardSigmoid {
+            alpha: 1.0 / 6.0,
+            beta: 0.5,
+        },
+        inputs: vec![x.clone()],
+        outputs: vec![gate.clone()],
+    })?;
+    cx.emit(draft, Op::Mul, vec![x, gate])
 }
 
 /// Add, Sub, Mul, Div (opset 7, 13, 14): numpy broadcasting from opset 7.

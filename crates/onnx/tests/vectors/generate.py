@@ -436,6 +436,41 @@ def pad_nothing_opset7():
 
 
 @case
+def hard_sigmoid_attributes():
+    c = Case("hard_sigmoid_attributes", opset=7)
+    x = c.input("x", [2, 3, 4])
+    c.inputs[0] = (c.inputs[0][0], (c.inputs[0][1] * 4).astype(np.float32))
+    c.output(c.node("HardSigmoid", [x], ["y"], alpha=0.3, beta=0.4))
+    return c
+
+
+@case
+def hard_swish_opset14():
+    c = Case("hard_swish_opset14", opset=14)
+    x = c.input("x", [2, 3, 4])
+    c.inputs[0] = (c.inputs[0][0], (c.inputs[0][1] * 5).astype(np.float32))
+    c.output(c.node("HardSwish", [x], ["y"]))
+    return c
+
+
+@case
+def hard_swish_and_squeeze_excite():
+    # MobileNetV3 as PyTorch exports it at opset 13: HardSwish as HardSigmoid
+    # and Mul (fused by the engine), and a squeeze-excite gate, HardSigmoid of
+    # another value broadcast over the planes (not fused).
+    c = Case("hard_swish_and_squeeze_excite")
+    x = c.input("x", [1, 4, 5, 5])
+    c.inputs[0] = (c.inputs[0][0], (c.inputs[0][1] * 5).astype(np.float32))
+    g = c.node("HardSigmoid", [x], ["g"], alpha=1.0 / 6, beta=0.5)
+    h = c.node("Mul", [x, g], ["h"])
+    pooled = c.node("GlobalAveragePool", [h], ["p"])
+    se = c.node("Conv", [pooled, c.weight("w", [4, 4, 1, 1])], ["q"])
+    gate = c.node("HardSigmoid", [se], ["r"], alpha=1.0 / 6, beta=0.5)
+    c.output(c.node("Mul", [h, gate], ["y"]))
+    return c
+
+
+@case
 def tanh():
     return unary_case("tanh", "Tanh", opset=17)
 

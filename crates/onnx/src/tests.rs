@@ -169,6 +169,20 @@ fn unsupported_uses_of_supported_ops_say_why() {
         "{err}"
     );
 
+    // A ReduceMean over channels.
+    let mut mean = node("ReduceMean", "mean", &["x"], &["y"]);
+    mean.attribute = vec![ints_attr("axes", &[1])];
+    let bytes = model(
+        13,
+        vec![value("x", &[Some(1), Some(2), Some(3), Some(3)])],
+        vec![],
+        vec![mean],
+        &["y"],
+    );
+    let err = import(&bytes).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedNode { ref node, .. } if node == "mean"));
+    assert!(err.to_string().contains("axes [1]"), "{err}");
+
     // A 1-D convolution.
     let bytes = model(
         13,

@@ -471,6 +471,23 @@ def hard_swish_and_squeeze_excite():
 
 
 @case
+def reduce_mean_spatial():
+    # MNASNet's last pooling: the mean over H and W, dropped.
+    c = Case("reduce_mean_spatial")
+    x = c.input("x", [2, 3, 4, 5])
+    c.output(c.node("ReduceMean", [x], ["y"], axes=[2, 3], keepdims=0))
+    return c
+
+
+@case
+def reduce_mean_spatial_kept_opset18():
+    c = Case("reduce_mean_spatial_kept_opset18", opset=18)
+    x = c.input("x", [1, 3, 4, 4])
+    c.output(c.node("ReduceMean", [x, c.init("axes", np.array([-1, -2], np.int64))], ["y"]))
+    return c
+
+
+@case
 def tanh():
     return unary_case("tanh", "Tanh", opset=17)
 

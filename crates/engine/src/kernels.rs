@@ -66,11 +66,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::graph::Activation;
 use crate::ops::{
-    DirectInput, OutputRows, PhasedPlane, Span, TileSource, Tiling, bias_activate_body,
-    bias_add_activate_body, depthwise_phased_body, depthwise3x3_body, direct_row_body,
-    logistic_body, logistic_in_place_body, max_by_rows_body, mean_by_rows_body, silu_body,
-    silu_in_place_body, winograd_input_body, winograd_output_body, winograd_weights_body,
-    winograd4_input_body, winograd4_output_body, winograd4_weights_body,
+    DirectInput, OutputRows, PhasedPlane, Sixteens, Span, TileSource, Tiling, bias_activate_body,
+    bias_add_activate_body, depthwise_phased_body, depthwise_x16_body, depthwise3x3_body,
+    direct_row_body, logistic_body, logistic_in_place_body, max_by_rows_body, mean_by_rows_body,
+    silu_body, silu_in_place_body, winograd_input_body, winograd_output_body,
+    winograd_weights_body, winograd4_input_body, winograd4_output_body, winograd4_weights_body,
 };
 use crate::threads::{self, for_each_chunk};
 
@@ -995,6 +995,11 @@ fn matrix_vector(a: MatRef<'_>, x: &[f32], out: &mut impl FnMut(usize, &[f32])) 
         a.data.len()
     );
     on_avx512!(matrix_vector(a, x, out) if true)
+}
+
+multiversion! {
+    /// Sixteen planes of a depthwise convolution of any window (see `depthwise_x16_body`).
+    pub(crate) fn depthwise_x16(p: &Sixteens<'_>, sums: &mut [[f32; 16]], out_width: usize) => depthwise_x16_body;
 }
 
 multiversion! {

@@ -20,10 +20,10 @@ use std::ops::RangeInclusive;
 
 pub(crate) use conv::spends as conv_spends;
 pub(crate) use conv::{
-    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, PhasedPlane, TileSource, Tiling,
-    depthwise_phased_body, depthwise3x3_body, direct_row_body, f4_input, f4_output, f4_weights,
-    winograd_input_body, winograd_output_body, winograd_weights_body, winograd4_input_body,
-    winograd4_output_body, winograd4_weights_body,
+    Arith, BLOCK_COLUMNS, BLOCK_OUTPUTS, DirectInput, OutputRows, PhasedPlane, Sixteens,
+    TileSource, Tiling, depthwise_phased_body, depthwise_x16_body, depthwise3x3_body,
+    direct_row_body, f4_input, f4_output, f4_weights, winograd_input_body, winograd_output_body,
+    winograd_weights_body, winograd4_input_body, winograd4_output_body, winograd4_weights_body,
 };
 pub(crate) use elementwise::{
     bias_activate_body, bias_add_activate_body, clip, hard_sigmoid, hard_swish, logistic_body,

@@ -214,6 +214,28 @@ def conv_depthwise_unpadded_stride3():
 
 
 @case
+def conv_depthwise_5x5_sixteen_planes():
+    # 20 channels onto 7x7 planes, batch 2: sixteen planes at a time where
+    # they are channels of one image, one at a time for the rest.
+    return conv_case(
+        "conv_depthwise_5x5_sixteen_planes", [2, 20, 7, 7], [20, 1, 5, 5], group=20, pads=[2, 2, 2, 2]
+    )
+
+
+@case
+def conv_depthwise_3x5_sixteen_planes_strided():
+    return conv_case(
+        "conv_depthwise_3x5_sixteen_planes_strided",
+        [1, 16, 9, 11],
+        [16, 1, 3, 5],
+        group=16,
+        strides=[2, 2],
+        dilations=[1, 2],
+        pads=[1, 3, 0, 2],
+    )
+
+
+@case
 def conv_1x1():
     return conv_case("conv_1x1", [3, 5, 4, 4], [6, 5, 1, 1], opset=11)
 

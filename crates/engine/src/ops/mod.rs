@@ -220,7 +220,11 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
             let [a, b] = operands(op, inputs)?;
             binary(a, b, |x, y| x / y)
         }
-        Op::Concat { axis } => shape::concat(*axis, &inputs),
+        Op::Concat { axis } => {
+            let y = shape::concat(*axis, &inputs);
+            recycle(inputs);
+            y
+        }
         Op::Flatten { axis } => shape::flatten(*axis, single(op, inputs)?),
         Op::Reshape { shape, allowzero } => shape::reshape(shape, *allowzero, single(op, inputs)?),
         Op::Softmax { axis } => softmax::softmax(*axis, single(op, inputs)?),

@@ -171,7 +171,9 @@ pub(crate) fn execute(op: &Op, inputs: Vec<Cow<'_, Tensor>>) -> KernelResult {
         }
         Op::MatMul => {
             let [a, b] = operands(op, inputs)?;
-            gemm::matmul(&a, &b)
+            let y = gemm::matmul(&a, &b);
+            recycle([a, b]);
+            y
         }
         Op::Relu => Ok(activation(single(op, inputs)?, Activation::Relu)),
         &Op::Clip { min, max } => Ok(activation(

@@ -1,9 +1,11 @@
-//! Element-wise operators: the activations (Relu, Clip, Sigmoid, Tanh) and
+//! Element-wise operators: the activations (Relu, Clip, Sigmoid, HardSigmoid,
+//! Tanh), the self-gated products the plan fuses (SiLU, HardSwish) and
 //! arithmetic with numpy broadcasting (Add, Sub, Mul, Div).
 //!
-//! Both reuse an operand's buffer when the executor hands it over and the
-//! output has its shape, so a chain of activations allocates nothing. Relu
-//! and Clip compile to `max`/`min` instructions: no branch depends on the data.
+//! They reuse an operand's buffer when the executor hands it over and the
+//! output has its shape, and otherwise write into a recycled one, so a chain
+//! of activations allocates nothing. Relu and Clip compile to `max`/`min`
+//! instructions: no branch depends on the data.
 
 use std::borrow::Cow;
 

@@ -623,6 +623,20 @@ fn schedule(steps: &mut [Step], outputs: &[(usize, bool)], slots: usize) -> Vec<
         .collect()
 }
 
+/// How many times each slot is read by a step before [`schedule`] (which
+/// turns last reads into moves).
+fn value_readers(graph: &Graph, steps: &[Step]) -> Vec<usize> {
+    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
+    for step in steps {
+        for operand in &step.operands {
+            if let Operand::Value(s) = *operand {
+                readers[s] += 1;
+            }
+        }
+    }
+    readers
+}
+
 /// Folds each Add into the Conv that computes one of its operands, when the
 /// Add is the only reader of that Conv output (which is no graph output)
 /// and its other operand is computed before the Conv runs: the Conv adds
@@ -631,14 +645,7 @@ fn schedule(steps: &mut [Step], outputs: &[(usize, bool)], slots: usize) -> Vec<
 /// reads two tensors that two threads' tasks left in two cores' caches.
 /// Runs before [`schedule`], which then sees the residual read by the Conv.
 fn fuse_residuals(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
-    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
-    for step in steps.iter() {
-        for operand in &step.operands {
-            if let Operand::Value(s) = *operand {
-                readers[s] += 1;
-            }
-        }
-    }
+    let readers = value_readers(graph, steps);
     let producer = |slot: usize| slot.checked_sub(graph.inputs.len());
     for j in 0..steps.len() {
         if !matches!(graph.nodes[j].op, Op::Add) {
@@ -681,14 +688,7 @@ fn fuse_residuals(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) 
 /// product is the same bits either way. Runs before [`schedule`], which then
 /// sees the Mul no longer reading `x`.
 fn fuse_self_gated(graph: &Graph, steps: &mut [Step], outputs: &[(usize, bool)]) {
-    let mut readers = vec![0usize; graph.inputs.len() + steps.len()];
-    for step in steps.iter() {
-        for operand in &step.operands {
-            if let Operand::Value(s) = *operand {
-                readers[s] += 1;
-            }
-        }
-    }
+    let readers = value_readers(graph, steps);
     let producer = |slot: usize| slot.checked_sub(graph.inputs.len());
     for m in 0..steps.len() {
         if !matches!(graph.nodes[m].op, Op::Mul) || steps[m].fused != Fused::No {

@@ -65,37 +65,29 @@ impl Activation {
 /// into a recycled buffer; split over the threads when long
 /// ([`SIGMOID_PIECE`]). Each value is [`logistic`]'s, on any CPU.
 pub(crate) fn sigmoid(x: Cow<'_, Tensor>) -> Tensor {
-    match x {
-        Cow::Owned(mut x) => {
-            for_each_piece(x.data_mut(), |_, piece| kernels::logistic_in_place(piece));
-            x
-        }
-        Cow::Borrowed(x) => {
-            let input = x.data();
-            let mut out = crate::buffers::take(input.len());
-            for_each_piece(&mut out, |at, piece| {
-                kernels::logistic(&input[at..][..piece.len()], piece);
-            });
-            Tensor::from_parts(x.shape().to_vec(), out)
-        }
-    }
+    by_pieces(x, kernels::logistic_in_place, kernels::logistic)
 }
 
 /// SiLU, `x * sigmoid(x)`, in one pass (a Sigmoid and the Mul of its input
-/// by it, fused by the plan): in place when the executor hands `x` over,
-/// else into a recycled buffer; split over the threads as [`sigmoid`] is.
-/// Each value is `x * logistic(x)`, as the two nodes would give it.
+/// by it, fused by the plan), as [`sigmoid`] goes. Each value is `x *
+/// logistic(x)`, as the two nodes would give it.
 pub(crate) fn silu(x: Cow<'_, Tensor>) -> Tensor {
+    by_pieces(x, kernels::silu_in_place, kernels::silu)
+}
+
+/// `in_place` on `x`'s values when the executor hands `x` over, else `into`
+/// from them into a recycled buffer; split over the threads when long.
+fn by_pieces(x: Cow<'_, Tensor>, in_place: fn(&mut [f32]), into: fn(&[f32], &mut [f32])) -> Tensor {
     match x {
         Cow::Owned(mut x) => {
-            for_each_piece(x.data_mut(), |_, piece| kernels::silu_in_place(piece));
+            for_each_piece(x.data_mut(), |_, piece| in_place(piece));
             x
         }
         Cow::Borrowed(x) => {
             let input = x.data();
             let mut out = crate::buffers::take(input.len());
             for_each_piece(&mut out, |at, piece| {
-                kernels::silu(&input[at..][..piece.len()], piece);
+                into(&input[at..][..piece.len()], piece)
             });
             Tensor::from_parts(x.shape().to_vec(), out)
         }

@@ -1604,17 +1604,19 @@ const PHASED_CELLS: usize = 16;
 
 /// The depthwise windows that no dedicated kernel takes (all but 3x3 with
 /// one cell of padding), into `out` (`[OH, out_width]`) through `wide`
-/// (`OH * phase_len` values and up to a whole run more, any contents): each cell starts from the bias
-/// and adds each tap's product in the kernel's row-major order, one
-/// multiply-add each, then the activation. Compiled per instruction set by
-/// `kernels::depthwise_phased`. It sums [`PHASED_CELLS`] cells of the wide
-/// plane at a time over every tap, in registers, so vectors stay full
-/// however narrow the plane. Against the loop over each output row and
-/// tap's valid columns that it replaced (no padded copy, stride 2 by
-/// `step_by`, rows of 7 or 14 cells in scalar code), EfficientNet-B0's 5x5
-/// Convs inside the network at one thread (`mlcapsule bench --profile`,
-/// Intel Xeon): 144 planes 56x56 at stride 2 2.59 → 0.55 ms, 672 planes of
-/// 14x14 1.34 → 0.42, 1152 of 7x7 0.88-0.94 → 0.33.
+/// (`OH * phase_len` values and up to a whole run more, any contents): each
+/// cell starts from the bias and adds each tap's product in the kernel's
+/// row-major order, one multiply-add each, then the activation. Compiled per
+/// instruction set by `kernels::depthwise_phased`. It sums [`PHASED_CELLS`]
+/// cells of the wide plane at a time over every tap, in registers, so
+/// vectors stay full however narrow the plane. Against the loop over each
+/// output row and tap's valid columns that it replaced (no padded copy,
+/// stride 2 by `step_by`, rows of 7 or 14 cells in scalar code),
+/// EfficientNet-B0's 5x5 Convs inside the network at one thread (`mlcapsule
+/// bench --profile`, Intel Xeon): 144 planes 56x56 at stride 2 2.59 →
+/// 0.34-0.37 ms, 672 planes of 14x14 1.34 → 0.30-0.31 (1152 of 7x7 0.88-0.94
+/// → 0.23, and see [`INTERLEAVED_MAX_WIDTH`]). Summed tap by tap over the
+/// whole wide plane in memory, they had taken 0.55, 0.42 and 0.33.
 #[inline(always)]
 pub(crate) fn depthwise_phased_body<const FMA: bool>(
     p: &PhasedPlane<'_>,

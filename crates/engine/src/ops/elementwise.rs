@@ -119,7 +119,7 @@ fn for_each_piece(data: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send)
 /// nearest integer (ties to even): 1.5 * 2^23, whose bits are `0x4B40_0000`.
 const ROUNDER: f32 = 12_582_912.0;
 
-/// `ln 2` in two parts: `LN2_HI` has its low twelve bits zero, so that
+/// `ln 2` in two parts: `LN2_HI` has its low nine bits zero, so that
 /// `n * LN2_HI` is exact for every `n` [`logistic`] takes.
 const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;

@@ -1,6 +1,6 @@
 //! Element-wise operators: activations and numpy-broadcast arithmetic.
 
-use capsule_engine::{Node, Op};
+use capsule_engine::Op;
 
 use crate::Error;
 use crate::constant::Constant;
@@ -38,18 +38,11 @@ fn hard_sigmoid(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
 /// a HardSigmoid and a Mul (which the engine's plan fuses again).
 fn hard_swish(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
     let x = cx.required(0, "X")?.to_string();
-    let out = cx.output()?;
-    let gate = draft.fresh_value(&format!("{out}.gate"));
-    let name = draft.fresh_node(&format!("{}.gate", cx.name));
-    draft.push(Node {
-        name,
-        op: Op::HardSigmoid {
-            alpha: 1.0 / 6.0,
-            beta: 0.5,
-        },
-        inputs: vec![x.clone()],
-        outputs: vec![gate.clone()],
-    })?;
+    let hard_sigmoid = Op::HardSigmoid {
+        alpha: 1.0 / 6.0,
+        beta: 0.5,
+    };
+    let gate = cx.push_step(draft, "gate", hard_sigmoid, vec![x.clone()])?;
     cx.emit(draft, Op::Mul, vec![x, gate])
 }
 
@@ -72,18 +65,9 @@ fn sum(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
     let Some((last, middle)) = rest.split_last() else {
         return cx.emit(draft, Op::Identity, vec![first.clone()]);
     };
-    let out = cx.output()?;
     let mut acc = first.clone();
     for (i, next) in middle.iter().enumerate() {
-        let partial = draft.fresh_value(&format!("{out}.partial{i}"));
-        let name = draft.fresh_node(&format!("{}.add{i}", cx.name));
-        draft.push(Node {
-            name,
-            op: Op::Add,
-            inputs: vec![acc, next.clone()],
-            outputs: vec![partial.clone()],
-        })?;
-        acc = partial;
+        acc = cx.push_step(draft, &format!("add{i}"), Op::Add, vec![acc, next.clone()])?;
     }
     cx.emit(draft, Op::Add, vec![acc, last.clone()])
 }

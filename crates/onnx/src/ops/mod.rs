@@ -110,6 +110,28 @@ impl<'a> NodeCx<'a> {
         Ok(())
     }
 
+    /// Appends an engine node for one step of this node's computation (an
+    /// ONNX operator the engine runs as several), named after this node and
+    /// `step`, and returns the name of the value it writes, likewise named
+    /// after this node's first output.
+    pub(crate) fn push_step(
+        &self,
+        draft: &mut Draft,
+        step: &str,
+        op: Op,
+        inputs: Vec<String>,
+    ) -> Result<String, Error> {
+        let value = draft.fresh_value(&format!("{}.{step}", self.output()?));
+        let name = draft.fresh_node(&format!("{}.{step}", self.name));
+        draft.push(Node {
+            name,
+            op,
+            inputs,
+            outputs: vec![value.clone()],
+        })?;
+        Ok(value)
+    }
+
     /// Appends an engine node named after this node, writing its first output.
     pub(crate) fn emit(&self, draft: &mut Draft, op: Op, inputs: Vec<String>) -> Result<(), Error> {
         draft.push(Node {

@@ -1,7 +1,7 @@
 //! `MaxPool`, `AveragePool` and `GlobalAveragePool` (2-D), and `ReduceMean`
 //! over the two spatial axes.
 
-use capsule_engine::{Node, Op, PoolAttrs};
+use capsule_engine::{Op, PoolAttrs};
 
 use crate::Error;
 use crate::constant::Constant;
@@ -81,15 +81,7 @@ fn reduce_mean(cx: &NodeCx<'_>, draft: &mut Draft) -> Result<(), Error> {
     if keepdims {
         return cx.emit(draft, Op::GlobalAveragePool, vec![x]);
     }
-    let out = cx.output()?;
-    let pooled = draft.fresh_value(&format!("{out}.pooled"));
-    let name = draft.fresh_node(&format!("{}.pool", cx.name));
-    draft.push(Node {
-        name,
-        op: Op::GlobalAveragePool,
-        inputs: vec![x],
-        outputs: vec![pooled.clone()],
-    })?;
+    let pooled = cx.push_step(draft, "pool", Op::GlobalAveragePool, vec![x])?;
     cx.emit(draft, Op::Flatten { axis: 1 }, vec![pooled])
 }
 
